@@ -1,0 +1,54 @@
+# ndm-seq: the commands a newcomer needs. Every target creates its own environment.
+#
+#   make test      lint (ruff) + format check + the default test suite (< 10 min on 2 cores)
+#   make test-all  the same plus the slow end-to-end tests (pytest marker `slow`)
+#   make demo      the main job on the embedded default corpus (see README)
+#   make bench     the benchmarks under benchmarks/
+#   make format    apply ruff's formatter and autofixes
+
+PYTHON ?= python3
+VENV   ?= .venv
+VPY    := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+# torch is installed first and pinned: on machines that keep the CPU wheel of
+# this release on disk, pip takes it in seconds, whereas an unpinned `torch`
+# would pull a multi-GB CUDA build. Elsewhere the pin is an ordinary PyPI
+# install; if this release does not exist for the platform, fall back to the
+# newest torch. Override with e.g. `make test TORCH_SPEC='torch==2.5.1'`.
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS     ?= dev,chitchat
+
+.PHONY: install test test-all lint format demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)" \
+	  || $(VPY) -m pip install --quiet --disable-pip-version-check torch
+	$(VPY) -m pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VPY) -m ruff check .
+	$(VPY) -m ruff format --check .
+
+format: $(STAMP)
+	$(VPY) -m ruff check --fix .
+	$(VPY) -m ruff format .
+
+test: lint
+	$(VPY) -m pytest -m "not slow" -q
+
+test-all: lint
+	$(VPY) -m pytest -q
+
+demo: $(STAMP)
+	$(VPY) -m ndm_seq.demo
+
+bench: $(STAMP)
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(VPY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
