@@ -34,9 +34,11 @@ def check_memory_args(
 ) -> None:
     """Validate NDM hyper-parameters; raise ``ValueError`` naming the bad field.
 
-    Also warns (``UserWarning``) when ``num_slots >= latent_dim``: N slots
-    spanning the whole latent space reconstruct any ``z`` exactly, so
-    ``z' = z`` and nothing is decomposed (DESIGN §2.3).
+    Also warns (``UserWarning``) when the slots can span the whole latent
+    space: then any ``z`` is reconstructed exactly, ``z' = z``, and nothing is
+    decomposed (DESIGN §2.3). Every slot ``m_t = sum_p a_tp Theta_p z`` lies in
+    the span of the ``P`` vectors ``Theta_p z``, so ``rank(M) <= min(N, P)``
+    and the warning fires when ``min(num_slots, num_programs) >= latent_dim``.
     """
     positive = {
         "latent_dim": latent_dim,
@@ -60,11 +62,12 @@ def check_memory_args(
             f"program_rank must be <= latent_dim ({latent_dim}); got {program_rank} "
             "(a rank above D is not low rank)"
         )
-    if num_slots >= latent_dim:
+    if min(num_slots, num_programs) >= latent_dim:
         warnings.warn(
-            f"num_slots ({num_slots}) >= latent_dim ({latent_dim}): the slots can span the whole "
-            "latent space, so the least-squares read reconstructs z exactly (z' = z) and "
-            "nothing is decomposed. Keep num_slots < latent_dim.",
+            f"num_slots ({num_slots}) and num_programs ({num_programs}) are both >= latent_dim "
+            f"({latent_dim}): the slots can span the whole latent space, so the least-squares "
+            "read reconstructs z exactly (z' = z) and nothing is decomposed. Keep "
+            "num_slots < latent_dim.",
             UserWarning,
             stacklevel=2,
         )
