@@ -3,6 +3,7 @@
 from ndm_seq.models.configuration_ndm import NDMConfig
 from ndm_seq.models.modeling_ndm import (
     DecoderState,
+    Decomposition,
     NDMEncoderOutput,
     NDMForConversation,
     NDMSeq2SeqOutput,
@@ -10,6 +11,7 @@ from ndm_seq.models.modeling_ndm import (
 
 __all__ = [
     "DecoderState",
+    "Decomposition",
     "NDMConfig",
     "NDMEncoderOutput",
     "NDMForConversation",

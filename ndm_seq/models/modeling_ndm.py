@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
@@ -35,7 +37,13 @@ from transformers.utils import ModelOutput
 from ndm_seq.memory import NeuralDecompositionalMemory
 from ndm_seq.models.configuration_ndm import NDMConfig
 
-__all__ = ["DecoderState", "NDMEncoderOutput", "NDMForConversation", "NDMSeq2SeqOutput"]
+__all__ = [
+    "DecoderState",
+    "Decomposition",
+    "NDMEncoderOutput",
+    "NDMForConversation",
+    "NDMSeq2SeqOutput",
+]
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -89,6 +97,40 @@ class NDMSeq2SeqOutput(ModelOutput):
     """``(B, N)`` least-squares weights composing ``z'`` (ndm)."""
     cache: DecoderState | None = None
     encoder_last_hidden_state: torch.Tensor | None = None
+
+
+@dataclass
+class Decomposition:
+    """An NDM decomposition of a response latent (see ``NDMForConversation.decompose``)."""
+
+    z: torch.Tensor
+    """``(B, d_z)`` the latent that was decomposed."""
+    slots: torch.Tensor
+    """``(B, N, d_z)`` the memory slots."""
+    weights: torch.Tensor
+    """``(B, N)`` least-squares weights composing ``z'``."""
+    composed: torch.Tensor
+    """``(B, d_z)`` the composed latent ``z'``."""
+
+    def swap(self, other: Decomposition, index=None) -> tuple[Decomposition, Decomposition]:
+        """Exchange slots (and their weights) with ``other``: all of them, or those in ``index``.
+
+        Returns the two edited decompositions; their ``composed`` is recomputed
+        from the edited slots and weights.
+        """
+        idx = slice(None) if index is None else torch.as_tensor(index)
+        a_s, b_s = self.slots.clone(), other.slots.clone()
+        a_w, b_w = self.weights.clone(), other.weights.clone()
+        a_s[:, idx], b_s[:, idx] = other.slots[:, idx], self.slots[:, idx]
+        a_w[:, idx], b_w[:, idx] = other.weights[:, idx], self.weights[:, idx]
+        return self.with_weights(a_w, a_s), other.with_weights(b_w, b_s)
+
+    def with_weights(
+        self, weights: torch.Tensor, slots: torch.Tensor | None = None
+    ) -> Decomposition:
+        """A copy with re-weighted (and optionally replaced) slots; ``composed`` recomputed."""
+        slots = self.slots if slots is None else slots
+        return Decomposition(self.z, slots, weights, torch.einsum("bn,bnd->bd", weights, slots))
 
 
 # ----------------------------------------------------------------------------- decoder state
@@ -491,10 +533,18 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ latent
 
-    def _latent(self, enc: NDMEncoderOutput, labels, latent, train_sample: bool):
+    def _latent(self, enc, labels, latent, train_sample: bool, slots=None, slot_weights=None):
         """Latent terms for cvae / ndm. Returns a dict with z, cond, slots, terms."""
         c = self.config
         out = {}
+        if slots is not None:  # an edited decomposition (swap / re-weight), ndm only
+            if c.variant != "ndm" or slot_weights is None:
+                raise ValueError("slots= needs variant 'ndm' and slot_weights= (B, N) beside it")
+            composed = self.compose(slots, slot_weights)
+            z = composed if latent is None else latent.to(composed.dtype)
+            out.update(z=z, slots=slots, composed=composed, slot_weights=slot_weights)
+            out["cond"] = composed if c.ndm_read in ("latent", "both") else z
+            return out
         if labels is not None:
             clean = labels.masked_fill(labels == -100, c.pad_token_id)
             _, h_x, _ = self.encoder.encode(clean, labels != -100)
@@ -651,6 +701,8 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
         encoder_outputs: NDMEncoderOutput | None = None,
         cache: DecoderState | None = None,
         latent: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
+        slot_weights: torch.Tensor | None = None,
         use_cache: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
@@ -670,6 +722,9 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
             latent: ``(B, d_z)`` an explicit latent instead of a prior draw
                 (cvae, ndm: ``z``; vmed: the standard-normal noise of every
                 step, with the most likely mixture mode).
+            slots: ``(B, N, d_z)`` with ``slot_weights`` ``(B, N)``: an explicit
+                (e.g. edited) NDM decomposition; the decoder is conditioned on
+                ``compose(slots, slot_weights)`` and reads these slots.
         """
         c = self.config
         if encoder_outputs is None:
@@ -684,7 +739,7 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
 
         lat = None
         if cache is None and c.variant in ("cvae", "ndm"):
-            lat = self._latent(enc, labels, latent, train_sample=self.training)
+            lat = self._latent(enc, labels, latent, self.training, slots, slot_weights)
         elif c.variant == "vmed":
             lat = {"sample": self.training}
             if labels is not None:
@@ -786,6 +841,8 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
         attention_mask=None,
         encoder_outputs=None,
         latent=None,
+        slots=None,
+        slot_weights=None,
         **kwargs,
     ):
         # The decoder state holds everything before the last token; the latent
@@ -798,6 +855,8 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
             "attention_mask": attention_mask,
             "cache": cache,
             "latent": latent,
+            "slots": slots,
+            "slot_weights": slot_weights,
         }
 
     def _update_model_kwargs_for_generation(
@@ -815,3 +874,67 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
 
     def _reorder_cache(self, cache: DecoderState, beam_idx: torch.Tensor) -> DecoderState:
         return cache.reorder(beam_idx)
+
+    # ------------------------------------------------------------------ decomposition API (DESIGN §2.5)
+
+    @torch.no_grad()
+    def decompose(self, input_ids, attention_mask=None, labels=None) -> Decomposition:
+        """Decompose the latent of a context (and optionally its response) into NDM slots.
+
+        Args:
+            input_ids: ``(B, S)`` context ids; ``attention_mask`` ``(B, S)``.
+            labels: ``(B, T)`` response ids (-100 on padding). Given, ``z`` is
+                the posterior mean ``E[q(z|c,x)]``; otherwise the prior mean.
+
+        Returns:
+            :class:`Decomposition` with ``z (B, d_z)``, ``slots (B, N, d_z)``,
+            ``weights (B, N)`` and ``composed (B, d_z)``. Generate from it
+            (edited or not) with ``generate(..., slots=d.slots, slot_weights=d.weights)``.
+        """
+        if self.config.variant != "ndm":
+            raise ValueError(
+                f"decompose needs variant 'ndm'; this model is {self.config.variant!r}"
+            )
+        enc = self.encoder(input_ids, attention_mask)
+        if labels is not None:
+            clean = labels.masked_fill(labels == -100, self.config.pad_token_id)
+            _, h_x, _ = self.encoder.encode(clean, labels != -100)
+            z, _ = self.posterior(torch.cat([enc.summary, h_x], dim=-1))
+        else:
+            z = enc.prior_mean
+        mem = self.ndm(z, enc.summary)
+        return Decomposition(z=z, slots=mem.slots, weights=mem.weights, composed=mem.composed)
+
+    @staticmethod
+    def compose(slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The latent ``M^T w`` composed from ``slots (B, N, d_z)`` and ``weights (B, N)``."""
+        return torch.einsum("bn,bnd->bd", weights, slots)
+
+    # ------------------------------------------------------------------ safe loading
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained`` restricted to safetensors: nothing is ever unpickled.
+
+        A local directory without ``model.safetensors`` (e.g. only a pickled
+        ``pytorch_model.bin``) or with a corrupted one is refused with a clear
+        error before any weight file could reach a pickle loader.
+        """
+        kwargs["use_safetensors"] = True
+        path = Path(str(pretrained_model_name_or_path))
+        if path.is_dir():
+            weights = path / "model.safetensors"
+            if not weights.is_file() and not (path / "model.safetensors.index.json").is_file():
+                found = sorted(p.name for p in path.iterdir())
+                raise FileNotFoundError(
+                    f"{path} has no model.safetensors; ndm-seq loads safetensors weights only and "
+                    f"never unpickles (found: {found})"
+                )
+            if weights.is_file():
+                try:
+                    with safe_open(str(weights), framework="pt") as f:
+                        for key in f.keys():
+                            f.get_slice(key)
+                except Exception as err:  # safetensors raises its own error types
+                    raise ValueError(f"{weights} is not a valid safetensors file: {err}") from err
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
