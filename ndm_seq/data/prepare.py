@@ -1,0 +1,645 @@
+"""`prepare`: raw corpus in, a `datasets.DatasetDict` of pairs and a report out.
+
+Pipeline, one streaming pass (memory does not grow with the corpus):
+
+    reader (turns) -> PairBuilder (normalise, K turns, limits, dedup)
+        -> split_of(group, seed) -> one Arrow stream writer per split
+
+The Arrow files are written straight into the layout `save_to_disk` uses
+(`DIR/<split>/data-00000-of-00001.arrow`, `state.json`, `dataset_info.json`,
+`DIR/dataset_dict.json`), so `datasets.load_from_disk(DIR)` memory-maps them
+and nothing is copied or read back. (Reading a written dataset back to
+re-save it would touch every page of the mapping and make resident memory
+grow with the corpus.)
+
+With a tokenizer, the pairs are then tokenised with `Dataset.map` on several
+workers into `DIR/tokenized/` (`input_ids`, `attention_mask`, `labels`).
+
+Caching: `DIR/report.json` records a fingerprint of (input files' paths,
+sizes and modification times, options, code version) and, for the tokenised
+set, of (that, the tokenizer's saved files, tokenisation options). A second
+`prepare` with the same fingerprints returns the stored report at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import zipfile
+from collections import Counter, deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ndm_seq.data.log import CorpusError, ReadLog
+from ndm_seq.data.pairs import SPLITS, Example, PairBuilder, PairOptions, split_of
+from ndm_seq.data.readers import (
+    chitchat_default_path,
+    read_chitchat,
+    read_cornell,
+    read_jsonl,
+    read_opensubtitles_text,
+    read_opensubtitles_xml,
+)
+
+CORPORA = ("cornell_movies", "opensubtitles", "chitchat", "jsonl")
+"""Corpus names `prepare` accepts."""
+
+FORMAT_VERSION = 1
+"""Bump when the written data would differ for the same input and options (invalidates caches)."""
+
+FEATURES = datasets.Features(
+    {
+        "context": datasets.List(datasets.Value("string")),
+        "response": datasets.Value("string"),
+        "conversation_id": datasets.Value("string"),
+        "group": datasets.Value("string"),
+        "source": datasets.Value("string"),
+    }
+)
+"""Columns of the pairs dataset: context turns (oldest first), response, the
+adjacency id, the split unit (movie/film/conversation) and `path:line`."""
+
+_BATCH_ROWS = 10_000  # rows per Arrow record batch: bounded memory, few batch headers
+_COVERAGE_SAMPLE = 200_000  # pairs per split whose words feed the coverage report
+
+
+@dataclass(kw_only=True)
+class PrepareConfig:
+    """Everything `prepare` needs besides the pair options."""
+
+    corpus: str
+    """One of `CORPORA`."""
+    source: str | os.PathLike | None
+    """Raw input (file, folder or archive); None only for `chitchat` (the package's copy)."""
+    output: str | os.PathLike
+    """Directory for the DatasetDict and report.json."""
+    opensubtitles_format: str = "auto"
+    """`text`, `xml`, or `auto` (xml for .xml/.xml.gz/.zip sources or folders holding .xml files)."""
+    max_gap_seconds: float = 1.0
+    """OpenSubtitles XML: largest gap between consecutive sentences of a pair."""
+    block_lines: int = 1000
+    """OpenSubtitles text: lines per split unit (the text has no film boundaries)."""
+    strict: bool = False
+    """Stop at the first malformed line with `CorpusError` (file:line)."""
+    progress: bool = True
+    """Show a tqdm progress bar on stderr."""
+    force: bool = False
+    """Rebuild even when the cache fingerprint matches."""
+    num_proc: int | None = None
+    """Workers for tokenisation (`Dataset.map`); None for min(4, CPUs)."""
+    max_source_tokens: int = 128
+    """Tokenised context length (left-truncated: the latest turns survive)."""
+    max_target_tokens: int = 64
+    """Tokenised response length (eos kept)."""
+    options: PairOptions = field(default_factory=PairOptions)
+    """Pair building and split options."""
+
+
+# ---------------------------------------------------------------------------
+# reading
+
+
+def _opensubtitles_is_xml(source: Path, fmt: str) -> bool:
+    if fmt in ("text", "xml"):
+        return fmt == "xml"
+    if fmt != "auto":
+        raise ValueError(f"opensubtitles_format must be auto, text or xml, got {fmt!r}")
+    name = source.name
+    if name.endswith((".xml", ".xml.gz")) or (source.is_file() and zipfile.is_zipfile(source)):
+        return True
+    if source.is_dir():
+        return any(p.name.endswith((".xml", ".xml.gz")) for p in source.rglob("*.xml*"))
+    return False
+
+
+def _source_path(cfg: PrepareConfig) -> Path:
+    if cfg.source is None:
+        if cfg.corpus == "chitchat":
+            return chitchat_default_path()
+        raise CorpusError(f"{cfg.corpus}: --source is required")
+    path = Path(cfg.source)
+    if not path.exists():
+        raise CorpusError("no such file or folder", str(path))
+    return path
+
+
+def read_examples(cfg: PrepareConfig, log: ReadLog) -> Iterator[Example]:
+    """The normalised, filtered pairs of a corpus, streaming.
+
+    Args:
+        cfg: which corpus, where, and how.
+        log: counts and skips.
+
+    Yields:
+        Examples in input order.
+    """
+    if cfg.corpus not in CORPORA:
+        raise ValueError(f"corpus must be one of {CORPORA}, got {cfg.corpus!r}")
+    source = _source_path(cfg)
+    builder = PairBuilder(cfg.options, log)
+    if cfg.corpus == "cornell_movies":
+        yield from builder.from_turns(read_cornell(source, log))
+    elif cfg.corpus == "opensubtitles":
+        if _opensubtitles_is_xml(source, cfg.opensubtitles_format):
+            turns = read_opensubtitles_xml(source, log, cfg.max_gap_seconds)
+        else:
+            turns = read_opensubtitles_text(source, log, cfg.block_lines)
+        yield from builder.from_turns(turns)
+    elif cfg.corpus == "chitchat":
+        yield from builder.from_turns(read_chitchat(source, log))
+    else:
+        yield from builder.from_pairs(read_jsonl(source, log))
+
+
+# ---------------------------------------------------------------------------
+# fingerprints
+
+
+def input_fingerprint(path: Path) -> list[list]:
+    """(path, size, mtime_ns) of every file under `path`, sorted: cheap and change-sensitive.
+
+    Args:
+        path: a file or a folder.
+
+    Returns:
+        A JSON-serialisable list.
+    """
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    out = []
+    for p in files:
+        st = p.stat()
+        out.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def pairs_fingerprint(cfg: PrepareConfig) -> str:
+    """Fingerprint of everything that determines the pairs dataset."""
+    return _digest(
+        {
+            "format_version": FORMAT_VERSION,
+            "corpus": cfg.corpus,
+            "inputs": input_fingerprint(_source_path(cfg)),
+            "options": cfg.options.to_dict(),
+            "opensubtitles_format": cfg.opensubtitles_format,
+            "max_gap_seconds": cfg.max_gap_seconds,
+            "block_lines": cfg.block_lines,
+        }
+    )
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Identity of a tokenizer: a hash of the files `save_pretrained` writes.
+
+    Falls back to the class name and the sorted vocabulary for tokenizers
+    without `save_pretrained`.
+
+    Args:
+        tokenizer: a transformers-style tokenizer.
+
+    Returns:
+        A hex digest; equal for tokenizers that encode alike.
+    """
+    h = hashlib.sha256(type(tokenizer).__qualname__.encode())
+    if hasattr(tokenizer, "save_pretrained"):
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            for p in sorted(Path(tmp).rglob("*")):
+                if p.is_file():
+                    h.update(p.relative_to(tmp).as_posix().encode() + b"\0" + p.read_bytes())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    return h.hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------------
+# writing
+
+
+class _SplitWriter:
+    """Streams Examples of one split into `DIR/<split>/data-00000-of-00001.arrow`."""
+
+    FILE = "data-00000-of-00001.arrow"
+
+    def __init__(self, folder: Path, name: str) -> None:
+        folder.mkdir(parents=True)
+        self.folder, self.name = folder, name
+        self.schema = FEATURES.arrow_schema
+        # The IPC *stream* format is what datasets writes and memory-maps.
+        self.sink = pa.OSFile(str(folder / self.FILE), "wb")
+        self.writer = pa.ipc.new_stream(self.sink, self.schema)
+        self.cols: dict[str, list] = {k: [] for k in FEATURES}
+        self.rows = 0
+        self.stats = _SplitStats()
+
+    def add(self, ex: Example) -> None:
+        c = self.cols
+        c["context"].append(list(ex.context))
+        c["response"].append(ex.response)
+        c["conversation_id"].append(ex.conversation)
+        c["group"].append(ex.group)
+        c["source"].append(ex.where)
+        self.stats.add(ex)
+        if len(c["response"]) >= _BATCH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.cols["response"]:
+            return
+        batch = pa.record_batch(
+            [pa.array(self.cols[k], type=self.schema.field(k).type) for k in FEATURES],
+            schema=self.schema,
+        )
+        self.writer.write_batch(batch)
+        self.rows += batch.num_rows
+        self.cols = {k: [] for k in FEATURES}
+
+    def close(self, fingerprint: str) -> None:
+        self.flush()
+        self.writer.close()
+        self.sink.close()
+        # The same two files Dataset.save_to_disk writes beside the Arrow data.
+        state = {
+            "_data_files": [{"filename": self.FILE}],
+            "_fingerprint": hashlib.sha256(f"{fingerprint}:{self.name}".encode()).hexdigest()[:16],
+            "_format_columns": None,
+            "_format_kwargs": {},
+            "_format_type": None,
+            "_output_all_columns": False,
+            "_split": self.name,
+        }
+        (self.folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+        datasets.DatasetInfo(features=FEATURES).write_to_directory(str(self.folder))
+
+
+@dataclass
+class _SplitStats:
+    pairs: int = 0
+    groups: int = 0
+    last_group: str | None = None
+    context_turns: int = 0
+    context_words: int = 0
+    context_words_max: int = 0
+    response_words: int = 0
+    response_words_max: int = 0
+    words: Counter = field(default_factory=Counter)
+
+    def add(self, ex: Example) -> None:
+        self.pairs += 1
+        if ex.group != self.last_group:
+            # Readers emit a group's turns contiguously, so runs count groups.
+            self.groups += 1
+            self.last_group = ex.group
+        cw = sum(t.count(" ") + 1 for t in ex.context)
+        rw = ex.response.count(" ") + 1
+        self.context_turns += len(ex.context)
+        self.context_words += cw
+        self.context_words_max = max(self.context_words_max, cw)
+        self.response_words += rw
+        self.response_words_max = max(self.response_words_max, rw)
+        if self.pairs <= _COVERAGE_SAMPLE:
+            # Responses only: every context turn is some earlier pair's response.
+            self.words.update(ex.response.split(" "))
+
+    def lengths(self) -> dict[str, float]:
+        n = max(self.pairs, 1)
+        return {
+            "context_turns_mean": round(self.context_turns / n, 3),
+            "context_words_mean": round(self.context_words / n, 3),
+            "context_words_max": self.context_words_max,
+            "response_words_mean": round(self.response_words / n, 3),
+            "response_words_max": self.response_words_max,
+        }
+
+
+def _coverage(stats: dict[str, _SplitStats], vocab_size: int) -> dict[str, Any]:
+    """Share of response words in each split covered by train's `vocab_size` most frequent words."""
+    vocab = {w for w, _ in stats["train"].words.most_common(vocab_size)}
+    cov = {}
+    for name, st in stats.items():
+        total = sum(st.words.values())
+        hit = sum(c for w, c in st.words.items() if w in vocab)
+        cov[name] = round(hit / total, 4) if total else None
+    return {
+        "vocab_size": vocab_size,
+        "train_word_types": len(stats["train"].words),
+        "coverage": cov,
+        "sampled_pairs_per_split": _COVERAGE_SAMPLE,
+        "unit": "whitespace words of responses",
+    }
+
+
+def _write_pairs(cfg: PrepareConfig, staging: Path, fingerprint: str, log: ReadLog) -> dict:
+    writers = {s: _SplitWriter(staging / s, s) for s in SPLITS}
+    o = cfg.options
+    try:
+        if o.split_mode == "group":
+            cache: dict[str, str] = {}
+            for ex in read_examples(cfg, log):
+                split = cache.get(ex.group)
+                if split is None:
+                    if len(cache) > 100_000:  # memo only; bounded
+                        cache.clear()
+                    split = cache[ex.group] = split_of(
+                        ex.group, o.seed, o.validation_fraction, o.test_fraction
+                    )
+                writers[split].add(ex)
+        else:
+            # VMED: the last V pairs are validation and the T before them test.
+            # Hold back V + T pairs (bounded) until the stream ends.
+            tail: deque[Example] = deque()
+            keep = o.vmed_validation_pairs + o.vmed_test_pairs
+            for ex in read_examples(cfg, log):
+                tail.append(ex)
+                if len(tail) > keep:
+                    writers["train"].add(tail.popleft())
+            if writers["train"].stats.pairs == 0 and tail:
+                raise CorpusError(
+                    f"the vmed split needs more than {keep} pairs "
+                    f"({o.vmed_test_pairs} test + {o.vmed_validation_pairs} validation); "
+                    f"got {len(tail)}",
+                    str(cfg.source),
+                )
+            for i, ex in enumerate(tail):
+                writers["test" if i < o.vmed_test_pairs else "validation"].add(ex)
+        for w in writers.values():
+            w.close(fingerprint)
+    except BaseException:
+        # Already failing: close what can be closed; the caller removes the staging folder.
+        for w in writers.values():
+            with contextlib.suppress(Exception):
+                w.writer.close()
+            w.sink.close()
+        raise
+    (staging / "dataset_dict.json").write_text(json.dumps({"splits": list(SPLITS)}))
+    return {s: w.stats for s, w in writers.items()}
+
+
+def _replace_dir(staging: Path, output: Path) -> None:
+    """Move a finished staging folder to `output`, replacing an earlier prepare's output."""
+    if output.exists():
+        old = output.with_name(f".{output.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        output.rename(old)
+        staging.rename(output)
+        shutil.rmtree(old)
+    else:
+        staging.rename(output)
+
+
+def _check_output(output: Path) -> dict | None:
+    """The previous report when `output` holds an earlier prepare's output, else None.
+
+    Raises:
+        CorpusError: when `output` is a non-empty folder `prepare` did not write.
+    """
+    report = output / "report.json"
+    if report.is_file():
+        try:
+            return json.loads(report.read_text())
+        except json.JSONDecodeError:
+            return {}
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise CorpusError(
+            "output exists and holds no report.json from `ndm-seq prepare`; "
+            "refusing to replace it (choose an empty or new folder)",
+            str(output),
+        )
+    return None
+
+
+def _pairs_cached(output: Path, previous: dict | None, fp: str) -> bool:
+    if not previous or previous.get("fingerprint", {}).get("pairs") != fp:
+        return False
+    return (
+        all((output / s / _SplitWriter.FILE).is_file() for s in SPLITS)
+        and (output / "dataset_dict.json").is_file()
+    )
+
+
+# ---------------------------------------------------------------------------
+# tokenisation
+
+
+class TokenizePairs:
+    """`Dataset.map` function: context and response to `input_ids`/`labels`.
+
+    Context turns are encoded without special tokens and joined with the
+    tokenizer's `sep_token_id` (else `eos_token_id`); `eos_token_id` ends
+    both sequences when the tokenizer has one. The context keeps its last
+    `max_source_tokens` (the latest turns matter most); the response keeps
+    its first `max_target_tokens - 1` and the eos.
+
+    Args:
+        tokenizer: any callable returning `{"input_ids": [[int, ...], ...]}` for a list of texts.
+        max_source_tokens: context length limit.
+        max_target_tokens: response length limit.
+    """
+
+    def __init__(self, tokenizer: Any, max_source_tokens: int, max_target_tokens: int) -> None:
+        self.tok = tokenizer
+        self.max_source, self.max_target = max_source_tokens, max_target_tokens
+        eos = getattr(tokenizer, "eos_token_id", None)
+        sep = getattr(tokenizer, "sep_token_id", None)
+        self.eos = [eos] if eos is not None else []
+        self.sep = [sep] if sep is not None else self.eos
+        if not self.sep:
+            raise ValueError("the tokenizer needs a sep_token_id or eos_token_id to join turns")
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        flat = [t for turns in batch["context"] for t in turns] + list(batch["response"])
+        ids = self.tok(flat, add_special_tokens=False)["input_ids"]
+        pos = 0
+        input_ids, labels = [], []
+        for turns in batch["context"]:
+            seq: list[int] = []
+            for k in range(len(turns)):
+                if k:
+                    seq += self.sep
+                seq += ids[pos + k]
+            pos += len(turns)
+            seq = (seq + self.eos)[-self.max_source :]
+            input_ids.append(seq)
+        for r in ids[pos:]:
+            labels.append(r[: self.max_target - len(self.eos)] + self.eos)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": [[1] * len(s) for s in input_ids],
+            "labels": labels,
+        }
+
+
+def _length_stats(column: pa.ChunkedArray) -> dict[str, float]:
+    lengths = pc.list_value_length(column)
+    return {
+        "mean": round(pc.mean(lengths).as_py() or 0.0, 3),
+        "max": pc.max(lengths).as_py() or 0,
+    }
+
+
+def _tokenize(cfg: PrepareConfig, output: Path, tokenizer: Any, fp: str) -> dict:
+    dd = datasets.load_from_disk(str(output))
+    encode = TokenizePairs(tokenizer, cfg.max_source_tokens, cfg.max_target_tokens)
+    num_proc = cfg.num_proc or min(4, os.cpu_count() or 1)
+    cache = output / ".tokenize-cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    cache.mkdir()
+    staging = output / ".tokenized.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        out = datasets.DatasetDict()
+        for name, ds in dd.items():
+            # datasets falls back to one process when a split is smaller than num_proc.
+            out[name] = ds.map(
+                encode,
+                batched=True,
+                batch_size=1000,
+                num_proc=num_proc if len(ds) >= 2 * num_proc else None,
+                new_fingerprint=hashlib.sha256(f"{fp}:{name}".encode()).hexdigest()[:16],
+                cache_file_name=str(cache / f"{name}.arrow"),
+                desc=f"tokenize {name}",
+            )
+        out.save_to_disk(str(staging))
+        del out, dd
+        _replace_dir(staging, output / "tokenized")
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+    tok = datasets.load_from_disk(str(output / "tokenized"))
+    return {
+        "fingerprint": fp,
+        "path": str(output / "tokenized"),
+        "tokenizer": type(tokenizer).__name__,
+        "num_proc": num_proc,
+        "max_source_tokens": cfg.max_source_tokens,
+        "max_target_tokens": cfg.max_target_tokens,
+        "lengths": {
+            name: {
+                "input_ids": _length_stats(ds.data.column("input_ids")),
+                "labels": _length_stats(ds.data.column("labels")),
+            }
+            for name, ds in tok.items()
+        },
+    }
+
+
+# ---------------------------------------------------------------------------
+# entry point
+
+
+def prepare(cfg: PrepareConfig, tokenizer: Any = None) -> dict[str, Any]:
+    """Prepare a corpus: pairs DatasetDict in `cfg.output`, report in `cfg.output/report.json`.
+
+    Args:
+        cfg: corpus, source, output and options.
+        tokenizer: optional transformers-style tokenizer; when given, the
+            tokenised DatasetDict is written to `cfg.output/tokenized/`.
+
+    Returns:
+        The report (also written to report.json); `report["cached"]` says
+        whether the pairs were reused from an earlier run.
+
+    Raises:
+        CorpusError: missing input, an empty corpus, a non-prepare output folder,
+            or (strict) the first malformed line.
+    """
+    from tqdm.auto import tqdm
+
+    output = Path(cfg.output)
+    fp = pairs_fingerprint(cfg)
+    previous = _check_output(output)
+    t0 = time.perf_counter()
+    if not cfg.force and _pairs_cached(output, previous, fp):
+        report = dict(previous)
+        report["cached"] = True
+    else:
+        staging = output.with_name(f".{output.name}.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        bar = tqdm(desc=f"prepare {cfg.corpus}", unit=" lines", disable=not cfg.progress)
+        log = ReadLog(strict=cfg.strict, progress=bar)
+        try:
+            stats = _write_pairs(cfg, staging, fp, log)
+            bar.update(log.lines % 8192)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finally:
+            bar.close()
+        total = sum(s.pairs for s in stats.values())
+        seconds = time.perf_counter() - t0
+        if total == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            summary = log.summary()
+            raise CorpusError(
+                f"no pairs produced from {log.lines} lines read; skipped: "
+                f"{summary['skipped']['by_reason'] or 'none'}, filtered: "
+                f"{summary['filtered'] or 'none'}",
+                str(cfg.source if cfg.source is not None else cfg.corpus),
+            )
+        warnings = [f"split {s} is empty" for s, st in stats.items() if st.pairs == 0]
+        report = {
+            "written_by": "ndm-seq prepare",
+            "corpus": cfg.corpus,
+            "source": str(_source_path(cfg)),
+            "output": str(output),
+            "fingerprint": {"pairs": fp, "tokenized": None},
+            "options": {
+                **cfg.options.to_dict(),
+                "opensubtitles_format": cfg.opensubtitles_format,
+                "max_gap_seconds": cfg.max_gap_seconds,
+                "block_lines": cfg.block_lines,
+            },
+            "cached": False,
+            "seconds": round(seconds, 3),
+            "lines_per_second": round(log.lines / seconds, 1) if seconds > 0 else math.inf,
+            "pairs": {s: st.pairs for s, st in stats.items()},
+            "groups": {s: st.groups for s, st in stats.items()},
+            "lengths": {s: st.lengths() for s, st in stats.items()},
+            "vocabulary": _coverage(stats, cfg.options.vocab_size),
+            **log.summary(),
+            "warnings": warnings,
+            "tokenized": None,
+        }
+        (staging / "report.json").write_text(json.dumps(report, indent=2))
+        _replace_dir(staging, output)
+
+    if tokenizer is not None:
+        tok_fp = _digest(
+            {
+                "pairs": fp,
+                "tokenizer": tokenizer_fingerprint(tokenizer),
+                "max_source_tokens": cfg.max_source_tokens,
+                "max_target_tokens": cfg.max_target_tokens,
+                "format_version": FORMAT_VERSION,
+            }
+        )
+        done = report.get("tokenized") or {}
+        if (
+            cfg.force
+            or done.get("fingerprint") != tok_fp
+            or not (output / "tokenized" / "dataset_dict.json").is_file()
+        ):
+            report["tokenized"] = {**_tokenize(cfg, output, tokenizer, tok_fp), "cached": False}
+        else:
+            report["tokenized"] = {**done, "cached": True}
+        report["fingerprint"]["tokenized"] = tok_fp
+        stored = {k: v for k, v in report.items() if k != "cached"}
+        stored["cached"] = False
+        (output / "report.json").write_text(json.dumps(stored, indent=2))
+    return report
