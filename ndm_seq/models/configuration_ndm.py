@@ -54,7 +54,10 @@ class NDMConfig(PreTrainedConfig):
     r"""Configuration of :class:`~ndm_seq.NDMForConversation`.
 
     Every variant runs on every backbone; fields that a variant does not use
-    are ignored by it (e.g. ``num_slots`` outside ``ndm``).
+    are ignored by it (e.g. ``num_slots`` outside ``ndm``). A wrong type or an
+    impossible value (unknown variant, ``num_slots <= 0``, ``ridge < 0``, ...)
+    raises ``huggingface_hub.errors.StrictDataclassError`` naming the field,
+    when built and when loaded from ``config.json``.
 
     Args:
         variant: ``"seq2seq"`` (no latent), ``"cvae"`` (one Gaussian latent per

@@ -454,7 +454,7 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
     """
 
     config_class = NDMConfig
-    base_model_prefix = "ndm"
+    base_model_prefix = "model"  # no submodule has this name: HF would strip it from keys
     main_input_name = "input_ids"
     _supports_sdpa = True
 
