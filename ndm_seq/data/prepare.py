@@ -492,6 +492,11 @@ def _length_stats(column: pa.ChunkedArray) -> dict[str, float]:
     }
 
 
+def _features_of(dd: datasets.DatasetDict) -> dict:
+    """The (shared) features of a DatasetDict's splits."""
+    return dict(next(iter(dd.values())).features)
+
+
 def _tokenize(cfg: PrepareConfig, output: Path, tokenizer: Any, fp: str) -> dict:
     dd = datasets.load_from_disk(str(output))
     encode = TokenizePairs(tokenizer, cfg.max_source_tokens, cfg.max_target_tokens)
@@ -503,7 +508,19 @@ def _tokenize(cfg: PrepareConfig, output: Path, tokenizer: Any, fp: str) -> dict
     shutil.rmtree(staging, ignore_errors=True)
     try:
         out = datasets.DatasetDict()
+        features = datasets.Features(
+            {
+                **_features_of(dd),
+                "input_ids": datasets.List(datasets.Value("int32")),
+                "attention_mask": datasets.List(datasets.Value("int8")),
+                "labels": datasets.List(datasets.Value("int32")),
+            }
+        )
         for name, ds in dd.items():
+            if len(ds) == 0:
+                # map never calls the function on an empty split, so it would lack the new columns.
+                out[name] = datasets.Dataset.from_dict({k: [] for k in features}, features=features)
+                continue
             # datasets falls back to one process when a split is smaller than num_proc.
             out[name] = ds.map(
                 encode,
@@ -513,8 +530,10 @@ def _tokenize(cfg: PrepareConfig, output: Path, tokenizer: Any, fp: str) -> dict
                 new_fingerprint=hashlib.sha256(f"{fp}:{name}".encode()).hexdigest()[:16],
                 cache_file_name=str(cache / f"{name}.arrow"),
                 desc=f"tokenize {name}",
+                features=features,
             )
-        out.save_to_disk(str(staging))
+        # An empty split would get 0 shards by default, which load_from_disk cannot read back.
+        out.save_to_disk(str(staging), num_shards={n: 1 for n in out if len(out[n]) == 0} or None)
         del out, dd
         _replace_dir(staging, output / "tokenized")
     finally:
