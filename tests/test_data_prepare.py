@@ -93,7 +93,8 @@ def test_tokenised_with_workers_and_cached_by_tokenizer_identity(tmp_path):
         for row in dd[split]:
             ids = [tok(t, add_special_tokens=False)["input_ids"] for t in row["context"]]
             joined = [i for k, t in enumerate(ids) for i in ([3] if k else []) + t] + [2]
-            assert row["input_ids"] == joined[-6:]
+            joined = joined[-6:]
+            assert row["input_ids"] == (joined[1:] if joined[0] == 3 else joined)
             assert row["attention_mask"] == [1] * len(row["input_ids"])
             resp = tok(row["response"], add_special_tokens=False)["input_ids"]
             assert row["labels"] == [*resp[:3], 2]
@@ -134,3 +135,18 @@ def test_strict_stops_at_the_first_malformed_line(tmp_path):
         prepare(_cfg(tmp_path, strict=True))
     assert not (tmp_path / "out").exists()
     assert not (tmp_path / ".out.partial").exists()
+
+
+def test_tokenised_format_matches_ndm_tokenizer(tmp_path):
+    ndm_tok = pytest.importorskip("ndm_seq.tokenization_ndm")
+    texts = [t for c, r in CORNELL_PAIRS for t in (*c, r)] * 20
+    tok = ndm_tok.NDMTokenizer.train(texts, vocab_size=400, num_threads=1)
+    cfg = _cfg(tmp_path, num_proc=1, max_source_tokens=9, max_target_tokens=5)
+    prepare(cfg, tokenizer=tok)
+    dd = datasets.load_from_disk(str(tmp_path / "out" / "tokenized"))
+    rows = [r for s in dd for r in dd[s]]
+    assert len(rows) == len(CORNELL_PAIRS)
+    for row in rows:
+        assert row["input_ids"] == tok.encode_context(row["context"], max_length=9)
+        full = tok(row["response"])["input_ids"]
+        assert row["labels"] == (full if len(full) <= 5 else [*full[:4], full[-1]])

@@ -442,8 +442,10 @@ class TokenizePairs:
     Context turns are encoded without special tokens and joined with the
     tokenizer's `sep_token_id` (else `eos_token_id`); `eos_token_id` ends
     both sequences when the tokenizer has one. The context keeps its last
-    `max_source_tokens` (the latest turns matter most); the response keeps
-    its first `max_target_tokens - 1` and the eos.
+    `max_source_tokens` (the latest turns matter most; a separator left first
+    by the cut is dropped); the response keeps its first
+    `max_target_tokens - 1` ids and the eos. For `NDMTokenizer` this equals
+    its `encode_context(turns, max_source_tokens)` and `encode(response)`.
 
     Args:
         tokenizer: any callable returning `{"input_ids": [[int, ...], ...]}` for a list of texts.
@@ -474,6 +476,8 @@ class TokenizePairs:
                 seq += ids[pos + k]
             pos += len(turns)
             seq = (seq + self.eos)[-self.max_source :]
+            if len(seq) > 1 and seq[:1] == self.sep:
+                seq = seq[1:]  # a separator left first by the cut separates nothing
             input_ids.append(seq)
         for r in ids[pos:]:
             labels.append(r[: self.max_target - len(self.eos)] + self.eos)
