@@ -272,6 +272,44 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_prepare)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from ndm_seq.training import load_run_config, train
+
+    try:
+        run = load_run_config(args.config, args.overrides)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"ndm-seq train: {err}", file=sys.stderr)
+        return 2
+    final = train(run)
+    print(f"trained model: {final}")
+    print(f"training curves: {Path(run.output_dir) / 'training_curves.png'}")
+    return 0
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    """`ndm-seq train CONFIG.yaml key=value ...`."""
+    p = sub.add_parser(
+        "train",
+        help="train a model from a YAML run config",
+        description=(
+            "Prepare the data, train the tokenizer and the model with transformers' Trainer, "
+            "and write the run folder (config.yaml, tokenizer/, checkpoints/, model/, "
+            "train.log, log_history.jsonl, training_curves.png). Resumes from the newest "
+            "checkpoint of the run folder unless training.resume=never. Runs unchanged under "
+            "torchrun / accelerate launch."
+        ),
+    )
+    p.add_argument("config", help="YAML run config (see recipes/<corpus>/*.yaml)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="overrides of config keys, dotted and YAML-typed, e.g. training.max_steps=100 "
+        "model.variant=cvae output_dir=runs/x",
+    )
+    p.set_defaults(func=_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `ndm-seq` parser with every registered subcommand."""
     parser = argparse.ArgumentParser(
@@ -280,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_prepare(sub)
+    add_train(sub)
     return parser
 
 

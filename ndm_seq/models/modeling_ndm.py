@@ -457,6 +457,9 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
     base_model_prefix = "model"  # no submodule has this name: HF would strip it from keys
     main_input_name = "input_ids"
     _supports_sdpa = True
+    # The loss is a per-batch mean: the Trainer must not pass num_items_in_batch
+    # nor rescale it for gradient accumulation as if it were a token sum.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: NDMConfig):
         super().__init__(config)

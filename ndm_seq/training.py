@@ -1,0 +1,552 @@
+"""Training: a YAML run config -> prepared data, tokenizer, HF ``Trainer`` run, run folder.
+
+``ndm-seq train CONFIG.yaml key=value ...`` calls :func:`train`. The
+ecosystem does the heavy lifting: transformers' ``Trainer`` brings the loop,
+mixed precision, checkpoints, resume, logging and multi-process runs
+(``torchrun`` / ``accelerate launch`` need no code here). This module adds
+what is specific to latent-variable dialogue models:
+
+* KL annealing (constant, linear, cyclical) through a callback that sets
+  ``model.kl_weight`` from the global step, so a resumed run continues the
+  same schedule;
+* every loss term (NLL, KL, KL weight, BOW, NDM reconstruction, orthogonality,
+  key regulariser) averaged over the logging window and logged;
+* a wall-clock budget (``training.max_minutes``) for fixed-compute comparisons;
+* the run folder: ``config.yaml`` (resolved), ``tokenizer/``,
+  ``checkpoints/``, ``model/`` (an HF directory with the tokenizer, loadable
+  by ``from_pretrained``), ``train.log``, ``log_history.jsonl`` and
+  ``training_curves.png``.
+
+The global batch is ``training.batch_size`` whatever the number of processes:
+batches are split across processes (accelerate's ``split_batches``), so a
+2-process run sees the same examples per step as a 1-process run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+__all__ = [
+    "KLSchedule",
+    "RunConfig",
+    "apply_overrides",
+    "kl_weight_at",
+    "load_run_config",
+    "train",
+]
+
+logger = logging.getLogger("ndm_seq.training")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass(kw_only=True)
+class DataSection:
+    """Where the pairs come from (see ``ndm_seq.data``)."""
+
+    corpus: str = "chitchat"
+    """``cornell_movies``, ``opensubtitles``, ``chitchat`` or ``jsonl``."""
+    source: str | None = None
+    """Raw corpus path; None for chitchat (the installed package's copy)."""
+    prepared_dir: str = "data/chitchat/prepared"
+    """Where ``prepare`` writes (and caches) the DatasetDict."""
+    options: dict = field(default_factory=dict)
+    """``PairOptions`` fields (max_context_turns, max_response_words, seed, ...)."""
+    vmed_preprocessing: bool = False
+    """Start from VMED's preprocessing (``PairOptions.vmed()``) before ``options``."""
+    max_context_tokens: int = 64
+    """Tokenised context length (left-truncated)."""
+    max_response_tokens: int = 32
+    """Tokenised response length (``</s>`` kept)."""
+    max_train_pairs: int | None = None
+    """Use only the first this-many training pairs (smoke runs)."""
+    max_eval_pairs: int | None = 2000
+    """Validation pairs used for ``eval_loss`` during training."""
+
+
+@dataclass(kw_only=True)
+class TokenizerSection:
+    """The SentencePiece tokenizer trained on the training split."""
+
+    vocab_size: int = 8000
+    """Upper bound on the vocabulary (a small corpus may give fewer pieces)."""
+    max_texts: int = 200_000
+    """Training texts (context turns and responses) fed to SentencePiece."""
+    lowercase: bool = False
+    """Case-fold at normalisation."""
+
+
+@dataclass(kw_only=True)
+class TrainingSection:
+    """Optimisation and bookkeeping; passed on to ``TrainingArguments`` where it can."""
+
+    max_steps: int = 2000
+    """Optimizer steps (a wall-clock budget may stop earlier)."""
+    max_minutes: float | None = None
+    """Stop (and save) after this many minutes of training; None for no budget."""
+    batch_size: int = 64
+    """Global batch (split across processes)."""
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    lr_scheduler: str = "linear"
+    """Any ``TrainingArguments.lr_scheduler_type`` (linear, cosine, constant_with_warmup, ...)."""
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    kl_schedule: str = "linear"
+    """``constant`` (the model's ``kl_weight``), ``linear`` (0 -> 1 over ``kl_warmup_steps``)
+    or ``cyclical`` (Fu et al. 2019: ``kl_cycles`` cycles over ``max_steps``, rising for
+    ``kl_ratio`` of each cycle then flat at 1)."""
+    kl_warmup_steps: int = 1000
+    kl_cycles: int = 4
+    kl_ratio: float = 0.5
+    logging_steps: int = 25
+    eval_steps: int | None = 500
+    """Validation loss every this many steps; None for none."""
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    resume: str = "auto"
+    """``auto`` (resume from the newest checkpoint in the run folder if any), ``never``,
+    or a checkpoint path."""
+    precision: str = "auto"
+    """``auto`` (bf16 on a CUDA device that supports it, else fp32), ``fp32``, ``bf16``, ``fp16``."""
+    dataloader_workers: int = 0
+    torch_threads: int | None = None
+    """``torch.set_num_threads`` for CPU runs; None keeps PyTorch's default."""
+    progress: bool = True
+    """The Trainer's progress bar."""
+
+
+@dataclass(kw_only=True)
+class EvaluationSection:
+    """Used by the recipes' evaluate step."""
+
+    samples: int = 10
+    """Samples per test context."""
+    max_contexts: int | None = 1000
+    """Test contexts scored (None: the whole split)."""
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """One training run: ``ndm-seq train`` reads it from YAML (sections as below)."""
+
+    output_dir: str
+    """The run folder."""
+    seed: int = 0
+    data: DataSection = field(default_factory=DataSection)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    model: dict = field(default_factory=lambda: {"preset": "small"})
+    """``preset`` (an ``NDMConfig`` preset) plus any ``NDMConfig`` field (``variant``, ...)."""
+    training: TrainingSection = field(default_factory=TrainingSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_SECTIONS = {
+    "data": DataSection,
+    "tokenizer": TokenizerSection,
+    "training": TrainingSection,
+    "evaluation": EvaluationSection,
+}
+
+
+def _build(cls, values: dict, where: str):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    return cls(**values)
+
+
+def run_config_from_dict(raw: dict, where: str = "config") -> RunConfig:
+    """Validate a raw dict (YAML) into a :class:`RunConfig`; errors name the key."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a mapping at the top level, got {type(raw).__name__}")
+    raw = copy.deepcopy(raw)
+    if "output_dir" not in raw:
+        raise ValueError(f"{where}: missing required key 'output_dir'")
+    top = {f.name for f in fields(RunConfig)}
+    unknown = sorted(set(raw) - top)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(top)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}: '{name}' must be a mapping")
+            kwargs[name] = _build(_SECTIONS[name], value, f"{where}: {name}")
+        elif name == "model":
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}: 'model' must be a mapping")
+            kwargs[name] = value
+        else:
+            kwargs[name] = value
+    return RunConfig(**kwargs)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw config dict."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value (e.g. training.max_steps=100)")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def load_run_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config and apply ``key=value`` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return run_config_from_dict(apply_overrides(raw, list(overrides)), where=str(path))
+
+
+def build_model_config(section: dict, vocab_size: int | None = None):
+    """An ``NDMConfig`` from the ``model`` section (``preset`` + field overrides)."""
+    from ndm_seq.models import NDMConfig
+
+    values = dict(section)
+    preset = values.pop("preset", "small")
+    if vocab_size is not None:
+        values["vocab_size"] = vocab_size
+    return NDMConfig.preset(preset, **values)
+
+
+# ----------------------------------------------------------------------------- KL schedule
+
+
+@dataclass
+class KLSchedule:
+    """The KL weight as a function of the global step (pure, so resume continues it exactly)."""
+
+    kind: str = "linear"
+    warmup_steps: int = 1000
+    cycles: int = 4
+    ratio: float = 0.5
+    total_steps: int = 1000
+    constant: float = 1.0
+
+    def __post_init__(self):
+        if self.kind not in ("constant", "linear", "cyclical"):
+            raise ValueError(f"kl_schedule must be constant, linear or cyclical; got {self.kind!r}")
+
+
+def kl_weight_at(schedule: KLSchedule, step: int) -> float:
+    """KL weight at ``step`` (0-based)."""
+    if schedule.kind == "constant":
+        return schedule.constant
+    if schedule.kind == "linear":
+        return min(1.0, step / max(1, schedule.warmup_steps))
+    period = max(1, math.ceil(schedule.total_steps / schedule.cycles))
+    phase = (step % period) / period
+    return min(1.0, phase / schedule.ratio) if schedule.ratio > 0 else 1.0
+
+
+# ----------------------------------------------------------------------------- trainer pieces
+
+LOSS_TERMS = ("nll", "kl", "kl_loss", "bow", "recon", "orth", "key_reg")
+
+
+def _make_trainer_class():
+    from transformers import Trainer
+
+    class NDMTrainer(Trainer):
+        """``Trainer`` that logs every loss term of :class:`NDMSeq2SeqOutput`, window-averaged."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._terms: dict[str, torch.Tensor] = {}
+            self._term_count = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
+            if model.training:
+                for name in LOSS_TERMS:
+                    value = getattr(outputs, name, None)
+                    if value is not None:
+                        self._terms[name] = self._terms.get(name, 0.0) + value.detach().float()
+                self._term_count += 1
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs, start_time=None):
+            if "loss" in logs and self._term_count:
+                for name, total in self._terms.items():
+                    mean = self.accelerator.reduce(total / self._term_count, reduction="mean")
+                    logs[name] = round(mean.item(), 4)
+                unwrapped = self.accelerator.unwrap_model(self.model)
+                logs["kl_weight"] = round(float(unwrapped.kl_weight), 4)
+                self._terms, self._term_count = {}, 0
+            super().log(logs, start_time)
+
+    return NDMTrainer
+
+
+def _callbacks(run: RunConfig, schedule: KLSchedule):
+    from transformers import TrainerCallback
+
+    class KLAnneal(TrainerCallback):
+        """Set ``model.kl_weight`` from the global step before every step."""
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if model is not None and schedule.kind != "constant":
+                model.kl_weight = kl_weight_at(schedule, state.global_step)
+
+        on_train_begin = on_step_begin
+
+    class WallClockBudget(TrainerCallback):
+        """Stop and save once ``max_minutes`` of training have passed (this session)."""
+
+        def __init__(self, minutes):
+            self.seconds = minutes * 60
+            self.start = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if time.monotonic() - self.start >= self.seconds:
+                logger.info(
+                    "wall-clock budget of %.1f min reached at step %d",
+                    self.seconds / 60,
+                    state.global_step,
+                )
+                control.should_training_stop = True
+                control.should_save = True
+
+    class JsonlLog(TrainerCallback):
+        """Append every log record to ``log_history.jsonl`` and ``train.log`` (main process)."""
+
+        def __init__(self, folder: Path):
+            self.path = folder / "log_history.jsonl"
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                record = {"step": state.global_step, **logs}
+                with self.path.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                logger.info("step %d: %s", state.global_step, json.dumps(logs))
+
+    out = [KLAnneal(), JsonlLog(Path(run.output_dir))]
+    if run.training.max_minutes is not None:
+        out.append(WallClockBudget(run.training.max_minutes))
+    return out
+
+
+def _precision(choice: str) -> dict:
+    if choice == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return {"bf16": True}
+        return {}
+    if choice == "fp32":
+        return {}
+    if choice in ("bf16", "fp16"):
+        return {choice: True}
+    raise ValueError(f"training.precision must be auto, fp32, bf16 or fp16; got {choice!r}")
+
+
+def _latest_checkpoint(folder: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def _setup_file_log(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # Our own records at INFO; transformers' at its own level (warnings by
+    # default), so the console is not flooded.
+    for name in ("ndm_seq", "transformers"):
+        logging.getLogger(name).addHandler(handler)
+    ours = logging.getLogger("ndm_seq")
+    if ours.level == logging.NOTSET or ours.level > logging.INFO:
+        ours.setLevel(logging.INFO)
+    return handler
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def prepare_data(run: RunConfig, tokenizer=None) -> dict:
+    """Run ``ndm_seq.data.prepare`` for the run's data section (cached by fingerprint)."""
+    from ndm_seq.data.pairs import PairOptions
+    from ndm_seq.data.prepare import PrepareConfig, prepare
+
+    d = run.data
+    options = PairOptions.vmed(**d.options) if d.vmed_preprocessing else PairOptions(**d.options)
+    cfg = PrepareConfig(
+        corpus=d.corpus,
+        source=d.source,
+        output=d.prepared_dir,
+        options=options,
+        max_source_tokens=d.max_context_tokens,
+        max_target_tokens=d.max_response_tokens,
+        progress=run.training.progress,
+    )
+    return prepare(cfg, tokenizer)
+
+
+def train_tokenizer(run: RunConfig, folder: Path):
+    """Train (or reload) the run's SentencePiece tokenizer on the training split."""
+    import datasets
+
+    from ndm_seq.tokenization_ndm import NDMTokenizer
+
+    if (folder / "tokenizer_config.json").is_file():
+        return NDMTokenizer.from_pretrained(folder)
+    train_split = datasets.load_from_disk(run.data.prepared_dir)["train"]
+    limit = run.tokenizer.max_texts
+
+    def texts():
+        n = 0
+        for row in train_split.select_columns(["context", "response"]):
+            for text in [*row["context"], row["response"]]:
+                if n >= limit:
+                    return
+                n += 1
+                yield text
+
+    tok = NDMTokenizer.train(
+        texts(),
+        vocab_size=run.tokenizer.vocab_size,
+        lowercase=run.tokenizer.lowercase,
+        seed=run.seed,
+    )
+    tok.save_pretrained(folder)
+    return tok
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def train(run: RunConfig) -> Path:
+    """Train one model; returns the final model directory (``<output_dir>/model``).
+
+    Works unchanged under ``torchrun`` / ``accelerate launch``: data
+    preparation and tokenizer training run on the main process first, the
+    others reuse the cached results.
+    """
+    import datasets
+    from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
+
+    from ndm_seq.models import NDMForConversation
+
+    t = run.training
+    out = Path(run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if t.torch_threads:
+        torch.set_num_threads(t.torch_threads)
+    handler = _setup_file_log(out / "train.log")
+    try:
+        args = TrainingArguments(
+            output_dir=str(out / "checkpoints"),
+            max_steps=t.max_steps,
+            per_device_train_batch_size=t.batch_size,  # global: split across processes below
+            per_device_eval_batch_size=t.batch_size,
+            learning_rate=t.learning_rate,
+            warmup_steps=t.warmup_steps,
+            lr_scheduler_type=t.lr_scheduler,
+            weight_decay=t.weight_decay,
+            max_grad_norm=t.max_grad_norm,
+            logging_steps=t.logging_steps,
+            eval_strategy="steps" if t.eval_steps else "no",
+            eval_steps=t.eval_steps,
+            save_strategy="steps",
+            save_steps=t.save_steps,
+            save_total_limit=t.save_total_limit,
+            seed=run.seed,
+            data_seed=run.seed,
+            report_to="none",
+            disable_tqdm=not t.progress,
+            dataloader_num_workers=t.dataloader_workers,
+            prediction_loss_only=True,
+            remove_unused_columns=False,
+            accelerator_config={"split_batches": True},
+            ddp_find_unused_parameters=False,
+            **_precision(t.precision),
+        )
+        set_seed(run.seed)
+        with args.main_process_first(desc="prepare data and tokenizer"):
+            if args.process_index == 0:
+                (out / "config.yaml").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
+            prepare_data(run)
+            tokenizer = train_tokenizer(run, out / "tokenizer")
+            report = prepare_data(run, tokenizer)
+        tokenized = datasets.load_from_disk(report["tokenized"]["path"])
+        columns = ["input_ids", "attention_mask", "labels"]
+        train_ds = tokenized["train"].select_columns(columns)
+        if run.data.max_train_pairs:
+            train_ds = train_ds.select(range(min(run.data.max_train_pairs, len(train_ds))))
+        eval_ds = None
+        if t.eval_steps and len(tokenized["validation"]):
+            eval_ds = tokenized["validation"].select_columns(columns)
+            if run.data.max_eval_pairs:
+                eval_ds = eval_ds.select(range(min(run.data.max_eval_pairs, len(eval_ds))))
+        elif t.eval_steps:
+            args.eval_strategy = "no"
+
+        config = build_model_config(run.model, vocab_size=len(tokenizer))
+        model = NDMForConversation(config)
+        schedule = KLSchedule(
+            kind=t.kl_schedule,
+            warmup_steps=t.kl_warmup_steps,
+            cycles=t.kl_cycles,
+            ratio=t.kl_ratio,
+            total_steps=t.max_steps,
+            constant=config.kl_weight,
+        )
+        trainer = _make_trainer_class()(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),
+            processing_class=tokenizer,
+            callbacks=_callbacks(run, schedule),
+        )
+        resume = None
+        if t.resume == "auto":
+            resume = _latest_checkpoint(out / "checkpoints")
+        elif t.resume != "never":
+            resume = t.resume
+        if resume:
+            logger.info("resuming from %s", resume)
+        trainer.train(resume_from_checkpoint=resume)
+
+        final = out / "model"
+        trainer.save_model(str(final))
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(final)
+            # The Trainer pickles its arguments beside the weights; a model
+            # directory holds no pickle (loading never unpickles).
+            (final / "training_args.bin").unlink(missing_ok=True)
+            from ndm_seq.plots import plot_training_curves
+
+            plot_training_curves(trainer.state.log_history, out / "training_curves.png")
+        return final
+    finally:
+        for name in ("ndm_seq", "transformers"):
+            logging.getLogger(name).removeHandler(handler)
+        handler.close()
