@@ -310,6 +310,258 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_train)
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to help, except for None/False defaults or help that names its own."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def _model_error(cmd: str, err: Exception) -> int:
+    print(f"ndm-seq {cmd}: error: {err}", file=sys.stderr)
+    return 1
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from ndm_seq.evaluation import evaluate
+
+    output = Path(args.output) if args.output else Path(args.model_dir) / f"eval-{args.split}"
+    try:
+        metrics = evaluate(
+            args.model_dir,
+            args.data,
+            split=args.split,
+            samples=args.samples,
+            max_contexts=args.max_contexts,
+            output_dir=output,
+            word_vectors=args.word_vectors,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            max_context_tokens=args.max_context_tokens,
+            max_response_tokens=args.max_response_tokens,
+            max_new_tokens=args.max_new_tokens,
+            decoding=args.decoding,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            device=args.device,
+            name=args.name,
+            progress=not args.no_progress,
+        )
+    except (FileNotFoundError, KeyError, TypeError, ValueError) as err:
+        return _model_error("evaluate", err.args[0] if isinstance(err, KeyError) else err)
+    print((output / "results.md").read_text(), end="")
+    print(f"\nwrote {output / 'metrics.json'}, {output / 'samples.jsonl'}, {output / 'results.md'}")
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _add_decoding_options(p: argparse.ArgumentParser, top_p: float) -> None:
+    g = p.add_argument_group("decoding")
+    g.add_argument(
+        "--temperature", type=float, default=1.0, help="softmax temperature when sampling tokens"
+    )
+    g.add_argument(
+        "--top-p", type=float, default=top_p, help="nucleus sampling threshold (1 = off)"
+    )
+    g.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
+    g.add_argument(
+        "--max-new-tokens", type=int, default=30, help="longest generated response in tokens"
+    )
+    g.add_argument(
+        "--max-context-tokens",
+        type=int,
+        default=None,
+        help="context tokens kept, the latest (default 128; at most the transformer's "
+        "max_position_embeddings)",
+    )
+    g.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda if available)")
+
+
+def add_evaluate(sub: argparse._SubParsersAction) -> None:
+    """Register `ndm-seq evaluate`."""
+    p = sub.add_parser(
+        "evaluate",
+        help="score a trained model on a prepared split: metrics.json, samples.jsonl, results.md",
+        description=(
+            "Evaluate MODEL_DIR (config.json, model.safetensors and the tokenizer files "
+            "spiece.model, tokenizer_config.json) on a split of a prepared dataset "
+            "(`ndm-seq prepare`). Latent variants get S responses per context, each from its "
+            "own prior draw; seq2seq gets its greedy response plus S token samples. Writes "
+            "metrics.json (BLEU-1..4, corpus BLEU, BLEU precision/recall, distinct, "
+            "intra/inter distinct, entropy-4, self-BLEU, KL, NLL, perplexity bound, active "
+            "units, NDM diagnostics; definitions in ndm_seq.metrics and ndm_seq.evaluation), "
+            "samples.jsonl and results.md. Deterministic given --seed."
+        ),
+        formatter_class=_DefaultsHelp,
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="trained model directory")
+    p.add_argument(
+        "--data", required=True, metavar="DIR", help="prepared dataset folder (ndm-seq prepare)"
+    )
+    p.add_argument("--split", default="test", help="split to evaluate")
+    p.add_argument("--samples", type=int, default=10, help="S, sampled responses per context")
+    p.add_argument(
+        "--max-contexts",
+        type=int,
+        default=None,
+        metavar="N",
+        help="evaluate N contexts drawn with --seed (default: the whole split)",
+    )
+    p.add_argument("--output", metavar="DIR", help="output folder (default: MODEL_DIR/eval-SPLIT)")
+    p.add_argument(
+        "--word-vectors",
+        metavar="FILE",
+        help="GloVe-format word vectors (.txt or .txt.gz) for the embedding metrics "
+        "(A-glove, average, extrema, greedy)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for the subset and the sampling")
+    p.add_argument(
+        "--decoding",
+        choices=("greedy", "sample"),
+        default="greedy",
+        help="latent variants: decode each prior draw greedily, or also sample tokens "
+        "(seq2seq always samples its S responses)",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="contexts per forward/generate call")
+    p.add_argument(
+        "--max-response-tokens",
+        type=int,
+        default=64,
+        help="reference tokens scored for NLL/KL (eos included), as prepare's --max-target-tokens",
+    )
+    p.add_argument("--name", help="row name in results.md (default: MODEL_DIR's folder name)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="also print metrics.json")
+    _add_decoding_options(p, top_p=1.0)
+    p.set_defaults(func=_evaluate)
+
+
+def _session(args: argparse.Namespace):
+    from ndm_seq.evaluation import ChatSession, load_model
+
+    model, tokenizer = load_model(args.model_dir, args.device)
+    return ChatSession(
+        model,
+        tokenizer,
+        num_samples=args.num_samples,
+        max_history=args.max_history,
+        greedy=args.greedy,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens,
+        max_context_tokens=args.max_context_tokens,
+        seed=args.seed,
+    )
+
+
+def _sample(args: argparse.Namespace) -> int:
+    try:
+        session = _session(args)
+        turns = [t for t in args.context if t.strip()]
+        if not turns:
+            raise ValueError("give at least one non-empty --context turn")
+        # The last turn is the one answered; the earlier ones are the history.
+        session.history.extend(turns[:-1])
+        responses = session.respond(turns[-1])
+    except (FileNotFoundError, TypeError, ValueError) as err:
+        return _model_error("sample", err)
+    from ndm_seq.evaluation import one_line
+
+    for r in responses:
+        print(one_line(r))
+    return 0
+
+
+def _add_session_options(p: argparse.ArgumentParser, num_samples: int, max_history: int) -> None:
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="trained model directory")
+    p.add_argument(
+        "-n",
+        "--num-samples",
+        type=int,
+        default=num_samples,
+        help="responses to sample (latent variants: each from its own prior draw)",
+    )
+    p.add_argument(
+        "--max-history",
+        type=int,
+        default=max_history,
+        help="K: the context is the last K turns (user and model turns alike)",
+    )
+    p.add_argument(
+        "--greedy",
+        action="store_true",
+        help="decode each latent draw greedily instead of sampling tokens (seq2seq: needs -n 1)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed torch's RNG (default: unseeded, different responses each run)",
+    )
+    _add_decoding_options(p, top_p=0.9)
+
+
+def add_sample(sub: argparse._SubParsersAction) -> None:
+    """Register `ndm-seq sample`."""
+    p = sub.add_parser(
+        "sample",
+        help="print sampled responses to a dialogue context",
+        description=(
+            "Print N responses of MODEL_DIR to a context, one per line (whitespace inside a "
+            "response, line breaks included, shown as single spaces). Give the context's "
+            "turns oldest first with repeated --context; the last one is answered. Latent "
+            "variants draw a latent per response; tokens are sampled (--temperature, --top-p, "
+            "--top-k) unless --greedy."
+        ),
+        formatter_class=_DefaultsHelp,
+    )
+    p.add_argument(
+        "--context",
+        action="append",
+        required=True,
+        metavar="TURN",
+        help="a context turn; repeat for several turns, oldest first",
+    )
+    _add_session_options(p, num_samples=5, max_history=3)
+    p.set_defaults(func=_sample)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from ndm_seq.evaluation import CHAT_HELP, chat_loop
+
+    try:
+        session = _session(args)
+    except (FileNotFoundError, TypeError, ValueError) as err:
+        return _model_error("chat", err)
+    if sys.stdin.isatty():
+        cfg = session.model.config
+        print(f"chatting with {args.model_dir} ({cfg.variant}, {cfg.backbone})\n{CHAT_HELP}")
+    return chat_loop(session, sys.stdin, sys.stdout)
+
+
+def add_chat(sub: argparse._SubParsersAction) -> None:
+    """Register `ndm-seq chat`."""
+    p = sub.add_parser(
+        "chat",
+        help="talk with a model: several sampled responses per turn, NDM slot weights on request",
+        description=(
+            "An interactive chat on stdin/stdout. Each turn prints N sampled responses; the "
+            "first (marked *) joins the history, of which the last --max-history turns are "
+            "the context. Commands: /weights (NDM slot weights of the latent behind the last "
+            "kept response), /history, /reset, /help, /quit. Also reads turns from a pipe."
+        ),
+        formatter_class=_DefaultsHelp,
+    )
+    _add_session_options(p, num_samples=3, max_history=3)
+    p.set_defaults(func=_chat)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `ndm-seq` parser with every registered subcommand."""
     parser = argparse.ArgumentParser(
@@ -319,6 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_prepare(sub)
     add_train(sub)
+    add_evaluate(sub)
+    add_sample(sub)
+    add_chat(sub)
     return parser
 
 
