@@ -59,7 +59,16 @@ class DataSection:
     corpus: str = "chitchat"
     """``cornell_movies``, ``opensubtitles``, ``chitchat`` or ``jsonl``."""
     source: str | None = None
-    """Raw corpus path; None for chitchat (the installed package's copy)."""
+    """Raw corpus path; None for chitchat (the installed package's copy) or with ``download``."""
+    download: bool = False
+    """Cornell / OpenSubtitles: fetch the official archive into ``data/<corpus>/raw/``
+    (once, checksum-verified) when ``source`` is None."""
+    download_lang: str = "en"
+    """OpenSubtitles language to download."""
+    download_release: str = "v2018"
+    """OPUS OpenSubtitles release to download."""
+    opensubtitles_format: str = "auto"
+    """``text`` (OPUS monolingual), ``xml`` (OPUS XML, time-gap pairs) or ``auto``."""
     prepared_dir: str = "data/chitchat/prepared"
     """Where ``prepare`` writes (and caches) the DatasetDict."""
     options: dict = field(default_factory=dict)
@@ -396,9 +405,22 @@ def prepare_data(run: RunConfig, tokenizer=None) -> dict:
 
     d = run.data
     options = PairOptions.vmed(**d.options) if d.vmed_preprocessing else PairOptions(**d.options)
+    source = d.source
+    if source is None and d.download:
+        from ndm_seq.data.download import fetch
+
+        source = fetch(
+            d.corpus,
+            Path("data") / d.corpus / "raw",
+            lang=d.download_lang,
+            release=d.download_release,
+            fmt="xml" if d.opensubtitles_format == "xml" else "text",
+            progress=run.training.progress,
+        )
     cfg = PrepareConfig(
         corpus=d.corpus,
-        source=d.source,
+        source=source,
+        opensubtitles_format=d.opensubtitles_format,
         output=d.prepared_dir,
         options=options,
         max_source_tokens=d.max_context_tokens,

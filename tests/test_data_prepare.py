@@ -150,3 +150,23 @@ def test_tokenised_format_matches_ndm_tokenizer(tmp_path):
         assert row["input_ids"] == tok.encode_context(row["context"], max_length=9)
         full = tok(row["response"])["input_ids"]
         assert row["labels"] == (full if len(full) <= 5 else [*full[:4], full[-1]])
+
+
+def test_tokenizer_fingerprint_survives_save_and_reload(tmp_path):
+    # A trained tokenizer and the same one reloaded from disk must reuse one cache
+    # (from_pretrained adds load-time keys to tokenizer_config.json).
+    import itertools
+
+    import chitchat_dataset
+
+    from ndm_seq.data.prepare import tokenizer_fingerprint
+    from ndm_seq.tokenization_ndm import NDMTokenizer
+
+    texts = [m for c in itertools.islice(chitchat_dataset.ConversationDataset(), 40) for m in c]
+    tok = NDMTokenizer.train(texts, vocab_size=400)
+    tok.save_pretrained(tmp_path)
+    assert tokenizer_fingerprint(tok) == tokenizer_fingerprint(
+        NDMTokenizer.from_pretrained(tmp_path)
+    )
+    other = NDMTokenizer.train(texts, vocab_size=450)
+    assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tok)

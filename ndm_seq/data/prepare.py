@@ -204,7 +204,8 @@ def pairs_fingerprint(cfg: PrepareConfig) -> str:
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """Identity of a tokenizer: a hash of the files `save_pretrained` writes.
+    """Identity of a tokenizer: a hash of the files `save_pretrained` writes
+    (all but `tokenizer_config.json`) and of its special tokens.
 
     Falls back to the class name and the sorted vocabulary for tokenizers
     without `save_pretrained`.
@@ -220,8 +221,12 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer.save_pretrained(tmp)
             for p in sorted(Path(tmp).rglob("*")):
-                if p.is_file():
+                # tokenizer_config.json also records how the object was loaded
+                # (`is_local`, ...): hash what decides encoding instead.
+                if p.is_file() and p.name != "tokenizer_config.json":
                     h.update(p.relative_to(tmp).as_posix().encode() + b"\0" + p.read_bytes())
+        specials = getattr(tokenizer, "special_tokens_map", {})
+        h.update(json.dumps(specials, sort_keys=True, default=str).encode())
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     return h.hexdigest()[:32]
