@@ -434,7 +434,9 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
         default=64,
         help="reference tokens scored for NLL/KL (eos included), as prepare's --max-target-tokens",
     )
-    p.add_argument("--name", help="row name in results.md (default: MODEL_DIR's folder name)")
+    p.add_argument(
+        "--name", help="row name in results.md (default: VARIANT-BACKBONE, e.g. ndm-gru)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="also print metrics.json")
     _add_decoding_options(p, top_p=1.0)

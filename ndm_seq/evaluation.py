@@ -750,7 +750,7 @@ def evaluate(
         top_p: nucleus threshold (1 = off).
         top_k: top-k (0 = off).
         device: torch device (default: cuda if available, else cpu).
-        name: row name in ``results.md`` (default: the model directory's name).
+        name: row name in ``results.md`` (default: ``VARIANT-BACKBONE``, e.g. ``ndm-gru``).
         progress: show tqdm bars.
 
     Returns:
@@ -799,7 +799,7 @@ def evaluate(
             row["samples"] = generated.samples[i]
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     cfg = model.config
-    label = name or Path(model_dir).resolve().name
+    label = name or f"{cfg.variant}-{cfg.backbone}"
     first = "greedy" if generated.greedy is not None else "the first latent draw"
     how = (
         f"{samples} per context, each from its own prior draw, decoded "

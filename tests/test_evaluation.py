@@ -145,7 +145,8 @@ def test_evaluate_writes_the_contract_files(name, model_dirs, data_dir, tmp_path
     md = (out / "results.md").read_text()
     header = "| model | " + " | ".join(expected) + " |"
     assert header in md
-    table_rows = [line for line in md.splitlines() if line.startswith(f"| {name} |")]
+    row_name = name if "-" in name else f"{name}-gru"  # default row name: VARIANT-BACKBONE
+    table_rows = [line for line in md.splitlines() if line.startswith(f"| {row_name} |")]
     assert len(table_rows) == 1 and table_rows[0].count("|") == len(expected) + 2
 
 
