@@ -376,6 +376,10 @@ def _precision(choice: str) -> dict:
     raise ValueError(f"training.precision must be auto, fp32, bf16 or fp16; got {choice!r}")
 
 
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _latest_checkpoint(folder: Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -507,6 +511,11 @@ def train(run: RunConfig) -> Path:
             remove_unused_columns=False,
             accelerator_config={"split_batches": True},
             ddp_find_unused_parameters=False,
+            # Without a GPU: say so (else accelerate does not treat a torchrun
+            # launch as distributed on CPU) and use gloo across processes.
+            use_cpu=not torch.cuda.is_available(),
+            ddp_backend="gloo" if _world_size() > 1 and not torch.cuda.is_available() else None,
+            dataloader_pin_memory=torch.cuda.is_available(),
             **_precision(t.precision),
         )
         set_seed(run.seed)
@@ -530,6 +539,9 @@ def train(run: RunConfig) -> Path:
             args.eval_strategy = "no"
 
         config = build_model_config(run.model, vocab_size=len(tokenizer))
+        # Seeded here, not only at the start: whether data and tokenizer were
+        # built or reused from the cache must not change the initial weights.
+        set_seed(run.seed)
         model = NDMForConversation(config)
         schedule = KLSchedule(
             kind=t.kl_schedule,
