@@ -564,6 +564,64 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_chat)
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from ndm_seq.compare import compare
+
+    try:
+        table = compare(
+            args.configs,
+            args.output,
+            args.overrides,
+            retrain=args.retrain,
+            progress=not args.no_progress,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        print(f"ndm-seq compare: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.output)
+    print()
+    print(table, end="")
+    print(f"\ntable: {out / 'comparison.md'}   chart: {out / 'comparison.png'}")
+    print(
+        "per-model metrics, samples and training curves: <output_dir>/eval-test/, training_curves.png"
+    )
+    return 0
+
+
+def add_compare(sub: argparse._SubParsersAction) -> None:
+    """`ndm-seq compare CONFIG... --output DIR [key=value ...]`."""
+    p = sub.add_parser(
+        "compare",
+        help="prepare, train and evaluate several configs, then write a comparison table",
+        description=(
+            "For every YAML run config: prepare its data, train it (or reuse the finished model in "
+            "its output_dir/model), evaluate it on the test split with its evaluation section; "
+            "then write comparison.md, comparison.json and comparison.png (BLEU / distinct / KL "
+            "by model) into --output and print the table."
+        ),
+    )
+    p.add_argument(
+        "configs",
+        nargs="+",
+        metavar="CONFIG",
+        help="YAML run configs, e.g. recipes/chitchat/*_gru.yaml",
+    )
+    p.add_argument("--output", required=True, help="folder for the comparison table and chart")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override applied to every config (repeatable), e.g. --set training.max_minutes=7",
+    )
+    p.add_argument(
+        "--retrain", action="store_true", help="train again even if a finished model exists"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_compare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `ndm-seq` parser with every registered subcommand."""
     parser = argparse.ArgumentParser(
@@ -576,6 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate(sub)
     add_sample(sub)
     add_chat(sub)
+    add_compare(sub)
     return parser
 
 

@@ -1,0 +1,92 @@
+"""One command per recipe: prepare -> train -> evaluate for several configs, then a comparison.
+
+``ndm-seq compare recipes/chitchat/ndm_gru.yaml recipes/chitchat/cvae_gru.yaml
+--output runs/chitchat/compare [key=value ...]`` trains each config (or reuses
+its finished model), evaluates it on the test split of its prepared data with
+the config's ``evaluation`` section, and writes ``comparison.md`` (a Markdown
+table, one row per config) and ``comparison.png`` (BLEU / distinct / KL bars)
+into the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ndm_seq.training import RunConfig, load_run_config, train
+
+__all__ = ["compare", "run_name"]
+
+
+def run_name(config_path: str | os.PathLike, run: RunConfig) -> str:
+    """Row name of a run: ``variant-backbone`` when the config file is a recipe's, else its stem."""
+    stem = Path(config_path).stem
+    variant, backbone = run.model.get("variant"), run.model.get("backbone")
+    if variant and backbone and stem == f"{variant}_{backbone}":
+        return f"{variant}-{backbone}"
+    return stem
+
+
+def compare(
+    configs: list[str | os.PathLike],
+    output: str | os.PathLike,
+    overrides: list[str] = (),
+    retrain: bool = False,
+    progress: bool = True,
+) -> str:
+    """Train and evaluate every config, then write and return the comparison table.
+
+    Args:
+        configs: YAML run configs (e.g. ``recipes/chitchat/*.yaml``).
+        output: folder for ``comparison.md``, ``comparison.png``, ``comparison.json``.
+        overrides: ``key=value`` overrides applied to every config.
+        retrain: train again even when ``<output_dir>/model`` already holds a model.
+        progress: progress bars.
+
+    Returns:
+        The Markdown table.
+    """
+    from ndm_seq.evaluation import comparison_chart, comparison_table, evaluate
+
+    if not configs:
+        raise ValueError("compare needs at least one config")
+    runs = [(path, load_run_config(path, list(overrides))) for path in configs]
+    names = [run_name(path, run) for path, run in runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two configs give the same row name: {names}")
+    outputs = [Path(run.output_dir) for _, run in runs]
+    if len(set(outputs)) != len(outputs):
+        raise ValueError(f"two configs write to the same output_dir: {[str(o) for o in outputs]}")
+
+    results: dict[str, dict] = {}
+    for (path, run), name in zip(runs, names, strict=True):
+        model_dir = Path(run.output_dir) / "model"
+        if retrain or not (model_dir / "model.safetensors").is_file():
+            print(f"== {name}: training ({path})", flush=True)
+            model_dir = train(run)
+        else:
+            print(f"== {name}: reusing the trained model in {model_dir}", flush=True)
+        print(f"== {name}: evaluating on {run.data.prepared_dir} (test)", flush=True)
+        results[name] = evaluate(
+            model_dir,
+            run.data.prepared_dir,
+            split="test",
+            samples=run.evaluation.samples,
+            max_contexts=run.evaluation.max_contexts,
+            output_dir=Path(run.output_dir) / "eval-test",
+            seed=run.seed,
+            max_context_tokens=run.data.max_context_tokens,
+            name=name,
+            progress=progress,
+        )
+
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    table = comparison_table(results)
+    (out / "comparison.md").write_text(table, encoding="utf-8")
+    (out / "comparison.json").write_text(
+        json.dumps(results, indent=2, default=str), encoding="utf-8"
+    )
+    comparison_chart(results, out / "comparison.png")
+    return table
