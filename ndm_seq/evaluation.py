@@ -864,7 +864,9 @@ def _format(key: str, value: Any) -> str:
     if key in _INT_KEYS:
         return str(int(value))
     if isinstance(value, (int, float)):
-        return f"{value:.2f}" if key in _TWO_DECIMALS else f"{value:.4f}"
+        value = value + 0.0  # -0.0 (e.g. entropy of one n-gram) prints as 0
+        text = f"{value:.2f}" if key in _TWO_DECIMALS else f"{value:.4f}"
+        return text[1:] if text.startswith("-") and float(text) == 0 else text
     return str(value)
 
 
@@ -1128,7 +1130,8 @@ class ChatSession:
             return f"(unknown command {line.split()[0]!r}; /help lists the commands)", True
         responses = self.respond(line)
         text = "\n".join(
-            f"bot[{i + 1}]{'*' if i == 0 else ' '} {one_line(r)}" for i, r in enumerate(responses)
+            f"bot[{i + 1}]{'*' if i == 0 else ' '} {one_line(r) or '(empty response)'}"
+            for i, r in enumerate(responses)
         )
         return text, True
 

@@ -345,6 +345,10 @@ def test_comparison_table_and_chart(tmp_path):
     assert cvae[1] == "0.5000"
     ndm = lines[3].removesuffix(" |").split(" | ")
     assert ndm[MAIN_COLUMNS.index("self_bleu") + 1] == "–"
+    # Negative zero and values that round to zero print without a sign.
+    assert comparison_table({"x": {"entropy_4": -0.0, "kl": -1e-9}}, ["entropy_4", "kl"]) == (
+        "| model | entropy_4 | kl |\n|---|---:|---:|\n| x | 0.0000 | 0.00 |\n"
+    )
     extra = comparison_table(runs, columns=["bleu_1", "latent_recon_error"])
     assert extra.splitlines()[2] == "| cvae | 0.5000 | – |"
     png = comparison_chart(runs, tmp_path / "plots" / "compare.png")
