@@ -568,7 +568,7 @@ def _compare(args: argparse.Namespace) -> int:
     from ndm_seq.compare import compare
 
     try:
-        table = compare(
+        report = compare(
             args.configs,
             args.output,
             args.overrides,
@@ -578,13 +578,8 @@ def _compare(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"ndm-seq compare: {err}", file=sys.stderr)
         return 2
-    out = Path(args.output)
     print()
-    print(table, end="")
-    print(f"\ntable: {out / 'comparison.md'}   chart: {out / 'comparison.png'}")
-    print(
-        "per-model metrics, samples and training curves: <output_dir>/eval-test/, training_curves.png"
-    )
+    print(report, end="")
     return 0
 
 

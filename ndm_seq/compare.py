@@ -45,13 +45,19 @@ def compare(
         progress: progress bars.
 
     Returns:
-        The Markdown table.
+        The Markdown table followed by where the table, chart, samples, training
+        curves and models are (also written to ``README.txt`` in ``output``).
     """
     from ndm_seq.evaluation import comparison_chart, comparison_table, evaluate
 
     if not configs:
         raise ValueError("compare needs at least one config")
-    runs = [(path, load_run_config(path, list(overrides))) for path in configs]
+    runs = []
+    for path in configs:
+        run = load_run_config(path, list(overrides))
+        # `--set output_dir=runs/demo/{name}` gives every config its own folder.
+        run.output_dir = run.output_dir.replace("{name}", Path(path).stem)
+        runs.append((path, run))
     names = [run_name(path, run) for path, run in runs]
     if len(set(names)) != len(names):
         raise ValueError(f"two configs give the same row name: {names}")
@@ -89,4 +95,13 @@ def compare(
         json.dumps(results, indent=2, default=str), encoding="utf-8"
     )
     comparison_chart(results, out / "comparison.png")
-    return table
+    lines = [table, f"table: {out / 'comparison.md'}   chart: {out / 'comparison.png'}"]
+    for (_, run), name in zip(runs, names, strict=True):
+        folder = Path(run.output_dir)
+        lines.append(
+            f"{name}: samples {folder / 'eval-test' / 'samples.jsonl'}   "
+            f"training curves {folder / 'training_curves.png'}   model {folder / 'model'}"
+        )
+    report = "\n".join(lines) + "\n"
+    (out / "README.txt").write_text(report, encoding="utf-8")
+    return report

@@ -123,6 +123,11 @@ class TrainingSection:
     logging_steps: int = 25
     eval_steps: int | None = 500
     """Validation loss every this many steps; None for none."""
+    validation_contexts: int | None = 100
+    """At each evaluation, also sample responses for this many validation contexts and log
+    the text and latent metrics of ``ndm_seq.evaluation`` (``eval_bleu_1``, ...); None or 0: off."""
+    validation_samples: int = 5
+    """Samples per validation context."""
     save_steps: int = 500
     save_total_limit: int | None = 2
     resume: str = "auto"
@@ -299,6 +304,29 @@ def _make_trainer_class():
                         self._terms[name] = self._terms.get(name, 0.0) + value.detach().float()
                 self._term_count += 1
             return (loss, outputs) if return_outputs else loss
+
+        def evaluate(self, *args, **kwargs):
+            """Validation loss, plus the evaluation metrics on a few sampled validation contexts."""
+            metrics = super().evaluate(*args, **kwargs)
+            pairs = getattr(self, "text_validation", None)
+            if pairs is not None and self.is_world_process_zero():
+                from ndm_seq.evaluation import evaluate_pairs
+
+                contexts, references, samples, max_context_tokens = pairs
+                model = self.accelerator.unwrap_model(self.model)
+                text, _ = evaluate_pairs(
+                    model, self.processing_class, contexts, references,
+                    num_samples=samples, max_context_tokens=max_context_tokens, seed=self.args.seed,
+                )  # fmt: skip
+                model.train()
+                extra = {
+                    f"eval_{k}": v
+                    for k, v in text.items()
+                    if isinstance(v, (int, float)) and math.isfinite(v)
+                }
+                self.log(extra)
+                metrics.update(extra)
+            return metrics
 
         def log(self, logs, start_time=None):
             if "loss" in logs and self._term_count:
@@ -560,6 +588,13 @@ def train(run: RunConfig) -> Path:
             processing_class=tokenizer,
             callbacks=_callbacks(run, schedule),
         )
+        if eval_ds is not None and t.validation_contexts:
+            val = tokenized["validation"]
+            n = min(t.validation_contexts, len(val))
+            rows = val.select(range(n)).select_columns(["context", "response"])
+            trainer.text_validation = (
+                rows["context"], rows["response"], t.validation_samples, run.data.max_context_tokens,
+            )  # fmt: skip
         resume = None
         if t.resume == "auto":
             resume = _latest_checkpoint(out / "checkpoints")
