@@ -1,9 +1,7 @@
-"""`make demo` for now: train the NDM memory alone to decompose and compose latents.
+"""``python -m ndm_seq.memory``: train the NDM memory alone to decompose and compose latents.
 
-This is the smallest real thing the project can do today. The full demo
-(train a small NDM model and a CVAE baseline on the chitchat corpus, evaluate
-both, print the results table) needs the model and training issues and
-replaces this script when they land.
+A minute-long look at what the memory does on its own, outside any dialogue
+model (``make demo`` trains the dialogue models).
 
 What it does: latents ``z`` are drawn from a random K-dimensional subspace of
 R^D (K = number of slots < D). At initialisation the N slots the memory writes
@@ -12,7 +10,7 @@ memory is trained to minimise ``||z - z'||^2`` (plus the NSM key regulariser),
 and learns to write N independent slots that span the subspace. It prints the
 relative reconstruction error and the slots' singular values before and after.
 
-    python -m ndm_seq.demo [--steps 400] [--latent-dim 32] [--slots 4]
+    python -m ndm_seq.memory [--steps 400] [--latent-dim 32] [--slots 4]
 """
 
 from __future__ import annotations
@@ -57,7 +55,7 @@ def main(argv=None):
     opt = torch.optim.Adam(ndm.parameters(), lr=3e-3)
     held_out = sample(1024)
     print(
-        f"NDM memory only (no dialogue model yet): D={d}, N={k} slots, P={args.programs} "
+        f"NDM memory alone (no dialogue model): D={d}, N={k} slots, P={args.programs} "
         f"programs; latents from a random {k}-dim subspace; {args.steps} steps on CPU."
     )
     before = _report(ndm, held_out, "before")
@@ -68,10 +66,7 @@ def main(argv=None):
         loss.backward()
         opt.step()
     after = _report(ndm, held_out, "after")
-    print(
-        f"reconstruction error {before:.4f} -> {after:.4f}. The dialogue demo (NDM vs CVAE on "
-        "chitchat) arrives with the training issue."
-    )
+    print(f"reconstruction error {before:.4f} -> {after:.4f}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-from ndm_seq import demo
+from ndm_seq.memory import __main__ as demo
 
 
 def test_demo_memory_learns_to_decompose(capsys):
