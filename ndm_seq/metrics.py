@@ -431,7 +431,8 @@ def ngram_entropy(responses: Sequence[Tokens], n: int = 4) -> float:
     if total == 0:
         return 0.0
     p = np.array(list(counts.values()), dtype=np.float64) / total
-    return float(-(p * np.log(p)).sum())
+    # One distinct n-gram gives -(1 * log 1) = -0.0; report it as 0.0 (JSON shows the sign).
+    return float(-(p * np.log(p)).sum()) + 0.0
 
 
 # --------------------------------------------------------------------------- #

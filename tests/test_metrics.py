@@ -419,3 +419,12 @@ def test_embedding_similarity_pairs_without_vectors(glove_file):
 def test_module_exports_resolve():
     for name in metrics.__all__:
         assert hasattr(metrics, name), name
+
+
+def test_entropy_of_a_single_ngram_is_positive_zero():
+    import math
+
+    from ndm_seq.metrics import ngram_entropy
+
+    value = ngram_entropy([["a", "b", "c", "d"]], 4)
+    assert value == 0.0 and math.copysign(1.0, value) == 1.0  # not -0.0 in metrics.json

@@ -167,6 +167,12 @@ def test_end_to_end_tiny_run_writes_the_run_folder(tmp_path):
     rows = [json.loads(line) for line in (run / "log_history.jsonl").read_text().splitlines()]
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     assert len(evals) == 2 and evals[1] < evals[0]  # held-out loss went down
+    # Training-time validation logs the same metrics `ndm-seq evaluate` writes.
+    from ndm_seq.evaluation import metric_keys
+
+    logged = [r for r in rows if "eval_bleu_1" in r]
+    assert len(logged) == 2
+    assert {f"eval_{k}" for k in metric_keys("ndm") if k != "self_bleu"} <= set(logged[-1])
 
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 

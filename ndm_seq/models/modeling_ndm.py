@@ -644,14 +644,10 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
         if cond is not None:
             cond_seq = cond if cond.dim() == 3 else cond.unsqueeze(1).expand(-1, x.shape[1], -1)
             x = torch.cat([x, cond_seq], dim=-1)
-        if first:
-            init_in = (
-                enc.summary
-                if cond is None or cond.dim() == 3
-                else torch.cat([enc.summary, cond], -1)
-            )
-            if cond is not None and cond.dim() == 3:  # vmed: the first step's latent
-                init_in = torch.cat([enc.summary, cond[:, 0]], dim=-1)
+        if first:  # s_0 = tanh(W [h_c; z]) (vmed: the first step's latent)
+            init_in = enc.summary
+            if cond is not None:
+                init_in = torch.cat([enc.summary, cond[:, 0] if cond.dim() == 3 else cond], dim=-1)
             h0 = torch.tanh(self.init_state(init_in)).view(x.shape[0], c.decoder_layers, c.d_model)
             h0 = h0.transpose(0, 1).contiguous()  # (L, B, H)
         else:
