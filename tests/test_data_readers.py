@@ -364,3 +364,15 @@ def test_jsonl_pairs_and_bad_lines(tmp_path):
         "undecodable": 1,
     }
     assert [e["where"] for e in log.examples] == [f"{path}:{i}" for i in (3, 4, 5, 6, 7)]
+
+
+def test_opus_xml_unknown_declared_encoding_is_a_counted_skip(tmp_path):
+    # Found by the hypothesis fuzz test: expat raises LookupError, not ExpatError.
+    bad = OPUS_XML.replace('encoding="utf-8"', 'encoding="tf-8"')
+    path = write_opus_tree(tmp_path, bad)
+    log = ReadLog()
+    assert list(read_opensubtitles_xml(path, log)) == []
+    assert dict(log.skipped) == {"malformed_xml": 1}
+    assert "tf-8" in log.examples[0]["detail"]
+    with pytest.raises(CorpusError, match="tf-8"):
+        list(read_opensubtitles_xml(path, ReadLog(strict=True)))

@@ -426,18 +426,18 @@ class _SubtitleParser:
             start = self.start_time if self.start_time is not None else self.open_time
             self.out.append(_Sentence(text, start, self.last_time, self.s_line))
 
-    def feed(
-        self, chunk: bytes, final: bool = False
-    ) -> tuple[list[_Sentence], expat.ExpatError | None]:
+    def feed(self, chunk: bytes, final: bool = False) -> tuple[list[_Sentence], Exception | None]:
         """Parse a chunk; returns the sentences it closed and the parse error, if any.
 
         The sentences completed before an error are returned with it, so a
-        broken tail does not cost the film's readable part.
+        broken tail does not cost the film's readable part. Besides XML syntax
+        errors, expat raises LookupError for an unknown encoding named in the
+        XML declaration (`<?xml version="1.0" encoding="tf-8"?>`).
         """
         error = None
         try:
             self.p.Parse(chunk, final)
-        except expat.ExpatError as e:
+        except (expat.ExpatError, LookupError) as e:
             error = e
         out, self.out = self.out, []
         return out, error
@@ -526,11 +526,13 @@ def read_opensubtitles_xml(
                         conversation = f"{label}.{segment}"
                     prev_end = s.end
                     yield Turn(s.text, conversation, group, where)
-            if error is not None:
+            if isinstance(error, expat.ExpatError):
                 # XML cannot be resynchronised after an error: the rest of the document is lost.
                 log.skip(
                     "malformed_xml", f"{label}:{error.lineno}", expat.errors.messages[error.code]
                 )
+            elif error is not None:
+                log.skip("malformed_xml", f"{label}:1", f"unreadable XML declaration: {error}")
         except _GZIP_ERRORS as e:
             log.skip("truncated_file", label, f"cannot read on: {e}")
 
