@@ -39,6 +39,7 @@ import yaml
 
 __all__ = [
     "KLSchedule",
+    "NonFiniteTrainingError",
     "RunConfig",
     "apply_overrides",
     "kl_weight_at",
@@ -140,6 +141,10 @@ class TrainingSection:
     """``torch.set_num_threads`` for CPU runs; None keeps PyTorch's default."""
     progress: bool = True
     """The Trainer's progress bar."""
+    max_nonfinite_steps: int = 5
+    """A step whose loss or gradient is NaN or inf is skipped (no weight or optimizer-state
+    change, a logged warning); this many skipped steps in a row stop the run with
+    ``NonFiniteTrainingError``."""
 
 
 @dataclass(kw_only=True)
@@ -284,16 +289,101 @@ def kl_weight_at(schedule: KLSchedule, step: int) -> float:
 LOSS_TERMS = ("nll", "kl", "kl_loss", "bow", "recon", "orth", "key_reg")
 
 
+class NonFiniteTrainingError(RuntimeError):
+    """Raised after ``training.max_nonfinite_steps`` consecutive steps with a NaN/inf loss or gradient."""
+
+
+def _all_finite(tensors) -> torch.Tensor:
+    """A 0-dim bool tensor: every element of every tensor is finite (one device sync for all)."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return torch.stack(flags).all() if flags else torch.tensor(True)
+
+
 def _make_trainer_class():
-    from transformers import Trainer
+    from transformers import Trainer, TrainerCallback
+
+    class NonFiniteGuard(TrainerCallback):
+        """Runs the trainer's non-finite check just before every optimizer step."""
+
+        def __init__(self, trainer):
+            self.trainer = trainer
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            self.trainer._skip_if_nonfinite()
 
     class NDMTrainer(Trainer):
-        """``Trainer`` that logs every loss term of :class:`NDMSeq2SeqOutput`, window-averaged."""
+        """``Trainer`` that logs every loss term of :class:`NDMSeq2SeqOutput`, window-averaged,
+        and skips optimizer steps with a non-finite loss or gradient.
 
-        def __init__(self, *args, **kwargs):
+        The guard: ``training_step`` notes a NaN/inf loss; just before the optimizer
+        step (``on_pre_optimizer_step``, after clipping) the gradients are checked too.
+        A bad step sets every ``.grad`` to None, which ``torch.optim`` optimizers skip
+        entirely (no update, no weight decay, no moment or step-count change), so the
+        weights and optimizer state stay as they were. The data and the learning-rate
+        schedule move on (the step counts towards ``max_steps``). ``max_nonfinite_steps``
+        bad steps in a row raise :class:`NonFiniteTrainingError`; ``save_model`` refuses
+        to write non-finite weights.
+        """
+
+        def __init__(self, *args, max_nonfinite_steps: int = 5, **kwargs):
             super().__init__(*args, **kwargs)
+            if max_nonfinite_steps < 1:
+                raise ValueError(
+                    f"training.max_nonfinite_steps must be >= 1; got {max_nonfinite_steps}"
+                )
             self._terms: dict[str, torch.Tensor] = {}
             self._term_count = 0
+            self.max_nonfinite_steps = max_nonfinite_steps
+            self.nonfinite_in_a_row = 0
+            self.nonfinite_skipped = 0
+            self._loss_nonfinite = False
+            self.add_callback(NonFiniteGuard(self))
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if not torch.isfinite(loss).all():
+                self._loss_nonfinite = True  # gradients may still look finite (e.g. inf * 0)
+            return loss
+
+        def _skip_if_nonfinite(self):
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            bad = torch.logical_not(_all_finite(grads)).float().reshape(1)
+            if self._loss_nonfinite:
+                bad.fill_(1.0)
+            self._loss_nonfinite = False
+            # Every process takes the same decision (a bad loss on one rank skips all).
+            bad = self.accelerator.reduce(bad.to(self.args.device), reduction="sum")
+            if bad.item() == 0:
+                self.nonfinite_in_a_row = 0
+                return
+            for p in self.model.parameters():
+                p.grad = None
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_skipped += 1
+            step = self.state.global_step + 1
+            logger.warning(
+                "step %d: non-finite loss or gradient; optimizer step skipped "
+                "(%d in a row, %d skipped in all; the run stops at %d in a row)",
+                step, self.nonfinite_in_a_row, self.nonfinite_skipped, self.max_nonfinite_steps,
+            )  # fmt: skip
+            if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
+                raise NonFiniteTrainingError(
+                    f"{self.nonfinite_in_a_row} consecutive optimizer steps (up to step {step}) "
+                    "had a NaN or inf loss or gradient; stopping (training.max_nonfinite_steps="
+                    f"{self.max_nonfinite_steps}). The weights are those of the last finite step; "
+                    "lower the learning rate or check the data."
+                )
+
+        def save_model(self, output_dir=None, _internal_call=False):
+            """Save, but never write NaN or inf weights."""
+            model = self.accelerator.unwrap_model(self.model)
+            bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+            if bad:
+                raise NonFiniteTrainingError(
+                    f"refusing to save non-finite weights to {output_dir}: {len(bad)} "
+                    f"parameter(s) hold NaN or inf, e.g. {bad[:3]}"
+                )
+            return super().save_model(output_dir, _internal_call=_internal_call)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
@@ -587,6 +677,7 @@ def train(run: RunConfig) -> Path:
             data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),
             processing_class=tokenizer,
             callbacks=_callbacks(run, schedule),
+            max_nonfinite_steps=t.max_nonfinite_steps,
         )
         if eval_ds is not None and t.validation_contexts:
             val = tokenized["validation"]
