@@ -96,8 +96,40 @@ class Pair:
 # Cornell Movie-Dialogs
 
 
-def _cornell_members(source: Path) -> tuple[str, Iterator[bytes], str, Iterator[bytes], object]:
+def _unsafe_member(name: str) -> str | None:
+    """Why a zip member name could escape its folder if extracted, or None when it is safe.
+
+    The readers never extract (members are streamed with `ZipFile.open`), but a
+    name like `../x` or `/etc/x` marks an archive that was built to attack
+    whatever unpacks it: it is not trusted as corpus data either.
+    """
+    posix = name.replace("\\", "/")
+    if posix.startswith("/") or (len(posix) > 1 and posix[1] == ":" and posix[0].isalpha()):
+        return "absolute path"
+    if ".." in posix.split("/"):
+        return "'..' path component"
+    return None
+
+
+def _safe_members(zf: zipfile.ZipFile, source: Path, log: ReadLog) -> list[zipfile.ZipInfo]:
+    """The archive's members, less unsafe names (each a counted `unsafe_member_name` skip)."""
+    out = []
+    for info in zf.infolist():
+        why = _unsafe_member(info.filename)
+        if why:
+            log.skip("unsafe_member_name", f"{source}!{info.filename}", f"{why}; member not read")
+        else:
+            out.append(info)
+    return out
+
+
+def _cornell_members(
+    source: Path, log: ReadLog
+) -> tuple[str, Iterator[bytes], str, Iterator[bytes], object]:
     """Find `movie_lines.txt` and `movie_conversations.txt` in a zip or folder.
+
+    Members with an unsafe name (absolute, or with a `..` component) are skipped
+    and counted as `unsafe_member_name` (under strict: `CorpusError`).
 
     Returns:
         (lines label, lines byte-line iterator, conversations label, conversations
@@ -107,7 +139,12 @@ def _cornell_members(source: Path) -> tuple[str, Iterator[bytes], str, Iterator[
     if source.is_file() and zipfile.is_zipfile(source):
         zf = zipfile.ZipFile(source)
         found = {}
-        for info in zf.infolist():
+        try:
+            members = _safe_members(zf, source, log)
+        except CorpusError:
+            zf.close()
+            raise
+        for info in members:
             base = info.filename.rsplit("/", 1)[-1]
             # The official zip also carries macOS resource forks (__MACOSX/._movie_lines.txt).
             if base in names and not info.filename.startswith("__MACOSX/"):
@@ -187,7 +224,7 @@ def read_cornell(source: str | os.PathLike, log: ReadLog) -> Iterator[Turn]:
         CorpusError: when the files are missing, or at the first bad line under strict.
     """
     source = Path(source)
-    lines_label, lines_iter, convs_label, convs_iter, handle = _cornell_members(source)
+    lines_label, lines_iter, convs_label, convs_iter, handle = _cornell_members(source, log)
     try:
         # line id -> (text or None when empty, movie id, where)
         utterances: dict[str, tuple[str | None, str, str]] = {}
@@ -443,8 +480,12 @@ class _SubtitleParser:
         return out, error
 
 
-def _xml_documents(source: Path) -> Iterator[tuple[str, str, IO[bytes]]]:
-    """(label, film group, open binary stream) for every subtitle document."""
+def _xml_documents(source: Path, log: ReadLog) -> Iterator[tuple[str, str, IO[bytes]]]:
+    """(label, film group, open binary stream) for every subtitle document.
+
+    Zip members with an unsafe name (absolute, or with a `..` component) are
+    skipped and counted as `unsafe_member_name` (under strict: `CorpusError`).
+    """
     suffixes = (".xml", ".xml.gz")
 
     def film(rel: str) -> str:
@@ -457,7 +498,7 @@ def _xml_documents(source: Path) -> Iterator[tuple[str, str, IO[bytes]]]:
         with zipfile.ZipFile(source) as zf:
             members = sorted(
                 i.filename
-                for i in zf.infolist()
+                for i in _safe_members(zf, source, log)
                 if i.filename.endswith(suffixes) and not i.filename.startswith("__MACOSX/")
             )
             if not members:
@@ -494,7 +535,7 @@ def read_opensubtitles_xml(
     Raises:
         CorpusError: missing source, or the first bad input under strict.
     """
-    for label, group, stream in _xml_documents(Path(source)):
+    for label, group, stream in _xml_documents(Path(source), log):
         parser = _SubtitleParser(log, label)
         segment, prev_end = 0, None
         conversation = f"{label}.0"
