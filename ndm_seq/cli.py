@@ -611,7 +611,9 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
         help="override applied to every config (repeatable), e.g. --set training.max_minutes=7",
     )
     p.add_argument(
-        "--retrain", action="store_true", help="train again even if a finished model exists"
+        "--retrain",
+        action="store_true",
+        help="train again from scratch even if a finished model exists",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_compare)

@@ -41,7 +41,8 @@ def compare(
         configs: YAML run configs (e.g. ``recipes/chitchat/*.yaml``).
         output: folder for ``comparison.md``, ``comparison.png``, ``comparison.json``.
         overrides: ``key=value`` overrides applied to every config.
-        retrain: train again even when ``<output_dir>/model`` already holds a model.
+        retrain: train again from scratch even when ``<output_dir>/model`` already
+            holds a model (without it, an unfinished run resumes from its checkpoint).
         progress: progress bars.
 
     Returns:
@@ -70,6 +71,8 @@ def compare(
         model_dir = Path(run.output_dir) / "model"
         if retrain or not (model_dir / "model.safetensors").is_file():
             print(f"== {name}: training ({path})", flush=True)
+            if retrain:
+                run.training.resume = "never"  # from scratch, not from its last checkpoint
             model_dir = train(run)
         else:
             print(f"== {name}: reusing the trained model in {model_dir}", flush=True)

@@ -404,10 +404,13 @@ def _make_trainer_class():
 
                 contexts, references, samples, max_context_tokens = pairs
                 model = self.accelerator.unwrap_model(self.model)
-                text, _ = evaluate_pairs(
-                    model, self.processing_class, contexts, references,
-                    num_samples=samples, max_context_tokens=max_context_tokens, seed=self.args.seed,
-                )  # fmt: skip
+                # Seeded sampling must not reseed training: fork the RNG state.
+                devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+                with torch.random.fork_rng(devices=devices):
+                    text, _ = evaluate_pairs(
+                        model, self.processing_class, contexts, references, num_samples=samples,
+                        max_context_tokens=max_context_tokens, seed=self.args.seed,
+                    )  # fmt: skip
                 model.train()
                 extra = {
                     f"eval_{k}": v
@@ -693,6 +696,9 @@ def train(run: RunConfig) -> Path:
             resume = t.resume
         if resume:
             logger.info("resuming from %s", resume)
+        elif trainer.is_world_process_zero():
+            # A fresh run starts a fresh history (a resumed one appends to it).
+            (out / "log_history.jsonl").unlink(missing_ok=True)
         trainer.train(resume_from_checkpoint=resume)
 
         final = out / "model"

@@ -217,3 +217,24 @@ def test_killed_run_resumes_with_same_steps_and_schedule(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_text_validation_does_not_perturb_training_randomness(tmp_path):
+    # Validation samples with a fixed seed; it must not reseed the training RNG, or
+    # the latent noise after every evaluation would restart from the same state.
+    from ndm_seq.training import train
+
+    curves = {}
+    for contexts in (0, 4):
+        raw = tiny_run_config(tmp_path / f"v{contexts}", tmp_path / "prepared")
+        raw.pop("training_overrides")
+        raw["training"].update(
+            max_steps=12, eval_steps=6, save_steps=100, validation_contexts=contexts
+        )
+        train(run_config_from_dict(raw))
+        curves[contexts] = _history(tmp_path / f"v{contexts}" / "run")
+    assert [curves[0][s]["loss"] for s in range(7, 13)] == [
+        curves[4][s]["loss"] for s in range(7, 13)
+    ]
+    rows = (tmp_path / "v4" / "run" / "log_history.jsonl").read_text()
+    assert "eval_bleu_1" in rows
