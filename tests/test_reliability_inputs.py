@@ -59,13 +59,6 @@ def test_empty_context_generates(tok, variant, backbone):
     assert torch.isfinite(logits).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IndexError,
-    reason="gap: input_ids of shape (B, 0) (bypassing the tokenizer, which always gives "
-    "</s>) fails in NDMEncoder.encode with IndexError, not a message; modeling_ndm.py "
-    "was out of this change's scope",
-)
 def test_zero_length_input_is_a_clear_error(tok):
     model = make_model("seq2seq", "gru", len(tok))
     with pytest.raises(ValueError, match="0 tokens"):

@@ -163,8 +163,13 @@ class NDMConfig(PreTrainedConfig):
             "vmed_memory_dim",
         ):
             value = getattr(self, name)
+            # Aliases (hidden_size -> d_model, ...) bypass the dataclass's type check.
+            alias = {v: k for k, v in self.attribute_map.items()}.get(name)
+            label = f"{name} (alias {alias})" if alias else name
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"NDMConfig.{label} must be an int; got {value!r}")
             if value <= 0:
-                raise ValueError(f"NDMConfig.{name} must be > 0; got {value}")
+                raise ValueError(f"NDMConfig.{label} must be > 0; got {value}")
         if self.backbone == "transformer" and self.d_model % self.num_heads:
             raise ValueError(
                 f"NDMConfig.d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"

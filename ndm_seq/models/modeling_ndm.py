@@ -323,6 +323,11 @@ class NDMEncoder(nn.Module):
 
     def encode(self, ids, mask):
         """States ``(B, S, H)`` and summary ``(B, H)`` of token ids (context or response)."""
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise ValueError(
+                f"input_ids must be (B, S) with S >= 1; got shape {tuple(ids.shape)} with 0 tokens "
+                "(NDMTokenizer.encode_context gives at least </s>, even for an empty context)"
+            )
         if (
             ids.shape[1] > self.config.max_position_embeddings
             and self.config.backbone == "transformer"
