@@ -1,0 +1,183 @@
+"""Sampling throughput: seq2seq / cvae / vmed / ndm on both backbones vs HF BART ``generate``.
+
+50 contexts (8-64 tokens, padded as in ``bench_train.py``) x 10 samples x 32
+new tokens, one ``generate`` call per model and repeat, all with the same
+arguments: ``do_sample=True, num_return_sequences=10, top_k=50, top_p=1.0,
+temperature=1.0, max_new_tokens=32, min_new_tokens=32``. ``min_new_tokens``
+suppresses ``</s>`` until 32 tokens are out, so every model produces exactly
+50 x 10 x 32 = 16,000 new tokens per call and tokens/s compares equal work
+(untrained models would otherwise stop at random lengths). The latent
+variants draw one ``z`` per returned sequence from the prior, as in real use;
+the transformer models (ours and BART) decode with a KV cache.
+
+Models are freshly initialised (seeded) in eval mode with the dims of
+``bench_train.py``; they are interleaved round robin in one process and each
+figure is the median over repeats. Peak memory (``--memory``, off by default
+to stay within 5 minutes on 2 cores): a fresh child process per model, ``ru_maxrss`` growth over one ``generate`` call on CPU,
+``torch.cuda.max_memory_allocated`` on CUDA.
+
+    python benchmarks/bench_generate.py [--repeats 2] [--device cpu|cuda] [--memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from bench_train import MODELS, build, make_batches, sync
+from transformers import GenerationConfig
+
+CONTEXTS, SAMPLES, NEW_TOKENS = 50, 10, 32
+TARGET_VS_BART = 1.5  # transformer ndm sampling tokens/s vs BART generate
+GEN_KWARGS = dict(
+    do_sample=True, num_return_sequences=SAMPLES, top_k=50, top_p=1.0, temperature=1.0,
+    max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+)  # fmt: skip
+
+
+def contexts(device):
+    batch = make_batches(1, seed=1, batch=CONTEXTS)[0]
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+def load(name, device):
+    model = build(name, dropout=0.0).to(device).eval()
+    cfg = model.config
+    # A clean generation config, the same for every model (BART's defaults
+    # would otherwise add forced tokens and n-gram blocking).
+    model.generation_config = GenerationConfig(
+        pad_token_id=cfg.pad_token_id, bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id, decoder_start_token_id=cfg.decoder_start_token_id,
+    )  # fmt: skip
+    return model
+
+
+@torch.inference_mode()
+def sample(model, ids, mask, device):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = model.generate(input_ids=ids, attention_mask=mask, **GEN_KWARGS)
+    return out
+
+
+def timed(model, ids, mask, device):
+    sync(device)
+    start = time.perf_counter()
+    out = sample(model, ids, mask, device)
+    sync(device)
+    elapsed = time.perf_counter() - start
+    new = out.shape[1] - 1  # encoder-decoder output starts with the decoder start token
+    if out.shape[0] != CONTEXTS * SAMPLES or new != NEW_TOKENS:
+        raise RuntimeError(
+            f"expected {CONTEXTS * SAMPLES} x {NEW_TOKENS} new tokens, got {tuple(out.shape)}"
+        )
+    return elapsed
+
+
+def child_peak_memory(name, device):
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    ids, mask = contexts(device)
+    model = load(name, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    sample(model, ids, mask, device)
+    sync(device)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    # Some sandboxes (gVisor) never update ru_maxrss: report no figure, not zero.
+    print(json.dumps({"peak": peak if peak > 0 else None}))
+
+
+def peak_memory(name, device):
+    env = dict(os.environ, BENCH_THREADS=str(torch.get_num_threads()))
+    cmd = [sys.executable, __file__, "--device", str(device), "--child-memory", name]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=2, help="timed generate calls per model")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="also measure peak memory (one child process per model)",
+    )
+    parser.add_argument("--child-memory", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.child_memory:
+        return child_peak_memory(args.child_memory, device)
+
+    wall = time.perf_counter()
+    print(
+        f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
+        f"cpu={platform.processor() or platform.machine()} load={os.getloadavg()[0]:.2f} "
+        f"{CONTEXTS} contexts x {SAMPLES} samples x {NEW_TOKENS} new tokens, repeats={args.repeats}"
+        + (" autocast=bf16" if device.type == "cuda" else " float32")
+    )
+    # Before this process grows: a forked child starts with its parent's ru_maxrss.
+    memory = {} if not args.memory else {n: peak_memory(n, device) for n in args.models}
+    ids, mask = contexts(device)
+    models = {name: load(name, device) for name in args.models}
+    times = {name: [] for name in args.models}
+    for model in models.values():
+        if device.type == "cuda":  # warm-up at full size: kernel selection for these shapes
+            sample(model, ids, mask, device)
+        else:  # one short call (allocator, caches); a full call would cost minutes on 2 cores
+            with torch.inference_mode():
+                model.generate(
+                    input_ids=ids[:2],
+                    attention_mask=mask[:2],
+                    **{**GEN_KWARGS, "max_new_tokens": 4, "min_new_tokens": 4},
+                )
+    for _ in range(args.repeats):
+        for name, model in models.items():
+            times[name].append(timed(model, ids, mask, device))
+
+    new_tokens = CONTEXTS * SAMPLES * NEW_TOKENS
+    med = {n: statistics.median(t) for n, t in times.items()}
+    tok_s = {n: new_tokens / med[n] for n in med}
+    print(
+        "tokens/s = new tokens (16,000 per call) / median call time; peak memory = "
+        + ("max_memory_allocated" if device.type == "cuda" else "ru_maxrss growth over 1 call")
+    )
+    print(
+        f"{'model':<22}{'call s':>8}{'tokens/s':>10}{'responses/s':>13}{'vs bart':>9}"
+        f"{'ndm/cvae':>10}{'peak MiB':>10}  target"
+    )
+    for name in args.models:
+        vs_bart = tok_s[name] / tok_s["bart"] if "bart" in tok_s else float("nan")
+        variant, _, backbone = name.partition("-")
+        ratio, target = "", ""
+        if variant == "ndm" and f"cvae-{backbone}" in med:
+            ratio = f"{med[name] / med[f'cvae-{backbone}']:.3f}x"
+        if name == "ndm-transformer" and "bart" in tok_s:
+            ok = "met" if vs_bart >= TARGET_VS_BART else "NOT met"
+            target = f"vs bart >= {TARGET_VS_BART}x: {ok}"
+        elif backbone == "gru":
+            target = "(reported, no target)"
+        mem = f"{memory[name] / 2**20:.0f}" if memory.get(name) else "-"
+        print(
+            f"{name:<22}{med[name]:>8.2f}{tok_s[name]:>10.0f}{CONTEXTS * SAMPLES / med[name]:>13.1f}"
+            f"{vs_bart:>8.2f}x{ratio:>10}{mem:>10}  {target}"
+        )
+    print(f"wall {time.perf_counter() - wall:.1f}s load={os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
