@@ -22,17 +22,13 @@ to stay within 5 minutes on 2 cores): a fresh child process per model, ``ru_maxr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
-from bench_train import MODELS, build, make_batches, sync
+from bench_train import MODELS, build, make_batches, peak_memory, print_peak_memory, sync
 from transformers import GenerationConfig
 
 CONTEXTS, SAMPLES, NEW_TOKENS = 50, 10, 32
@@ -85,26 +81,7 @@ def child_peak_memory(name, device):
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     ids, mask = contexts(device)
     model = load(name, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    sample(model, ids, mask, device)
-    sync(device)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    # Some sandboxes (gVisor) never update ru_maxrss: report no figure, not zero.
-    print(json.dumps({"peak": peak if peak > 0 else None}))
-
-
-def peak_memory(name, device):
-    env = dict(os.environ, BENCH_THREADS=str(torch.get_num_threads()))
-    cmd = [sys.executable, __file__, "--device", str(device), "--child-memory", name]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak"]
+    print_peak_memory(lambda: sample(model, ids, mask, device), device)
 
 
 def main():
@@ -131,7 +108,7 @@ def main():
         + (" autocast=bf16" if device.type == "cuda" else " float32")
     )
     # Before this process grows: a forked child starts with its parent's ru_maxrss.
-    memory = {} if not args.memory else {n: peak_memory(n, device) for n in args.models}
+    memory = {} if not args.memory else {n: peak_memory(n, device, __file__) for n in args.models}
     ids, mask = contexts(device)
     models = {name: load(name, device) for name in args.models}
     times = {name: [] for name in args.models}

@@ -177,20 +177,17 @@ def matmul_rate(device, repeats: int = 5) -> float:
     return 2.0 * a.shape[0] * D * FFN / statistics.median(times[1:])
 
 
-def child_peak_memory(name: str, device) -> None:
-    """Child process: print the peak memory of three training steps of ``name`` (bytes)."""
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
-    batches = make_batches(3)
-    model = build(name).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batches = [to(b, device) for b in batches]
+def print_peak_memory(work, device) -> None:
+    """Child process: run ``work()`` and print the memory it added at its peak (bytes, JSON).
+
+    Shared by both benchmarks' memory children (``--child-memory``).
+    """
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    for b in batches:
-        step(model, opt, b, device)
+    work()
     sync(device)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
@@ -200,9 +197,25 @@ def child_peak_memory(name: str, device) -> None:
     print(json.dumps({"peak": peak if peak > 0 else None}))
 
 
-def peak_memory(name: str, device) -> float:
+def child_peak_memory(name: str, device) -> None:
+    """Child process: print the peak memory of three training steps of ``name`` (bytes)."""
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    batches = make_batches(3)
+    model = build(name).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batches = [to(b, device) for b in batches]
+
+    def work():
+        for b in batches:
+            step(model, opt, b, device)
+
+    print_peak_memory(work, device)
+
+
+def peak_memory(name: str, device, script: str = __file__) -> float:
+    """Run ``script --child-memory name`` in a fresh process and return its peak (bytes)."""
     env = dict(os.environ, BENCH_THREADS=str(torch.get_num_threads()))
-    cmd = [sys.executable, __file__, "--device", str(device), "--child-memory", name]
+    cmd = [sys.executable, script, "--device", str(device), "--child-memory", name]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak"]
 
