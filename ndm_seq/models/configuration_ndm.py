@@ -74,7 +74,11 @@ class NDMConfig(PreTrainedConfig):
         decoder_layers: decoder depth.
         num_heads: attention heads (transformer only); divides ``d_model``.
         ffn_dim: feed-forward width of the transformer blocks.
-        dropout: dropout probability everywhere.
+        dropout: dropout probability of embeddings, residual branches and
+            the GRUs.
+        attention_dropout: dropout probability of the attention weights
+            (transformer; 0 as in BART's default). Non-zero also sends CPU
+            training to PyTorch's slower non-fused attention kernel.
         max_position_embeddings: longest sequence the transformer's learned
             positions cover; longer contexts are truncated from the left by the
             tokenizer.
@@ -121,6 +125,7 @@ class NDMConfig(PreTrainedConfig):
     num_heads: int = 4
     ffn_dim: int = 1024
     dropout: float | int = 0.1
+    attention_dropout: float | int = 0.0
     max_position_embeddings: int = 512
     latent_dim: int = 64
     free_bits: float | int = 0.0
@@ -178,7 +183,7 @@ class NDMConfig(PreTrainedConfig):
             raise ValueError(
                 f"NDMConfig.d_model must be even for the bidirectional GRU encoder; got {self.d_model}"
             )
-        for name in ("dropout", "word_dropout"):
+        for name in ("dropout", "attention_dropout", "word_dropout"):
             value = getattr(self, name)
             if not 0 <= value < 1:
                 raise ValueError(f"NDMConfig.{name} must be in [0, 1); got {value}")

@@ -230,6 +230,39 @@ class GRUEncoder(nn.Module):
         return states, summary
 
 
+class Unpadded:
+    """The real tokens of a right- or left-padded ``(B, L)`` batch, packed row-major.
+
+    The transformer runs its linear layers (projections, feed-forward, output
+    layer) on the packed ``(T, H)`` tokens only and unpacks just for the
+    attention products, so padding costs no matrix multiplies: with the usual
+    30-50% padding of dialogue batches that is most of a training step's work.
+    Values at real positions equal those of the padded computation.
+    """
+
+    def __init__(self, mask: torch.Tensor):
+        self.batch, self.length = mask.shape
+        self.index = mask.reshape(-1).nonzero().squeeze(1)  # (T,)
+        self.row = self.index // self.length  # (T,) batch row of each packed token
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, L, ...) -> (T, ...)``."""
+        return x.reshape(self.batch * self.length, *x.shape[2:]).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """``(T, ...) -> (B, L, ...)`` with zeros at padding."""
+        out = x.new_zeros(self.batch * self.length, *x.shape[1:])
+        return out.index_copy(0, self.index, x).view(self.batch, self.length, *x.shape[1:])
+
+
+def _unpads(mask: torch.Tensor) -> bool:
+    """Whether the packed path pays: enough padding to outweigh its gathers and scatters."""
+    return mask.numel() > 0 and mask.sum().item() <= (1 - UNPAD_MIN_PADDING) * mask.numel()
+
+
+UNPAD_MIN_PADDING = 0.1  # fraction of padding from which the transformer packs real tokens
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention through ``scaled_dot_product_attention``; keys/values cacheable."""
 
@@ -249,26 +282,39 @@ class MultiHeadAttention(nn.Module):
         k, v = self.kv(x).chunk(2, dim=-1)
         return self.split(k), self.split(v)
 
-    def forward(self, x, k, v, attn_mask=None, is_causal=False):
-        q = self.split(self.q(x))
+    def packed_keys_values(self, x, where: Unpadded):
+        """Keys and values ``(B, h, L, H/h)`` of packed tokens ``x (T, H)`` (zeros at padding)."""
+        k, v = where.unpack(self.kv(x)).chunk(2, dim=-1)
+        return self.split(k), self.split(v)
+
+    def attend(self, q, k, v, attn_mask=None, is_causal=False):
+        """Heads ``(B, h, T, H/h)`` in, ``(B, T, H)`` out (before the output projection)."""
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
         )  # fmt: skip
         b, h, t, dh = y.shape
-        return self.out(y.transpose(1, 2).reshape(b, t, h * dh))
+        return y.transpose(1, 2).reshape(b, t, h * dh)
+
+    def forward(self, x, k, v, attn_mask=None, is_causal=False):
+        return self.out(self.attend(self.split(self.q(x)), k, v, attn_mask, is_causal))
+
+    def packed(self, x, where: Unpadded, k, v, attn_mask=None, is_causal=False):
+        """Attention of packed queries ``x (T, H)`` (rows laid out by ``where``); returns ``(T, H)``."""
+        q = self.split(where.unpack(self.q(x)))
+        return self.out(where.pack(self.attend(q, k, v, attn_mask, is_causal)))
 
 
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: self-attention, optional cross-attention, feed-forward."""
 
-    def __init__(self, d_model, heads, ffn, dropout, cross: bool):
+    def __init__(self, d_model, heads, ffn, dropout, cross: bool, attention_dropout=0.0):
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model)
-        self.attn = MultiHeadAttention(d_model, heads, dropout)
+        self.attn = MultiHeadAttention(d_model, heads, attention_dropout)
         if cross:
             self.ln2 = nn.LayerNorm(d_model)
-            self.cross = MultiHeadAttention(d_model, heads, dropout)
+            self.cross = MultiHeadAttention(d_model, heads, attention_dropout)
         self.ln3 = nn.LayerNorm(d_model)
         self.ffn = nn.Sequential(nn.Linear(d_model, ffn), nn.GELU(), nn.Linear(ffn, d_model))
         self.drop = nn.Dropout(dropout)
@@ -280,15 +326,20 @@ class TransformerEncoder(nn.Module):
     def __init__(self, config: NDMConfig):
         super().__init__()
         self.blocks = nn.ModuleList(
-            Block(config.d_model, config.num_heads, config.ffn_dim, config.dropout, cross=False)
+            Block(
+                config.d_model, config.num_heads, config.ffn_dim, config.dropout, cross=False,
+                attention_dropout=config.attention_dropout,
+            )  # fmt: skip
             for _ in range(config.encoder_layers)
         )
         self.ln = nn.LayerNorm(config.d_model)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x, mask):
-        x = self.drop(x)
         attn_mask = mask[:, None, None, :]  # (B, 1, 1, S)
+        if _unpads(mask):
+            return self._forward_packed(x, mask, attn_mask)
+        x = self.drop(x)
         for blk in self.blocks:
             h = blk.ln1(x)
             k, v = blk.attn.keys_values(h)
@@ -298,6 +349,20 @@ class TransformerEncoder(nn.Module):
         m = mask.unsqueeze(-1).to(x.dtype)
         summary = (x * m).sum(1) / m.sum(1).clamp_min(1)
         return x, summary
+
+    def _forward_packed(self, x, mask, attn_mask):
+        """The same computation on the real tokens only (see :class:`Unpadded`)."""
+        where = Unpadded(mask)
+        x = self.drop(where.pack(x))  # (T, H)
+        for blk in self.blocks:
+            h = blk.ln1(x)
+            k, v = blk.attn.packed_keys_values(h, where)
+            x = x + blk.drop(blk.attn.packed(h, where, k, v, attn_mask=attn_mask))
+            x = x + blk.drop(blk.ffn(blk.ln3(x)))
+        x = self.ln(x)
+        total = x.new_zeros(where.batch, x.shape[-1]).index_add(0, where.row, x)
+        summary = total / mask.sum(1, keepdim=True).clamp_min(1).to(x.dtype)
+        return where.unpack(x), summary
 
 
 class NDMEncoder(nn.Module):
@@ -499,7 +564,10 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
             if cond:
                 self.cond_proj = nn.Linear(cond, d)
             self.blocks = nn.ModuleList(
-                Block(d, config.num_heads, config.ffn_dim, config.dropout, cross=True)
+                Block(
+                    d, config.num_heads, config.ffn_dim, config.dropout, cross=True,
+                    attention_dropout=config.attention_dropout,
+                )  # fmt: skip
                 for _ in range(config.decoder_layers)
             )
             self.ln_f = nn.LayerNorm(d)
@@ -579,8 +647,20 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ decoder
 
-    def _decode(self, ids, enc: NDMEncoderOutput, state: DecoderState | None, lat: dict | None):
-        """Run the decoder over ``ids (B, T)`` from ``state``; returns ``(hidden (B, T, H), new_state)``."""
+    def _decode(
+        self,
+        ids,
+        enc: NDMEncoderOutput,
+        state: DecoderState | None,
+        lat: dict | None,
+        keep: torch.Tensor | None = None,
+    ):
+        """Run the decoder over ``ids (B, T)`` from ``state``; returns ``(hidden (B, T, H), new_state)``.
+
+        ``keep (B, T)``: the positions whose outputs are needed, each row a
+        prefix (scoring with labels); the transformer then computes only those
+        (see :class:`Unpadded`) and leaves zeros elsewhere.
+        """
         c = self.config
         b, t = ids.shape
         first = state is None or state.length == 0
@@ -602,7 +682,7 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
         if c.backbone == "gru":
             hidden, tensors = self._decode_gru(x, enc, tensors, cond, first)
         else:
-            hidden, layers = self._decode_transformer(x, enc, state, cond, past)
+            hidden, layers = self._decode_transformer(x, enc, state, cond, past, keep)
         if self.uses_step_reads:
             slots = tensors["slots"]
             reads, _ = self.ndm.read_steps(slots, self.step_query(hidden))  # (B, T, d_z)
@@ -621,7 +701,8 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
         else:
             if reads is not None:
                 hidden = hidden + self.read_proj(reads)
-            new_state = DecoderState(tensors, layers, past + t)
+            # The packed scoring pass keeps no per-layer cache to continue from.
+            new_state = None if layers is None else DecoderState(tensors, layers, past + t)
         return hidden, new_state
 
     def _vmed_step_latents(self, ids, enc, tensors, lat):
@@ -661,7 +742,7 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
         tensors["gru_hidden"] = h
         return out, tensors
 
-    def _decode_transformer(self, x, enc, state, cond, past):
+    def _decode_transformer(self, x, enc, state, cond, past, keep=None):
         c = self.config
         t = x.shape[1]
         if past + t > c.max_position_embeddings:
@@ -672,8 +753,10 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
         x = x * math.sqrt(c.d_model) + self.encoder.pos(positions)
         if cond is not None:
             x = x + self.cond_proj(cond if cond.dim() == 3 else cond.unsqueeze(1))
-        x = self.drop(x)
         cross_mask = enc.encoder_mask[:, None, None, :]
+        if keep is not None and state is None and t > 1 and _unpads(keep):
+            return self._decode_transformer_packed(x, enc, keep, cross_mask)
+        x = self.drop(x)
         if past == 0 or t == 1:
             self_mask, causal = None, t > 1
         else:  # several new tokens after a cache: causal with an offset
@@ -693,6 +776,25 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
             x = x + blk.drop(blk.ffn(blk.ln3(x)))
             layers.append((k, v, ck, cv))
         return self.ln_f(x), layers
+
+    def _decode_transformer_packed(self, x, enc, keep, cross_mask):
+        """The full-sequence pass on the ``keep`` positions only (no cache is returned).
+
+        ``keep`` rows are prefixes, so causal self-attention over the padded
+        layout sees exactly the positions it would see unpacked.
+        """
+        where = Unpadded(keep)
+        source = Unpadded(enc.encoder_mask)
+        memory = source.pack(enc.last_hidden_state)  # (S_real, H)
+        x = self.drop(where.pack(x))  # (T_real, H)
+        for blk in self.blocks:
+            h = blk.ln1(x)
+            k, v = blk.attn.packed_keys_values(h, where)
+            x = x + blk.drop(blk.attn.packed(h, where, k, v, is_causal=True))
+            ck, cv = blk.cross.packed_keys_values(memory, source)
+            x = x + blk.drop(blk.cross.packed(blk.ln2(x), where, ck, cv, attn_mask=cross_mask))
+            x = x + blk.drop(blk.ffn(blk.ln3(x)))
+        return where.unpack(self.ln_f(x)), None
 
     # ------------------------------------------------------------------ forward
 
@@ -750,24 +852,35 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
                 lat["labels"] = labels.masked_fill(labels == -100, c.pad_token_id)
             if cache is None and latent is not None:  # fixed noise, kept in the state
                 cache = DecoderState({"vmed_noise": latent.to(enc.summary.dtype)})
-        hidden, state = self._decode(decoder_input_ids, enc, cache, lat)
-        logits = F.linear(hidden, self.shared.weight)  # tied output layer, (B, T, V)
+        keep = None
+        if labels is not None and cache is None:
+            # Outputs are needed up to each row's last label; padding after it is skipped.
+            keep = (labels != -100).flip(-1).cumsum(-1).flip(-1) > 0
+        hidden, state = self._decode(decoder_input_ids, enc, cache, lat, keep)
+        if keep is not None and _unpads(keep):
+            # Tied output layer on the scored positions only; logits elsewhere are 0.
+            where = Unpadded(keep)
+            scored = F.linear(where.pack(hidden), self.shared.weight)  # (T_real, V)
+            logits = where.unpack(scored)
+            scored = (scored, where.pack(labels))
+        else:
+            logits = F.linear(hidden, self.shared.weight)  # tied output layer, (B, T, V)
+            scored = (logits.flatten(0, 1), labels.flatten() if labels is not None else None)
 
         out = NDMSeq2SeqOutput(
             logits=logits, cache=state, encoder_last_hidden_state=enc.last_hidden_state
         )
         if labels is not None:
-            self._losses(out, labels, logits, enc, lat)
+            self._losses(out, labels, scored, enc, lat)
         return out
 
-    def _losses(self, out, labels, logits, enc, lat):
+    def _losses(self, out, labels, scored, enc, lat):
+        """Every loss term; ``scored``: ``(logits (T, V), labels (T,))`` at the scored positions."""
         c = self.config
         b = labels.shape[0]
         mask = labels != -100
-        nll_tok = F.cross_entropy(
-            logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
-        )
-        out.nll = nll_tok.sum() / b
+        logits, targets = scored
+        out.nll = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum") / b
         out.num_tokens = mask.sum()
         loss = out.nll
         zero = logits.new_zeros((), dtype=torch.float32)
