@@ -242,7 +242,9 @@ class Unpadded:
 
     def __init__(self, mask: torch.Tensor):
         self.batch, self.length = mask.shape
-        self.index = mask.reshape(-1).nonzero().squeeze(1)  # (T,)
+        flat = mask.reshape(-1)
+        self.index = flat.nonzero().squeeze(1)  # (T,)
+        self.padding = (~flat).nonzero().squeeze(1)
         self.row = self.index // self.length  # (T,) batch row of each packed token
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
@@ -251,8 +253,10 @@ class Unpadded:
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         """``(T, ...) -> (B, L, ...)`` with zeros at padding."""
-        out = x.new_zeros(self.batch * self.length, *x.shape[1:])
-        return out.index_copy(0, self.index, x).view(self.batch, self.length, *x.shape[1:])
+        out = x.new_empty(self.batch * self.length, *x.shape[1:])
+        out.index_fill_(0, self.padding, 0)  # each element is written once
+        out.index_copy_(0, self.index, x)
+        return out.view(self.batch, self.length, *x.shape[1:])
 
 
 def _unpads(mask: torch.Tensor) -> bool:
@@ -327,9 +331,13 @@ class TransformerEncoder(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(
             Block(
-                config.d_model, config.num_heads, config.ffn_dim, config.dropout, cross=False,
+                config.d_model,
+                config.num_heads,
+                config.ffn_dim,
+                config.dropout,
+                cross=False,
                 attention_dropout=config.attention_dropout,
-            )  # fmt: skip
+            )
             for _ in range(config.encoder_layers)
         )
         self.ln = nn.LayerNorm(config.d_model)
@@ -565,9 +573,13 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
                 self.cond_proj = nn.Linear(cond, d)
             self.blocks = nn.ModuleList(
                 Block(
-                    d, config.num_heads, config.ffn_dim, config.dropout, cross=True,
+                    d,
+                    config.num_heads,
+                    config.ffn_dim,
+                    config.dropout,
+                    cross=True,
                     attention_dropout=config.attention_dropout,
-                )  # fmt: skip
+                )
                 for _ in range(config.decoder_layers)
             )
             self.ln_f = nn.LayerNorm(d)

@@ -1,0 +1,103 @@
+"""The CUDA path and bf16 autocast (skipped without a GPU).
+
+Run on a GPU machine with ``python -m pytest tests/test_cuda.py``; the same
+weights on CPU are the reference.
+"""
+
+import json
+
+import pytest
+import torch
+from test_model import COMBOS, IDS, make_model
+from test_reliability_training import _run_config, prepared  # noqa: F401 (fixture)
+from test_unpadded import padded_batch
+
+import ndm_seq.training as T
+from ndm_seq.memory import least_squares_attention
+from ndm_seq.models import NDMForConversation
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = torch.device("cuda")
+TERMS = ("loss", "nll", "kl", "bow", "recon", "orth", "key_reg")
+
+
+def _forward(model, batch, device, autocast=False):
+    ids, mask, labels = (t.to(device) for t in batch)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    grads = {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize("variant,backbone", COMBOS, ids=IDS)
+def test_cuda_float32_matches_cpu(variant, backbone):
+    cpu = make_model(variant, backbone).eval()
+    gpu = make_model(variant, backbone).to(CUDA).eval()
+    batch = padded_batch()
+    a, ga = _forward(cpu, batch, torch.device("cpu"))
+    b, gb = _forward(gpu, batch, CUDA)
+    for term in TERMS:
+        assert getattr(b, term).item() == pytest.approx(getattr(a, term).item(), rel=1e-4), term
+    assert ga.keys() == gb.keys()
+    for name in ga:
+        torch.testing.assert_close(gb[name], ga[name], rtol=2e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant,backbone", COMBOS, ids=IDS)
+def test_bf16_autocast_step_is_finite_and_close(variant, backbone):
+    model = make_model(variant, backbone).to(CUDA).train()
+    batch = padded_batch()
+    full, _ = _forward(model, batch, CUDA)
+    half, grads = _forward(model, batch, CUDA, autocast=True)
+    assert torch.isfinite(half.loss)
+    assert half.loss.item() == pytest.approx(full.loss.item(), rel=0.05)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_least_squares_solve_stays_float32_under_bf16_autocast():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    memory = torch.randn(16, 4, 32, device=CUDA, generator=g)
+    query = torch.randn(16, 32, device=CUDA, generator=g)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        w = least_squares_attention(memory.bfloat16(), query.bfloat16(), 1e-3)
+    assert w.dtype == torch.float32
+    ref = least_squares_attention(memory.bfloat16().double(), query.bfloat16().double(), 1e-3)
+    torch.testing.assert_close(w.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant,backbone", COMBOS, ids=IDS)
+def test_generate_on_cuda(variant, backbone):
+    cpu = make_model(variant, backbone).eval()
+    gpu = make_model(variant, backbone).to(CUDA).eval()
+    ids, mask, _ = padded_batch()
+    kw = dict(do_sample=False, max_new_tokens=6)
+    if variant != "seq2seq":
+        kw["latent"] = torch.randn(ids.shape[0], cpu.config.latent_dim)
+    want = cpu.generate(input_ids=ids, attention_mask=mask, **kw)
+    kw = {k: v.to(CUDA) if torch.is_tensor(v) else v for k, v in kw.items()}
+    got = gpu.generate(input_ids=ids.to(CUDA), attention_mask=mask.to(CUDA), **kw)
+    assert torch.equal(got.cpu(), want)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        sampled = gpu.generate(
+            input_ids=ids.to(CUDA), attention_mask=mask.to(CUDA), do_sample=True,
+            num_return_sequences=4, top_k=20, max_new_tokens=6,
+        )  # fmt: skip
+    assert sampled.shape[0] == 4 * ids.shape[0] and sampled.device.type == "cuda"
+    assert int(sampled.max()) < cpu.config.vocab_size and int(sampled.min()) >= 0
+
+
+def test_training_run_on_cuda_uses_bf16_and_saves_a_loadable_model(tmp_path, prepared):  # noqa: F811
+    run = _run_config(tmp_path, prepared, max_steps=6, save_steps=3)
+    final = T.train(run)
+    assert T._precision("auto") == {"bf16": True}
+    losses = [
+        json.loads(line)["loss"]
+        for line in (tmp_path / "run" / "log_history.jsonl").read_text().splitlines()
+        if '"loss"' in line
+    ]
+    assert losses and all(torch.isfinite(torch.tensor(loss)) for loss in losses)
+    model = NDMForConversation.from_pretrained(final)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

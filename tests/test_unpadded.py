@@ -1,0 +1,129 @@
+"""The packed (unpadded) transformer path computes what the padded one does (issue 6).
+
+With enough padding the transformer runs its linear layers on the real tokens
+only (``Unpadded``); these tests force each path through
+``modeling_ndm.UNPAD_MIN_PADDING`` and compare losses, every term, logits at
+the scored positions, encoder states at real positions, and all gradients.
+"""
+
+import pytest
+import torch
+from test_model import COMBOS, IDS, make_model
+
+from ndm_seq.models import modeling_ndm
+from ndm_seq.models.modeling_ndm import Unpadded
+
+NEVER, ALWAYS = 1.01, 0.0  # UNPAD_MIN_PADDING values forcing either path
+REAL_INIT = Unpadded.__init__
+
+
+def padded_batch(seed=0, left_context=False):
+    """Contexts of 2-9 tokens (padded to 9), responses of 1-6 (to 6, -100 after)."""
+    g = torch.Generator().manual_seed(seed)
+    ctx_len = torch.tensor([9, 2, 5, 7])
+    resp_len = torch.tensor([6, 1, 3, 4])
+    ids = torch.randint(5, 64, (4, 9), generator=g)
+    pos = torch.arange(9)[None, :]
+    mask = pos >= 9 - ctx_len[:, None] if left_context else pos < ctx_len[:, None]
+    ids = ids.masked_fill(~mask, 0)
+    labels = torch.randint(5, 64, (4, 6), generator=g)
+    labels[torch.arange(4), resp_len - 1] = 3
+    labels = labels.masked_fill(torch.arange(6)[None, :] >= resp_len[:, None], -100)
+    return ids, mask.long(), labels
+
+
+def count_packing(monkeypatch) -> list:
+    """Record the mask shape of every ``Unpadded`` built from now on."""
+    calls = []
+
+    def counting(self, m):
+        calls.append(tuple(m.shape))
+        REAL_INIT(self, m)
+
+    monkeypatch.setattr(Unpadded, "__init__", counting)
+    return calls
+
+
+def run(model, monkeypatch, setting, ids, mask, labels, train=False):
+    monkeypatch.setattr(modeling_ndm, "UNPAD_MIN_PADDING", setting)
+    calls = count_packing(monkeypatch)
+    model.zero_grad(set_to_none=True)
+    model.train(train)
+    torch.manual_seed(1)  # the posterior sample in training mode
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    enc = model.encoder(ids, mask)
+    if train:
+        out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, enc, grads, calls
+
+
+TERMS = ("loss", "nll", "kl", "kl_loss", "bow", "recon", "orth", "key_reg")
+
+
+@pytest.mark.parametrize("variant,backbone", COMBOS, ids=IDS)
+@pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
+def test_packed_equals_padded(variant, backbone, left, monkeypatch):
+    model = make_model(variant, backbone)
+    ids, mask, labels = padded_batch(left_context=left)
+    scored = labels != -100
+    for train in (False, True):
+        a, enc_a, grad_a, calls_a = run(model, monkeypatch, NEVER, ids, mask, labels, train)
+        b, enc_b, grad_b, calls_b = run(model, monkeypatch, ALWAYS, ids, mask, labels, train)
+        assert not calls_a
+        assert calls_b, "the packed path did not run"
+        for term in TERMS:
+            assert getattr(b, term).item() == pytest.approx(getattr(a, term).item(), rel=1e-5), term
+        torch.testing.assert_close(b.logits[scored], a.logits[scored], rtol=1e-5, atol=1e-5)
+        real = mask.bool()
+        torch.testing.assert_close(
+            enc_b.last_hidden_state[real], enc_a.last_hidden_state[real], rtol=1e-5, atol=1e-5
+        )
+        torch.testing.assert_close(enc_b.summary, enc_a.summary, rtol=1e-5, atol=1e-5)
+        if train:
+            assert grad_a.keys() == grad_b.keys() and grad_a
+            for name in grad_a:
+                torch.testing.assert_close(grad_b[name], grad_a[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backbone", ["transformer", "gru"])
+def test_inner_ignored_label_positions_are_still_decoded(backbone, monkeypatch):
+    """A -100 before the last label (e.g. a masked token) keeps its decoder position."""
+    model = make_model("cvae", backbone).eval()
+    ids, mask, labels = padded_batch()
+    labels[0, 1] = -100  # inside row 0, which runs to the last column
+    labels[2, 0] = -100
+    a = run(model, monkeypatch, NEVER, ids, mask, labels)[0]
+    b = run(model, monkeypatch, ALWAYS, ids, mask, labels)[0]
+    assert b.loss.item() == pytest.approx(a.loss.item(), rel=1e-5)
+    scored = labels != -100
+    torch.testing.assert_close(b.logits[scored], a.logits[scored], rtol=1e-5, atol=1e-5)
+
+
+def test_unpadded_round_trip_and_layout():
+    mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    x = torch.arange(3 * 4 * 2, dtype=torch.float32).view(3, 4, 2)
+    where = Unpadded(mask)
+    packed = where.pack(x)
+    assert packed.shape == (5, 2)
+    torch.testing.assert_close(packed, x[mask])  # row-major order of the real tokens
+    assert where.row.tolist() == [0, 0, 1, 1, 1]
+    back = where.unpack(packed)
+    torch.testing.assert_close(back[mask], x[mask])
+    assert (back[~mask] == 0).all()
+
+
+def test_heavy_padding_takes_the_packed_path_by_default(monkeypatch):
+    """The default threshold packs a typical dialogue batch and leaves a dense one alone."""
+    model = make_model("ndm", "transformer").eval()
+    ids, mask, labels = padded_batch()
+    calls = count_packing(monkeypatch)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert (4, 9) in calls and (4, 6) in calls  # encoder and decoder packed
+    calls.clear()
+    dense = torch.ones_like(mask)
+    full = labels.masked_fill(labels == -100, 7)
+    with torch.no_grad():
+        model(input_ids=ids.clamp_min(5), attention_mask=dense, labels=full)
+    assert not calls
