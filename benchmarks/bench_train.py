@@ -28,6 +28,7 @@ fp32 matrix-multiply rate measured in the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -41,7 +42,7 @@ import time
 import torch
 from torch import nn
 
-from ndm_seq.models import NDMConfig, NDMForConversation
+from ndm_seq.models import NDMConfig, NDMForConversation, modeling_ndm
 
 VOCAB, D, LAYERS, HEADS, FFN = 8000, 256, 2, 4, 1024
 PAD, BOS, EOS = 0, 2, 3
@@ -49,6 +50,8 @@ BATCH, MAX_CTX, MAX_RESP = 64, 64, 32
 VARIANTS = ("seq2seq", "cvae", "vmed", "ndm")
 BACKBONES = ("transformer", "gru")
 MODELS = ("bart", *(f"{v}-{b}" for b in BACKBONES for v in VARIANTS))
+# The same transformer models with the unpadded path switched off (A/B of issue 6's packing).
+PADDED = tuple(f"{v}-transformer:padded" for v in VARIANTS)
 TARGET_VS_BART = 1.3  # transformer ndm training tokens/s vs BART
 TARGET_VS_CVAE = 1.05  # ndm step time vs cvae step time, same backbone
 
@@ -89,13 +92,29 @@ def build(name: str, dropout: float = 0.1):
             forced_eos_token_id=None, dropout=dropout,
         )  # fmt: skip
         return BartForConditionalGeneration(cfg)
-    variant, backbone = name.split("-")
+    variant, backbone = name.removesuffix(":padded").split("-")
     cfg = NDMConfig.preset(
         "small", variant=variant, backbone=backbone, vocab_size=VOCAB, d_model=D,
         encoder_layers=LAYERS, decoder_layers=LAYERS, num_heads=HEADS, ffn_dim=FFN,
         max_position_embeddings=128, dropout=dropout,
     )  # fmt: skip
-    return NDMForConversation(cfg)
+    model = NDMForConversation(cfg)
+    model.bench_padded = name.endswith(":padded")
+    return model
+
+
+@contextlib.contextmanager
+def padding_path(model):
+    """Run a ``:padded`` model with the unpadded (packed) transformer path switched off."""
+    if not getattr(model, "bench_padded", False):
+        yield
+        return
+    saved = modeling_ndm.UNPAD_MIN_PADDING
+    modeling_ndm.UNPAD_MIN_PADDING = 1.01  # more padding than any batch has: never pack
+    try:
+        yield
+    finally:
+        modeling_ndm.UNPAD_MIN_PADDING = saved
 
 
 PER_EXAMPLE = ("encoder.prior.", "posterior.", "ndm.", "bow.", "init_state.", "cond_proj.")
@@ -145,8 +164,13 @@ def to(batch, device):
 
 
 def step(model, opt, batch, device):
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        loss = model(**batch).loss
+    with (
+        padding_path(model),
+        torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
+    ):
+        # As NDMTrainer does: the loss needs only the scored positions' logits.
+        extra = {"return_logits": False} if isinstance(model, NDMForConversation) else {}
+        loss = model(**batch, **extra).loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -244,7 +268,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per model")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument(
+        "--models", nargs="+", default=list(MODELS), choices=MODELS + PADDED,
+        help="models to run; '<variant>-transformer:padded' = with the unpadded path off",
+    )  # fmt: skip
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
     parser.add_argument("--profile", action="store_true", help="torch.profiler table per model")
     parser.add_argument("--child-memory", help=argparse.SUPPRESS)

@@ -373,7 +373,7 @@ def score_model(
             ids = _pad(enc["input_ids"], pad, device)  # (B, S)
             mask = _pad([[1] * len(s) for s in enc["input_ids"]], 0, device)  # (B, S)
             labels = _pad(enc["labels"], -100, device)  # (B, T)
-            out = model(input_ids=ids, attention_mask=mask, labels=labels)
+            out = model(input_ids=ids, attention_mask=mask, labels=labels, return_logits=False)
             # out.nll and out.kl are batch means of per-response sums.
             total_nll += float(out.nll) * b
             total_kl += float(out.kl) * b

@@ -386,6 +386,8 @@ def _make_trainer_class():
             return super().save_model(output_dir, _internal_call=_internal_call)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training:  # the loss needs the scored positions' logits only
+                inputs = {**inputs, "return_logits": False}
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
             if model.training:
                 for name in LOSS_TERMS:

@@ -127,3 +127,16 @@ def test_heavy_padding_takes_the_packed_path_by_default(monkeypatch):
     with torch.no_grad():
         model(input_ids=ids.clamp_min(5), attention_mask=dense, labels=full)
     assert not calls
+
+
+@pytest.mark.parametrize("setting", [NEVER, ALWAYS], ids=["padded", "packed"])
+def test_return_logits_false_gives_the_same_loss_without_logits(setting, monkeypatch):
+    monkeypatch.setattr(modeling_ndm, "UNPAD_MIN_PADDING", setting)
+    model = make_model("ndm", "transformer").eval()
+    ids, mask, labels = padded_batch()
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, labels=labels)
+        lean = model(input_ids=ids, attention_mask=mask, labels=labels, return_logits=False)
+    assert lean.logits is None and full.logits is not None
+    for term in TERMS:
+        assert getattr(lean, term).item() == getattr(full, term).item(), term

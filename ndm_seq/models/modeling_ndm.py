@@ -823,6 +823,7 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
         slot_weights: torch.Tensor | None = None,
         use_cache: bool | None = None,
         return_dict: bool | None = None,
+        return_logits: bool = True,
         **kwargs,
     ) -> NDMSeq2SeqOutput:
         """Score a response (with ``labels``) or take decoding steps (``generate``).
@@ -843,6 +844,12 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
             slots: ``(B, N, d_z)`` with ``slot_weights`` ``(B, N)``: an explicit
                 (e.g. edited) NDM decomposition; the decoder is conditioned on
                 ``compose(slots, slot_weights)`` and reads these slots.
+            return_logits: ``False`` leaves ``logits`` out (``None``) when
+                labels are given; the trainer and ``score_model`` use it, since
+                the loss needs the logits of the scored positions only.
+
+        With labels, the logits at positions after a row's last label are 0
+        (not computed: the output layer runs on the scored positions only).
         """
         c = self.config
         if encoder_outputs is None:
@@ -873,11 +880,13 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
             # Tied output layer on the scored positions only; logits elsewhere are 0.
             where = Unpadded(keep)
             scored = F.linear(where.pack(hidden), self.shared.weight)  # (T_real, V)
-            logits = where.unpack(scored)
+            logits = where.unpack(scored) if return_logits else None
             scored = (scored, where.pack(labels))
         else:
             logits = F.linear(hidden, self.shared.weight)  # tied output layer, (B, T, V)
             scored = (logits.flatten(0, 1), labels.flatten() if labels is not None else None)
+            if not return_logits and labels is not None:
+                logits = None
 
         out = NDMSeq2SeqOutput(
             logits=logits, cache=state, encoder_last_hidden_state=enc.last_hidden_state
@@ -895,7 +904,7 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
         out.nll = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum") / b
         out.num_tokens = mask.sum()
         loss = out.nll
-        zero = logits.new_zeros((), dtype=torch.float32)
+        zero = logits.new_zeros((), dtype=torch.float32)  # the scored logits
         out.kl = out.kl_loss = out.bow = out.recon = out.orth = out.key_reg = zero
         if c.variant in ("cvae", "ndm"):
             kl_dim = lat["kl_dim"]
