@@ -220,12 +220,13 @@ class NeuralDecompositionalMemory(nn.Module):
                 )
             s = torch.tanh(self.init_state(z))
         projected = self.programs.apply_all(z)  # (B, P, D): Theta_p z, once per program
+        keys = self.programs.unit_keys()  # normalised once per write, not per slot
         slot = torch.zeros_like(z)  # m_0
         slots, attention = [], []
         for _ in range(self.num_slots):
             s = self.controller(torch.cat([z, slot], dim=-1), s)
             strength = 1.0 + F.softplus(self.strength(s))  # (B, 1), b_t >= 1
-            a = self.programs.attention(self.query(s), strength)  # (B, P)
+            a = self.programs.attention(self.query(s), strength, keys)  # (B, P)
             slot = torch.einsum("bp,bpd->bd", a, projected)  # m_t = W_t z
             slots.append(slot)
             attention.append(a)

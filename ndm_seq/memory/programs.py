@@ -68,17 +68,26 @@ class ProgramMemory(nn.Module):
         inner = torch.einsum("pjr,bj->bpr", self.program_v, x)  # (B, P, r)
         return torch.einsum("pir,bpr->bpi", self.program_u, inner)  # (B, P, D)
 
-    def attention(self, query: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    def unit_keys(self) -> torch.Tensor:
+        """The keys scaled to unit norm, ``(P, key_dim)``."""
+        return F.normalize(self.keys, dim=-1)
+
+    def attention(
+        self, query: torch.Tensor, strength: torch.Tensor, unit_keys: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Program attention ``a = softmax_p(b * cos(q, k_p))``.
 
         Args:
             query: ``(B, key_dim)``.
             strength: ``(B,)`` or ``(B, 1)``, the sharpness ``b >= 1``.
+            unit_keys: :meth:`unit_keys`, when the caller attends several
+                times with the same keys (the NDM write, once per slot).
 
         Returns:
             ``(B, P)`` weights, each row summing to one.
         """
-        cos = F.normalize(query, dim=-1) @ F.normalize(self.keys, dim=-1).t()  # (B, P)
+        keys = self.unit_keys() if unit_keys is None else unit_keys
+        cos = F.normalize(query, dim=-1) @ keys.t()  # (B, P)
         return torch.softmax(strength.reshape(-1, 1) * cos, dim=-1)
 
     def key_regularizer(self) -> torch.Tensor:
