@@ -82,8 +82,9 @@ def test_packed_equals_padded(variant, backbone, left, monkeypatch):
         torch.testing.assert_close(enc_b.summary, enc_a.summary, rtol=1e-5, atol=1e-5)
         if train:
             assert grad_a.keys() == grad_b.keys() and grad_a
-            for name in grad_a:
-                torch.testing.assert_close(grad_b[name], grad_a[name], rtol=1e-4, atol=1e-6)
+            for name in grad_a:  # float32 sums in another order: compare at the tensor's scale
+                diff = (grad_b[name] - grad_a[name]).norm()
+                assert diff <= 1e-4 * grad_a[name].norm() + 1e-7, (name, diff)
 
 
 @pytest.mark.parametrize("backbone", ["transformer", "gru"])
