@@ -462,9 +462,49 @@ def _session(args: argparse.Namespace):
     )
 
 
+def _read_contexts(path: str):
+    """Contexts from a JSON Lines file, lazily: a list of turns or ``{"context": [...]}`` a line."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as err:
+                raise ValueError(f"{path}:{number}: not JSON ({err})") from None
+            turns = row.get("context") if isinstance(row, dict) else row
+            if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
+                raise ValueError(
+                    f"{path}:{number}: expected a non-empty list of turns (strings) or an object "
+                    f"with one under 'context'; got {line.strip()[:80]!r}"
+                )
+            yield turns
+
+
+def _sample_file(args: argparse.Namespace, session) -> None:
+    from ndm_seq.evaluation import stream_samples
+
+    if args.greedy and not session.model.config.is_latent:
+        raise ValueError("--greedy with --contexts needs a latent variant (seq2seq samples tokens)")
+    contexts = (turns[-args.max_history :] for turns in _read_contexts(args.contexts))
+    stream = stream_samples(
+        session.model, session.tokenizer, contexts, args.num_samples,
+        batch_size=args.batch_size, seed=args.seed, decoding="greedy" if args.greedy else "sample",
+        include_greedy=False, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens, max_context_tokens=args.max_context_tokens,
+    )  # fmt: skip
+    for context, samples in stream:
+        # ASCII escapes: an untrained model's samples can hold U+2028, U+0085 and the
+        # like, which str.splitlines() (and some JSON Lines readers) take as line breaks.
+        print(json.dumps({"context": context, "samples": samples}), flush=True)
+
+
 def _sample(args: argparse.Namespace) -> int:
     try:
         session = _session(args)
+        if args.contexts:
+            _sample_file(args, session)
+            return 0
         turns = [t for t in args.context if t.strip()]
         if not turns:
             raise ValueError("give at least one non-empty --context turn")
@@ -523,12 +563,22 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
         ),
         formatter_class=_DefaultsHelp,
     )
-    p.add_argument(
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--context",
         action="append",
-        required=True,
         metavar="TURN",
         help="a context turn; repeat for several turns, oldest first",
+    )
+    source.add_argument(
+        "--contexts",
+        metavar="FILE",
+        help="many contexts, a JSON Lines file (a list of turns, or an object with 'context', "
+        "a line), read and sampled BATCH_SIZE at a time; prints one JSON line per context: "
+        '{"context": [...], "samples": [...]}',
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=32, help="with --contexts: contexts per generate call"
     )
     _add_session_options(p, num_samples=5, max_history=3)
     p.set_defaults(func=_sample)

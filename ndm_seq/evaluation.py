@@ -56,10 +56,11 @@ multi-sample metrics use the S samples.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -98,6 +99,7 @@ __all__ = [
     "read_metrics",
     "score_model",
     "slot_weight_entropy",
+    "stream_samples",
 ]
 
 #: Model-side keys of every variant, in the order of DESIGN §7.
@@ -557,6 +559,45 @@ def generate_samples(
     finally:
         model.train(was_training)
     return GeneratedResponses(samples=samples, greedy=greedy)
+
+
+def stream_samples(
+    model,
+    tokenizer,
+    contexts: Iterable[Sequence[str]],
+    num_samples: int = 10,
+    *,
+    batch_size: int = 32,
+    seed: int | None = 0,
+    **kwargs: Any,
+) -> Iterator[tuple[list[str], list[str]]]:
+    """:func:`generate_samples` over an iterable of any length, one batch in memory at a time.
+
+    Reads ``batch_size`` contexts, generates, yields them, then reads the next batch,
+    so memory does not grow with the number of contexts (``ndm-seq sample
+    --contexts``). With ``seed`` set, a context's responses equal those of
+    :func:`generate_samples` on the whole list with the same ``batch_size``.
+
+    Args:
+        model, tokenizer, num_samples, batch_size, seed: as :func:`generate_samples`.
+        contexts: contexts (each a list of turns, oldest first), read lazily.
+        **kwargs: the other keyword arguments of :func:`generate_samples`.
+
+    Yields:
+        ``(context, samples)``: the context's turns and its ``num_samples`` responses.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    it = iter(contexts)
+    start = 0
+    while chunk := [list(c) for c in itertools.islice(it, batch_size)]:
+        if seed is not None:
+            torch.manual_seed(_batch_seed(seed, start))
+        out = generate_samples(
+            model, tokenizer, chunk, num_samples, batch_size=batch_size, seed=None, **kwargs
+        )
+        yield from zip(chunk, out.samples, strict=True)
+        start += len(chunk)
 
 
 # --------------------------------------------------------------------------- #

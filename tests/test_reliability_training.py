@@ -5,14 +5,13 @@ JSONL corpus: preparing the full chitchat corpus would take a minute) with a NaN
 inf injected into the loss (or only into its gradient) at chosen steps.
 """
 
-import json
 import logging
-import random
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from training_runs import jsonl_run_config, synthetic_corpus
 from transformers import TrainerCallback
 
 import ndm_seq.training as T
@@ -70,51 +69,12 @@ class _Snapshots(TrainerCallback):
 
 
 def _run_config(tmp_path: Path, prepared: Path, **training) -> T.RunConfig:
-    raw = {
-        "output_dir": str(tmp_path / "run"),
-        "seed": 0,
-        "data": {
-            "corpus": "jsonl",
-            "source": str(prepared.parent / "pairs.jsonl"),
-            "prepared_dir": str(prepared),
-            "max_train_pairs": 200,
-            "max_context_tokens": 32,
-            "max_response_tokens": 16,
-        },
-        "tokenizer": {"vocab_size": 500, "max_texts": 2000},
-        "model": {"preset": "tiny", "variant": "ndm", "backbone": "gru"},
-        "training": {
-            "max_steps": 8,
-            "batch_size": 8,
-            "learning_rate": 0.01,
-            "warmup_steps": 0,
-            "logging_steps": 1,
-            "eval_steps": None,
-            "save_steps": 4,
-            "save_total_limit": None,
-            "kl_warmup_steps": 4,
-            "progress": False,
-            "torch_threads": 1,
-        }
-        | training,
-    }
-    return T.run_config_from_dict(raw)
+    return T.run_config_from_dict(jsonl_run_config(tmp_path, prepared, **training))
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    words = "i you we like tea coffee the park rain sun today why not yes no maybe go".split()
-
-    def sentence():
-        return " ".join(rng.choice(words) for _ in range(rng.randint(2, 8))) + "."
-
-    with (folder / "pairs.jsonl").open("w") as f:
-        for i in range(300):
-            pair = {"context": [sentence(), sentence()], "response": sentence()}
-            f.write(json.dumps(pair | {"conversation_id": f"c{i}"}) + "\n")
-    return folder / "prepared"
+    return synthetic_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def _train_with_snapshots(monkeypatch, run) -> _Snapshots:

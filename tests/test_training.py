@@ -2,15 +2,12 @@
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
+import random
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
+from training_runs import batches, history, tiny_run_config, train_in_subprocess, write_config
 
 from ndm_seq.training import (
     KLSchedule,
@@ -74,75 +71,9 @@ def test_missing_config_file(tmp_path):
         load_run_config(tmp_path / "nope.yaml")
 
 
-def tiny_run_config(tmp_path: Path, prepared: Path | None = None, **training) -> dict:
-    return {
-        "output_dir": str(tmp_path / "run"),
-        "seed": 0,
-        "data": {
-            "corpus": "chitchat",
-            "prepared_dir": str(prepared or tmp_path / "prepared"),
-            "max_train_pairs": 400,
-            "max_eval_pairs": 32,
-            "max_context_tokens": 32,
-            "max_response_tokens": 16,
-        },
-        "tokenizer": {"vocab_size": 1000, "max_texts": 3000},
-        "model": {"preset": "tiny", "variant": "ndm", "backbone": "gru", "free_bits": 0.05},
-        "training": {
-            "max_steps": 20,
-            "batch_size": 8,
-            "learning_rate": 0.01,
-            "warmup_steps": 4,
-            "logging_steps": 1,
-            "eval_steps": 10,
-            "save_steps": 10,
-            "save_total_limit": None,
-            "kl_warmup_steps": 10,
-            "progress": False,
-        },
-    } | {"training_overrides": training}
-
-
-def _write_config(tmp_path, raw) -> Path:
-    overrides = raw.pop("training_overrides")
-    raw["training"].update(overrides)
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def _train_in_subprocess(config: Path, kill_at: int | None = None) -> subprocess.CompletedProcess:
-    # A real process, really killed with SIGKILL at a chosen step (after a checkpoint).
-    script = textwrap.dedent(
-        f"""
-        import os, signal
-        from transformers import TrainerCallback
-        import ndm_seq.training as T
-
-        class Kill(TrainerCallback):
-            def on_step_end(self, args, state, control, **kw):
-                if {kill_at!r} is not None and state.global_step == {kill_at!r}:
-                    os.kill(os.getpid(), signal.SIGKILL)
-
-        base = T._callbacks
-        T._callbacks = lambda run, sched: base(run, sched) + [Kill()]
-        T.train(T.load_run_config({str(config)!r}))
-        """
-    )
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600
-    )
-
-
-def _history(run_dir: Path) -> dict[int, dict]:
-    rows = [json.loads(line) for line in (run_dir / "log_history.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows if "learning_rate" in r}
-
-
 def test_end_to_end_tiny_run_writes_the_run_folder(tmp_path):
-    config = _write_config(tmp_path, tiny_run_config(tmp_path))
-    result = _train_in_subprocess(config)
+    config = write_config(tmp_path, tiny_run_config(tmp_path))
+    result = train_in_subprocess(config)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run"
     for name in (
@@ -158,7 +89,7 @@ def test_end_to_end_tiny_run_writes_the_run_folder(tmp_path):
         p.name for p in model_dir.iterdir()
     }
     assert not list(model_dir.glob("*.bin"))  # no pickle in a model directory
-    hist = _history(run)
+    hist = history(run)
     assert sorted(hist) == list(range(1, 21))
     for term in ("nll", "kl", "kl_weight", "recon", "orth", "key_reg"):
         assert all(term in r for r in hist.values()), term
@@ -190,33 +121,92 @@ def test_killed_run_resumes_with_same_steps_and_schedule(tmp_path):
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
     shared = tmp_path / "prepared"  # prepared once, reused from the cache by later runs
-    ref_cfg = _write_config(ref_dir, tiny_run_config(ref_dir, shared))
-    assert _train_in_subprocess(ref_cfg).returncode == 0
+    ref_cfg = write_config(ref_dir, tiny_run_config(ref_dir, shared))
+    assert train_in_subprocess(ref_cfg, batches_log=ref_dir / "batches.jsonl").returncode == 0
     # Killed at step 15 (checkpoint at 10), then started again.
     cut_dir = tmp_path / "cut"
     cut_dir.mkdir()
-    cut_cfg = _write_config(cut_dir, tiny_run_config(cut_dir, shared))
-    killed = _train_in_subprocess(cut_cfg, kill_at=15)
+    cut_cfg = write_config(cut_dir, tiny_run_config(cut_dir, shared))
+    killed = train_in_subprocess(cut_cfg, kill_at=15, batches_log=cut_dir / "batches.jsonl")
     assert killed.returncode == -9
     assert (cut_dir / "run/checkpoints/checkpoint-10").is_dir()
     assert not (cut_dir / "run/model").exists()
-    resumed = _train_in_subprocess(cut_cfg)
+    resumed = train_in_subprocess(cut_cfg, batches_log=cut_dir / "batches.jsonl")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in (cut_dir / "run/train.log").read_text()
+    assert_resumed_like_reference(ref_dir, cut_dir, [(15, 10)])
 
-    ref, cut = _history(ref_dir / "run"), _history(cut_dir / "run")
-    # The resumed run logs steps 11..20 again (after 1..15 before the kill), ending at 20.
+
+@pytest.mark.slow
+def test_run_killed_at_several_points_resumes_bit_for_bit(tmp_path):
+    # One run, killed four times with SIGKILL and resumed with `resume: auto` each time;
+    # checkpoints every 5 steps. The kill points: at step 3 (no checkpoint yet: starts
+    # again from step 0), just after checkpoint-5 is written, in the middle of writing
+    # checkpoint-10 (never renamed into place: resumes from 5), and at a random step
+    # between checkpoints (11..19, not 15).
+    seed = int(os.environ.get("NDM_KILL_SEED", random.SystemRandom().randrange(10**6)))
+    rand = random.Random(seed).choice([s for s in range(11, 20) if s != 15])
+    print(f"kill seed {seed} (NDM_KILL_SEED): random kill at step {rand}")
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    ref_dir.mkdir()
+    cut_dir.mkdir()
+    shared = tmp_path / "prepared"
+    ref_cfg = write_config(ref_dir, tiny_run_config(ref_dir, shared, save_steps=5))
+    cut_cfg = write_config(cut_dir, tiny_run_config(cut_dir, shared, save_steps=5))
+    assert train_in_subprocess(ref_cfg, batches_log=ref_dir / "batches.jsonl").returncode == 0
+
+    log = cut_dir / "batches.jsonl"
+    plan = [
+        ({"kill_at": 3}, (3, 0)),
+        ({"kill_after_save": 5}, (5, 5)),
+        ({"kill_in_save": 10}, (10, 5)),
+        ({"kill_at": rand}, (rand, 15 if rand > 15 else 10)),
+    ]
+    for hook, _ in plan:
+        killed = train_in_subprocess(cut_cfg, batches_log=log, **hook)
+        assert killed.returncode == -9, (seed, hook, killed.stderr[-3000:])
+        assert not (cut_dir / "run/model").exists()
+    resumed = train_in_subprocess(cut_cfg, batches_log=log)
+    assert resumed.returncode == 0, (seed, resumed.stderr[-3000:])
+    train_log = (cut_dir / "run/train.log").read_text()
+    # Started afresh after the kill at step 3 (no checkpoint yet), resumed after the others.
+    assert train_log.count("resuming from") == 3, seed
+    assert "interrupted checkpoint write" in train_log
+    assert_resumed_like_reference(ref_dir, cut_dir, [kill for _, kill in plan])
+
+
+def assert_resumed_like_reference(ref_dir, cut_dir, kills: list[tuple[int, int]]):
+    """The killed-and-resumed run in ``cut_dir`` trained exactly like the reference.
+
+    ``kills``: (last step run before the kill, step of the checkpoint resumed from), in
+    order. The batches (sha1 of every step's input_ids) are the reference's, step for
+    step, in every segment; the logged loss, learning rate and KL weight of the last
+    segment equal the reference's exactly; the final weights are bit-for-bit equal (CPU,
+    one thread: the same operations in the same order give the same floats).
+    """
+    ref_batches = batches(ref_dir / "batches.jsonl")
+    assert ref_batches == [(s, ref_batches[s - 1][1]) for s in range(1, 21)]
+    segments, start = [], 1
+    for last, resumed_from in kills:
+        segments.append(range(start, last + 1))
+        start = resumed_from + 1
+    segments.append(range(start, 21))
+    expected = [ref_batches[s - 1] for seg in segments for s in seg]
+    assert batches(cut_dir / "batches.jsonl") == expected  # same data order
+
+    # Same learning-rate and KL schedules, same (rounded) losses, at every logged step.
+    ref, cut = history(ref_dir / "run"), history(cut_dir / "run")
+    assert sorted(cut) == sorted(ref) == list(range(1, 21))
+    for step in cut:
+        for key in ("learning_rate", "kl_weight", "loss"):
+            assert cut[step][key] == ref[step][key], (step, key)
     state = json.loads((cut_dir / "run/checkpoints/checkpoint-20/trainer_state.json").read_text())
     assert state["global_step"] == 20
-    for step in range(11, 21):
-        assert cut[step]["learning_rate"] == pytest.approx(ref[step]["learning_rate"], rel=1e-9)
-        assert cut[step]["kl_weight"] == ref[step]["kl_weight"]
-        assert cut[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-4)
     a = load_file(ref_dir / "run/model/model.safetensors")
     b = load_file(cut_dir / "run/model/model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+        assert torch.equal(a[k], b[k]), (k, (a[k] - b[k]).abs().max().item())
 
 
 def test_text_validation_does_not_perturb_training_randomness(tmp_path):
@@ -232,7 +222,7 @@ def test_text_validation_does_not_perturb_training_randomness(tmp_path):
             max_steps=12, eval_steps=6, save_steps=100, validation_contexts=contexts
         )
         train(run_config_from_dict(raw))
-        curves[contexts] = _history(tmp_path / f"v{contexts}" / "run")
+        curves[contexts] = history(tmp_path / f"v{contexts}" / "run")
     assert [curves[0][s]["loss"] for s in range(7, 13)] == [
         curves[4][s]["loss"] for s in range(7, 13)
     ]
