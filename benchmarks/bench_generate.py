@@ -16,7 +16,7 @@ figure is the median over repeats. Peak memory (``--memory``, off by default
 to stay within 5 minutes on 2 cores): a fresh child process per model, ``ru_maxrss`` growth over one ``generate`` call on CPU,
 ``torch.cuda.max_memory_allocated`` on CUDA.
 
-    python benchmarks/bench_generate.py [--repeats 2] [--device cpu|cuda] [--memory]
+    python benchmarks/bench_generate.py [--repeats 2] [--device cpu|cuda] [--memory] [--profile]
 """
 
 from __future__ import annotations
@@ -84,6 +84,24 @@ def child_peak_memory(name, device):
     print_peak_memory(lambda: sample(model, ids, mask, device), device)
 
 
+def profile(names, device, rows: int = 14) -> None:
+    """Where a ``generate`` call's time goes: top operators by self time, one full call per model."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    ids, mask = contexts(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for name in names:
+        model = load(name, device)
+        sample(model, ids[:2], mask[:2], device)  # warm-up
+        with torch_profile(activities=activities) as prof:
+            sample(model, ids, mask, device)
+            sync(device)
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(f"== {name}: one generate call")
+        print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=40))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2, help="timed generate calls per model")
@@ -94,9 +112,12 @@ def main():
         action="store_true",
         help="also measure peak memory (one child process per model)",
     )
+    parser.add_argument("--profile", action="store_true", help="torch.profiler table per model")
     parser.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.profile:
+        return profile(args.models, device)
     if args.child_memory:
         return child_peak_memory(args.child_memory, device)
 
