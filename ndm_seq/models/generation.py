@@ -35,7 +35,7 @@ from torch import nn
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.logits_process import LogitsProcessorList, TopKLogitsWarper
 
-__all__ = ["SelfAttentionBuffer", "applies", "decode", "sample_top_k", "sample_tokens"]
+__all__ = ["SelfAttentionBuffer", "applies", "decode", "sample_tokens", "sample_top_k"]
 
 
 class SelfAttentionBuffer:
