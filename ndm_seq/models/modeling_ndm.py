@@ -18,7 +18,10 @@ Generation goes through transformers' ``GenerationMixin``. The encoder output
 carries the prior's parameters, not a sample: ``generate`` expands encoder
 outputs for ``num_return_sequences`` / beams *after* encoding, so the latent is
 drawn at the first decoding step, one per returned sequence, and kept in the
-decoder state (:class:`DecoderState`, our "cache").
+decoder state (:class:`DecoderState`, our "cache"). Plain sampling and greedy
+search run their decoding loop in :mod:`ndm_seq.models.generation` (passed to
+``GenerationMixin.generate`` as ``custom_generate``; same outputs, less work per
+step); ``generate(..., fast_generate=False)`` keeps ``GenerationMixin``'s own.
 """
 
 from __future__ import annotations
