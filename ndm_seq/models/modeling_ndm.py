@@ -911,6 +911,12 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
         variant each returned sequence has its own latent, so greedy decoding
         of ``k`` draws is meaningful: the contexts are repeated ``k`` times
         (rows ``i*k .. i*k+k-1`` belong to context ``i``, as with sampling).
+
+        Plain sampling and greedy search (no beams, streamer, assistant or
+        ``return_dict_in_generate`` outputs; eval mode) run the decoding loop
+        of :mod:`ndm_seq.models.generation`: the standard loop's outputs with
+        less work per step. ``fast_generate=False`` runs ``GenerationMixin``'s
+        own loop instead.
         """
         k = kwargs.get("num_return_sequences") or 1
         sampling = kwargs.get("do_sample", self.generation_config.do_sample)
