@@ -182,7 +182,8 @@ def decode(
         raise ValueError("pad_token_id must be set when an eos_token_id stops generation")
     enc = model_kwargs["encoder_outputs"]
     group = _group_size(enc, gc.num_return_sequences if group is None else group)
-    capacity = gc.max_length or model.config.max_position_embeddings
+    # Decoder positions: at most max_length - 1 are fed back, never more than the model covers.
+    capacity = min(gc.max_length or 1 << 30, model.config.max_position_embeddings)
     state = DecoderState({}, kv=SelfAttentionBuffer(capacity), group=group)
     inputs = {k: model_kwargs.get(k) for k in ("attention_mask", "latent", "slots", "slot_weights")}
     top_k = gc.top_k if gc.do_sample else None
