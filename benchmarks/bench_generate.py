@@ -16,7 +16,13 @@ figure is the median over repeats. Peak memory (``--memory``, off by default
 to stay within 5 minutes on 2 cores): a fresh child process per model, ``ru_maxrss`` growth over one ``generate`` call on CPU,
 ``torch.cuda.max_memory_allocated`` on CUDA.
 
+``--standard-loop`` adds a row per ndm-seq model decoded by ``GenerationMixin``'s
+own sampling loop (``generate(..., fast_generate=False)``, the code before the
+fast loop of ``ndm_seq.models.generation``), interleaved in the same run;
+``--profile`` prints a ``torch.profiler`` table of one call per model instead.
+
     python benchmarks/bench_generate.py [--repeats 2] [--device cpu|cuda] [--memory]
+                                        [--standard-loop] [--profile]
 """
 
 from __future__ import annotations
@@ -44,8 +50,11 @@ def contexts(device):
     return batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
 
+STANDARD = " std-loop"  # suffix: the same model through GenerationMixin's own sampling loop
+
+
 def load(name, device):
-    model = build(name, dropout=0.0).to(device).eval()
+    model = build(name.removesuffix(STANDARD), dropout=0.0).to(device).eval()
     cfg = model.config
     # A clean generation config, the same for every model (BART's defaults
     # would otherwise add forced tokens and n-gram blocking).
@@ -53,13 +62,17 @@ def load(name, device):
         pad_token_id=cfg.pad_token_id, bos_token_id=cfg.bos_token_id,
         eos_token_id=cfg.eos_token_id, decoder_start_token_id=cfg.decoder_start_token_id,
     )  # fmt: skip
+    model.standard_loop = name.endswith(STANDARD)
     return model
 
 
 @torch.inference_mode()
-def sample(model, ids, mask, device):
+def sample(model, ids, mask, device, **overrides):
+    kwargs = GEN_KWARGS | overrides
+    if getattr(model, "standard_loop", False):
+        kwargs["fast_generate"] = False
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        out = model.generate(input_ids=ids, attention_mask=mask, **GEN_KWARGS)
+        out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     return out
 
 
@@ -84,6 +97,24 @@ def child_peak_memory(name, device):
     print_peak_memory(lambda: sample(model, ids, mask, device), device)
 
 
+def profile(names, device, rows: int = 14) -> None:
+    """Where a ``generate`` call's time goes: top operators by self time, one full call per model."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    ids, mask = contexts(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for name in names:
+        model = load(name, device)
+        sample(model, ids[:2], mask[:2], device)  # warm-up
+        with torch_profile(activities=activities) as prof:
+            sample(model, ids, mask, device)
+            sync(device)
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(f"== {name}: one generate call")
+        print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=40))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2, help="timed generate calls per model")
@@ -94,9 +125,19 @@ def main():
         action="store_true",
         help="also measure peak memory (one child process per model)",
     )
+    parser.add_argument(
+        "--standard-loop",
+        action="store_true",
+        help="also time each ndm-seq model through GenerationMixin's own loop (fast_generate=False)",
+    )
+    parser.add_argument("--profile", action="store_true", help="torch.profiler table per model")
     parser.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.standard_loop:
+        args.models += [n + STANDARD for n in args.models if n != "bart"]
+    if args.profile:
+        return profile(args.models, device)
     if args.child_memory:
         return child_peak_memory(args.child_memory, device)
 
@@ -116,12 +157,8 @@ def main():
         if device.type == "cuda":  # warm-up at full size: kernel selection for these shapes
             sample(model, ids, mask, device)
         else:  # one short call (allocator, caches); a full call would cost minutes on 2 cores
-            with torch.inference_mode():
-                model.generate(
-                    input_ids=ids[:2],
-                    attention_mask=mask[:2],
-                    **{**GEN_KWARGS, "max_new_tokens": 4, "min_new_tokens": 4},
-                )
+            short = {"max_new_tokens": 4, "min_new_tokens": 4}
+            sample(model, ids[:2], mask[:2], device, **short)
     for _ in range(args.repeats):
         for name, model in models.items():
             times[name].append(timed(model, ids, mask, device))
@@ -134,7 +171,7 @@ def main():
         + ("max_memory_allocated" if device.type == "cuda" else "ru_maxrss growth over 1 call")
     )
     print(
-        f"{'model':<22}{'call s':>8}{'tokens/s':>10}{'responses/s':>13}{'vs bart':>9}"
+        f"{'model':<26}{'call s':>8}{'tokens/s':>10}{'responses/s':>13}{'vs bart':>9}"
         f"{'ndm/cvae':>10}{'peak MiB':>10}  target"
     )
     for name in args.models:
@@ -150,7 +187,7 @@ def main():
             target = "(reported, no target)"
         mem = f"{memory[name] / 2**20:.0f}" if memory.get(name) else "-"
         print(
-            f"{name:<22}{med[name]:>8.2f}{tok_s[name]:>10.0f}{CONTEXTS * SAMPLES / med[name]:>13.1f}"
+            f"{name:<26}{med[name]:>8.2f}{tok_s[name]:>10.0f}{CONTEXTS * SAMPLES / med[name]:>13.1f}"
             f"{vs_bart:>8.2f}x{ratio:>10}{mem:>10}  {target}"
         )
     print(f"wall {time.perf_counter() - wall:.1f}s load={os.getloadavg()[0]:.2f}")

@@ -112,7 +112,10 @@ def _first_step_latents(model):
     else:
 
         def hook(module, args, kwargs, output):
-            if kwargs.get("cache") is None:
+            cache = kwargs.get("cache")
+            if (
+                cache is None or cache.length == 0
+            ):  # the first step (the fast loop's state is empty)
                 seen.append(output.cache.tensors["cond"].clone())
 
         model.register_forward_hook(hook, with_kwargs=True)

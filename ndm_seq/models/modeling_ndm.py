@@ -18,11 +18,16 @@ Generation goes through transformers' ``GenerationMixin``. The encoder output
 carries the prior's parameters, not a sample: ``generate`` expands encoder
 outputs for ``num_return_sequences`` / beams *after* encoding, so the latent is
 drawn at the first decoding step, one per returned sequence, and kept in the
-decoder state (:class:`DecoderState`, our "cache").
+decoder state (:class:`DecoderState`, our "cache"). Plain sampling and greedy
+search run their decoding loop in :mod:`ndm_seq.models.generation` (passed to
+``GenerationMixin.generate`` as ``custom_generate``; same outputs, less work per
+step); ``generate(..., fast_generate=False)`` keeps ``GenerationMixin``'s own.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +40,12 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from ndm_seq.memory import NeuralDecompositionalMemory
+from ndm_seq.models import generation
 from ndm_seq.models.configuration_ndm import NDMConfig
+from ndm_seq.models.generation import grouped_attention
+
+# ``GenerationMixin.generate``'s own arguments (the rest configure generation or go to the model).
+GENERATE_ARGUMENTS = {*inspect.signature(GenerationMixin.generate).parameters, "trust_remote_code"}
 
 __all__ = [
     "DecoderState",
@@ -143,20 +153,42 @@ class DecoderState:
     state, VMED prefix state); ``layers`` the transformer's per-layer
     ``(self_k, self_v, cross_k, cross_v)``. ``length`` is the number of
     decoder positions consumed so far.
+
+    The fast decoding loop (:mod:`ndm_seq.models.generation`) starts from an
+    empty state with ``kv``, a preallocated self-attention buffer the
+    ``self_k, self_v`` of ``layers`` are views of, and ``group`` > 1 when each
+    run of ``group`` rows belongs to one context: ``cross_k, cross_v`` then
+    have one row per context.
     """
 
     def __init__(
-        self, tensors: dict[str, torch.Tensor], layers: list | None = None, length: int = 0
-    ):
+        self, tensors: dict[str, torch.Tensor], layers: list | None = None, length: int = 0,
+        kv=None, group: int = 1,
+    ):  # fmt: skip
         self.tensors = tensors
         self.layers = layers or []
         self.length = length
+        self.kv = kv
+        self.group = group
 
     def reorder(self, index: torch.Tensor) -> DecoderState:
-        """Select batch rows (beam search); returns a new state."""
+        """Select batch rows (beam search); returns a new state (plain: no buffer, no grouping)."""
         tensors = {k: v.index_select(self._batch_dim(k), index) for k, v in self.tensors.items()}
-        layers = [tuple(t.index_select(0, index) for t in layer) for layer in self.layers]
+        g = self.group
+        layers = [
+            tuple(
+                (t.repeat_interleave(g, 0) if i >= 2 and g > 1 else t).index_select(0, index)
+                for i, t in enumerate(layer)
+            )
+            for layer in self.layers
+        ]
         return DecoderState(tensors, layers, self.length)
+
+    def with_tensors(self, tensors: dict[str, torch.Tensor]) -> DecoderState:
+        """A copy with ``tensors`` added (same layers, length, buffer and grouping)."""
+        return DecoderState(
+            {**self.tensors, **tensors}, self.layers, self.length, self.kv, self.group
+        )
 
     @staticmethod
     def _batch_dim(name: str) -> int:
@@ -257,6 +289,14 @@ class Unpadded:
         out.index_fill_(0, self.padding, 0)  # each element is written once
         out.index_copy_(0, self.index, x)
         return out.view(self.batch, self.length, *x.shape[1:])
+
+
+def _self_attention_mask(t: int, past: int, device):
+    """``(attn_mask, is_causal)`` for ``t`` new decoder positions after ``past`` cached ones."""
+    if past == 0 or t == 1:
+        return None, t > 1
+    # Several new tokens after a cache: causal with an offset.
+    return torch.ones(t, past + t, dtype=torch.bool, device=device).tril(past), False
 
 
 def _unpads(mask: torch.Tensor) -> bool:
@@ -693,6 +733,8 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
             cond, tensors = self._vmed_step_latents(ids, enc, tensors, lat)
         if c.backbone == "gru":
             hidden, tensors = self._decode_gru(x, enc, tensors, cond, first)
+        elif state is not None and state.kv is not None:  # the fast generation loop
+            hidden, layers = self._decode_transformer_fast(x, enc, state, cond, past)
         else:
             hidden, layers = self._decode_transformer(x, enc, state, cond, past, keep)
         if self.uses_step_reads:
@@ -709,12 +751,16 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
             )
             parts = [hidden, ctx] + ([reads] if reads is not None else [])
             hidden = torch.tanh(self.out_proj(self.drop(torch.cat(parts, dim=-1))))
-            new_state = DecoderState(tensors, None, past + t)
+            layers = None
         else:
             if reads is not None:
                 hidden = hidden + self.read_proj(reads)
-            # The packed scoring pass keeps no per-layer cache to continue from.
-            new_state = None if layers is None else DecoderState(tensors, layers, past + t)
+        if layers is None and c.backbone == "transformer":
+            new_state = None  # the packed scoring pass keeps no per-layer cache to continue from
+        elif state is None:
+            new_state = DecoderState(tensors, layers, past + t)
+        else:  # keep the fast loop's buffer and grouping
+            new_state = DecoderState(tensors, layers, past + t, state.kv, state.group)
         return hidden, new_state
 
     def _vmed_step_latents(self, ids, enc, tensors, lat):
@@ -754,7 +800,8 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
         tensors["gru_hidden"] = h
         return out, tensors
 
-    def _decode_transformer(self, x, enc, state, cond, past, keep=None):
+    def _decoder_input(self, x, cond, past):
+        """Scaled token embeddings ``x (B, T, H)`` at positions ``past..past+T-1``, plus the latent."""
         c = self.config
         t = x.shape[1]
         if past + t > c.max_position_embeddings:
@@ -765,15 +812,16 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
         x = x * math.sqrt(c.d_model) + self.encoder.pos(positions)
         if cond is not None:
             x = x + self.cond_proj(cond if cond.dim() == 3 else cond.unsqueeze(1))
+        return x
+
+    def _decode_transformer(self, x, enc, state, cond, past, keep=None):
+        x = self._decoder_input(x, cond, past)
+        t = x.shape[1]
         cross_mask = enc.encoder_mask[:, None, None, :]
-        if keep is not None and state is None and t > 1 and _unpads(keep):
+        if keep is not None and past == 0 and t > 1 and _unpads(keep):
             return self._decode_transformer_packed(x, enc, keep, cross_mask)
         x = self.drop(x)
-        if past == 0 or t == 1:
-            self_mask, causal = None, t > 1
-        else:  # several new tokens after a cache: causal with an offset
-            self_mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(past)
-            causal = False
+        self_mask, causal = _self_attention_mask(t, past, x.device)
         layers = []
         for i, blk in enumerate(self.blocks):
             h = blk.ln1(x)
@@ -807,6 +855,47 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
             x = x + blk.drop(blk.cross.packed(blk.ln2(x), where, ck, cv, attn_mask=cross_mask))
             x = x + blk.drop(blk.ffn(blk.ln3(x)))
         return where.unpack(self.ln_f(x)), None
+
+    def _decode_transformer_fast(self, x, enc, state: DecoderState, cond, past):
+        """``_decode_transformer`` for the fast generation loop (same outputs, see ``generation``).
+
+        Self-attention keys/values go into ``state.kv`` (preallocated) instead
+        of a ``torch.cat`` of the whole cache per step; with ``state.group``
+        > 1 the cross-attention keys/values are computed once per context and
+        the group's queries attend to them together.
+        """
+        x = self._decoder_input(x, cond, past)
+        t = x.shape[1]
+        x = self.drop(x)
+        g = state.group
+        enc_states, enc_mask = enc.last_hidden_state, enc.encoder_mask
+        if g > 1:
+            enc_states, enc_mask = enc_states[::g], enc_mask[::g]
+        cross_mask = enc_mask[:, None, None, :]
+        self_mask, causal = _self_attention_mask(t, past, x.device)
+        buf = state.kv
+        owned = buf.filled == past  # else a branch from an older state: do not overwrite
+        layers = []
+        for i, blk in enumerate(self.blocks):
+            h = blk.ln1(x)
+            k, v = blk.attn.keys_values(h)
+            if state.layers:
+                pk, pv, ck, cv = state.layers[i]
+                if owned:
+                    k, v = buf.write(i, past, k, v)
+                else:
+                    k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+            else:
+                ck, cv = blk.cross.keys_values(enc_states)
+                if owned:
+                    k, v = buf.write(i, past, k, v)
+            x = x + blk.drop(blk.attn(h, k, v, attn_mask=self_mask, is_causal=causal))
+            x = x + blk.drop(grouped_attention(blk.cross, blk.ln2(x), ck, cv, cross_mask, g))
+            x = x + blk.drop(blk.ffn(blk.ln3(x)))
+            layers.append((k, v, ck, cv))
+        if owned:
+            buf.filled = past + t
+        return self.ln_f(x), layers
 
     # ------------------------------------------------------------------ forward
 
@@ -863,16 +952,18 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
             decoder_input_ids = shift_right(labels, c.decoder_start_token_id, c.pad_token_id)
 
         lat = None
-        if cache is None and c.variant in ("cvae", "ndm"):
+        first = cache is None or cache.length == 0  # the fast loop starts from an empty state
+        if first and c.variant in ("cvae", "ndm"):
             lat = self._latent(enc, labels, latent, self.training, slots, slot_weights)
         elif c.variant == "vmed":
             lat = {"sample": self.training}
             if labels is not None:
                 lat["labels"] = labels.masked_fill(labels == -100, c.pad_token_id)
-            if cache is None and latent is not None:  # fixed noise, kept in the state
-                cache = DecoderState({"vmed_noise": latent.to(enc.summary.dtype)})
+            if first and latent is not None:  # fixed noise, kept in the state
+                noise = {"vmed_noise": latent.to(enc.summary.dtype)}
+                cache = DecoderState(noise) if cache is None else cache.with_tensors(noise)
         keep = None
-        if labels is not None and cache is None:
+        if labels is not None and first:
             # Outputs are needed up to each row's last label; padding after it is skipped.
             keep = (labels != -100).flip(-1).cumsum(-1).flip(-1) > 0
         hidden, state = self._decode(decoder_input_ids, enc, cache, lat, keep)
@@ -953,10 +1044,18 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
         variant each returned sequence has its own latent, so greedy decoding
         of ``k`` draws is meaningful: the contexts are repeated ``k`` times
         (rows ``i*k .. i*k+k-1`` belong to context ``i``, as with sampling).
+
+        Plain sampling and greedy search (no beams, streamer, assistant or
+        ``return_dict_in_generate`` outputs; eval mode) run the decoding loop
+        of :mod:`ndm_seq.models.generation`: the standard loop's outputs with
+        less work per step. ``fast_generate=False`` runs ``GenerationMixin``'s
+        own loop instead.
         """
         k = kwargs.get("num_return_sequences") or 1
         sampling = kwargs.get("do_sample", self.generation_config.do_sample)
         beams = kwargs.get("num_beams") or self.generation_config.num_beams or 1
+        fast = kwargs.pop("fast_generate", True)
+        group = None
         if (
             self.config.is_latent
             and k > 1
@@ -970,7 +1069,16 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
                 attention_mask = attention_mask.repeat_interleave(k, dim=0)
             if kwargs.get("latent") is not None:
                 kwargs["latent"] = kwargs["latent"].repeat_interleave(k, dim=0)
+            group = k
+        if fast and self._fast_generation_applies(kwargs):
+            kwargs["custom_generate"] = functools.partial(generation.decode, group=group)
         return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def _fast_generation_applies(self, kwargs) -> bool:
+        """Whether ``generation.decode`` runs this call (plain sampling or greedy, no extra outputs)."""
+        rest = {k: v for k, v in kwargs.items() if k not in GENERATE_ARGUMENTS}
+        config, _ = self._prepare_generation_config(kwargs.get("generation_config"), **rest)
+        return generation.applies(self, config, kwargs)
 
     def prepare_inputs_for_generation(
         self,
