@@ -14,7 +14,7 @@ from test_unpadded import padded_batch
 
 import ndm_seq.training as T
 from ndm_seq.memory import least_squares_attention
-from ndm_seq.models import NDMForConversation
+from ndm_seq.models import NDMForConversation, generation, modeling_ndm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -25,9 +25,14 @@ def _forward(model, batch, device, autocast=False):
     ids, mask, labels = (t.to(device) for t in batch)
     model.zero_grad(set_to_none=True)
     torch.manual_seed(1)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+    # cuDNN's RNN backward refuses eval mode (the CPU reference runs in eval mode,
+    # no sampling noise): PyTorch's own RNN kernels compute the same thing.
+    with (
+        torch.backends.cudnn.flags(enabled=model.training),
+        torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast),
+    ):
         out = model(input_ids=ids, attention_mask=mask, labels=labels)
-    out.loss.backward()
+        out.loss.backward()
     grads = {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.grad is not None}
     return out, grads
 
@@ -66,6 +71,33 @@ def test_least_squares_solve_stays_float32_under_bf16_autocast():
     assert w.dtype == torch.float32
     ref = least_squares_attention(memory.bfloat16().double(), query.bfloat16().double(), 1e-3)
     torch.testing.assert_close(w.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_accelerator_defaults_are_padded_training_and_the_standard_loop():
+    """On CUDA the packed path and the fast loop are off unless asked for (launch-bound)."""
+    mask = torch.tensor([[1, 1, 0, 0]], dtype=torch.bool)
+    assert modeling_ndm._unpads(mask) and not modeling_ndm._unpads(mask.to(CUDA))
+    model = make_model("ndm", "transformer").to(CUDA).eval()
+    ids, mask, _ = padded_batch()
+    ids, mask = ids.to(CUDA), mask.to(CUDA)
+    calls = []
+    original = generation.decode
+    try:
+        generation.decode = lambda *a, **k: calls.append(1) or original(*a, **k)
+        model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=3)
+        assert not calls
+        fast = model.generate(
+            input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=3,
+            fast_generate=True, latent=torch.zeros(4, model.config.latent_dim, device=CUDA),
+        )  # fmt: skip
+        assert calls
+    finally:
+        generation.decode = original
+    standard = model.generate(
+        input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=3,
+        latent=torch.zeros(4, model.config.latent_dim, device=CUDA),
+    )  # fmt: skip
+    assert torch.equal(fast, standard)
 
 
 @pytest.mark.parametrize("variant,backbone", COMBOS, ids=IDS)

@@ -21,7 +21,8 @@ drawn at the first decoding step, one per returned sequence, and kept in the
 decoder state (:class:`DecoderState`, our "cache"). Plain sampling and greedy
 search run their decoding loop in :mod:`ndm_seq.models.generation` (passed to
 ``GenerationMixin.generate`` as ``custom_generate``; same outputs, less work per
-step); ``generate(..., fast_generate=False)`` keeps ``GenerationMixin``'s own.
+step; the default on CPU); ``generate(..., fast_generate=False)`` keeps
+``GenerationMixin``'s own.
 """
 
 from __future__ import annotations
@@ -300,11 +301,19 @@ def _self_attention_mask(t: int, past: int, device):
 
 
 def _unpads(mask: torch.Tensor) -> bool:
-    """Whether the packed path pays: enough padding to outweigh its gathers and scatters."""
-    return mask.numel() > 0 and mask.sum().item() <= (1 - UNPAD_MIN_PADDING) * mask.numel()
+    """Whether the packed path pays: on CPU, with enough padding to outweigh its gathers.
+
+    Not on accelerators: at dialogue batch sizes a GPU step is bound by kernel
+    launches, not FLOPs, and packing adds gathers, scatters and host syncs (on
+    an H200 with bf16 it made the cvae / ndm transformer training step 1.25x
+    slower, benchmarks/README.md).
+    """
+    if mask.device.type != "cpu" or mask.numel() == 0:
+        return False
+    return mask.sum().item() <= (1 - UNPAD_MIN_PADDING) * mask.numel()
 
 
-UNPAD_MIN_PADDING = 0.1  # fraction of padding from which the transformer packs real tokens
+UNPAD_MIN_PADDING = 0.1  # fraction of padding from which the transformer packs real tokens (CPU)
 
 
 class MultiHeadAttention(nn.Module):
@@ -1048,13 +1057,17 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
         Plain sampling and greedy search (no beams, streamer, assistant or
         ``return_dict_in_generate`` outputs; eval mode) run the decoding loop
         of :mod:`ndm_seq.models.generation`: the standard loop's outputs with
-        less work per step. ``fast_generate=False`` runs ``GenerationMixin``'s
-        own loop instead.
+        less work per step. It is the default for a model on CPU (3-4x faster
+        there); on a GPU the standard loop was the faster one at the sizes
+        measured (benchmarks/README.md). ``fast_generate=True`` / ``False``
+        chooses explicitly.
         """
         k = kwargs.get("num_return_sequences") or 1
         sampling = kwargs.get("do_sample", self.generation_config.do_sample)
         beams = kwargs.get("num_beams") or self.generation_config.num_beams or 1
-        fast = kwargs.pop("fast_generate", True)
+        fast = kwargs.pop("fast_generate", None)
+        if fast is None:  # measured faster on CPU; on an H200 the standard loop was (README)
+            fast = self.device.type == "cpu"
         group = None
         if (
             self.config.is_latent
