@@ -16,13 +16,15 @@ figure is the median over repeats. Peak memory (``--memory``, off by default
 to stay within 5 minutes on 2 cores): a fresh child process per model, ``ru_maxrss`` growth over one ``generate`` call on CPU,
 ``torch.cuda.max_memory_allocated`` on CUDA.
 
-``--standard-loop`` adds a row per ndm-seq model decoded by ``GenerationMixin``'s
-own sampling loop (``generate(..., fast_generate=False)``, the code before the
-fast loop of ``ndm_seq.models.generation``), interleaved in the same run;
+The ndm-seq rows use ``generate``'s default loop for the device (the fast loop
+of ``ndm_seq.models.generation`` on CPU, ``GenerationMixin``'s own on GPUs).
+``--standard-loop`` adds a row per ndm-seq model forced onto ``GenerationMixin``'s
+own sampling loop (``fast_generate=False``, the code before the fast loop),
+``--fast-loop`` one forced onto the fast loop, interleaved in the same run;
 ``--profile`` prints a ``torch.profiler`` table of one call per model instead.
 
     python benchmarks/bench_generate.py [--repeats 2] [--device cpu|cuda] [--memory]
-                                        [--standard-loop] [--profile]
+                                        [--standard-loop] [--fast-loop] [--profile]
 """
 
 from __future__ import annotations
@@ -50,11 +52,15 @@ def contexts(device):
     return batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
 
-STANDARD = " std-loop"  # suffix: the same model through GenerationMixin's own sampling loop
+# Row suffixes: the same model forced onto GenerationMixin's own loop / the fast loop.
+LOOPS = {" std-loop": False, " fast-loop": True}
 
 
 def load(name, device):
-    model = build(name.removesuffix(STANDARD), dropout=0.0).to(device).eval()
+    base = name
+    for suffix in LOOPS:
+        base = base.removesuffix(suffix)
+    model = build(base, dropout=0.0).to(device).eval()
     cfg = model.config
     # A clean generation config, the same for every model (BART's defaults
     # would otherwise add forced tokens and n-gram blocking).
@@ -62,15 +68,15 @@ def load(name, device):
         pad_token_id=cfg.pad_token_id, bos_token_id=cfg.bos_token_id,
         eos_token_id=cfg.eos_token_id, decoder_start_token_id=cfg.decoder_start_token_id,
     )  # fmt: skip
-    model.standard_loop = name.endswith(STANDARD)
+    model.fast_generate = next((v for k, v in LOOPS.items() if name.endswith(k)), None)
     return model
 
 
 @torch.inference_mode()
 def sample(model, ids, mask, device, **overrides):
     kwargs = GEN_KWARGS | overrides
-    if getattr(model, "standard_loop", False):
-        kwargs["fast_generate"] = False
+    if getattr(model, "fast_generate", None) is not None:
+        kwargs["fast_generate"] = model.fast_generate
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     return out
@@ -130,12 +136,20 @@ def main():
         action="store_true",
         help="also time each ndm-seq model through GenerationMixin's own loop (fast_generate=False)",
     )
+    parser.add_argument(
+        "--fast-loop",
+        action="store_true",
+        help="also time each ndm-seq model through the fast loop (fast_generate=True)",
+    )
     parser.add_argument("--profile", action="store_true", help="torch.profiler table per model")
     parser.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
+    ours = [n for n in args.models if n != "bart"]
     if args.standard_loop:
-        args.models += [n + STANDARD for n in args.models if n != "bart"]
+        args.models += [n + " std-loop" for n in ours]
+    if args.fast_loop:
+        args.models += [n + " fast-loop" for n in ours]
     if args.profile:
         return profile(args.models, device)
     if args.child_memory:
