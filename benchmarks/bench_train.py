@@ -271,7 +271,7 @@ def profile(names, device, rows: int = 12) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per model")
+    parser.add_argument("--repeats", type=int, default=8, help="timed steps per model")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--models", nargs="+", default=list(MODELS), choices=MODELS + PADDED,
