@@ -21,7 +21,7 @@ response), decoder and output-layer matrices once per target token; attention
 score products and elementwise work are left out. They are set against the
 fp32 matrix-multiply rate measured in the same run.
 
-    python benchmarks/bench_train.py [--repeats 3] [--device cpu|cuda] [--models ...]
+    python benchmarks/bench_train.py [--repeats 8] [--device cpu|cuda] [--models ...]
     python benchmarks/bench_train.py --profile --models bart ndm-transformer
 """
 
