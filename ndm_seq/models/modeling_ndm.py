@@ -20,9 +20,9 @@ outputs for ``num_return_sequences`` / beams *after* encoding, so the latent is
 drawn at the first decoding step, one per returned sequence, and kept in the
 decoder state (:class:`DecoderState`, our "cache"). Plain sampling and greedy
 search run their decoding loop in :mod:`ndm_seq.models.generation` (passed to
-``GenerationMixin.generate`` as ``custom_generate``; same outputs, less work per
-step; the default on CPU); ``generate(..., fast_generate=False)`` keeps
-``GenerationMixin``'s own.
+``GenerationMixin.generate`` as ``custom_generate``; the same greedy outputs and
+sampling distribution, less work per step; the default on CPU);
+``generate(..., fast_generate=False)`` keeps ``GenerationMixin``'s own.
 """
 
 from __future__ import annotations
@@ -269,7 +269,8 @@ class Unpadded:
     The transformer runs its linear layers (projections, feed-forward, output
     layer) on the packed ``(T, H)`` tokens only and unpacks just for the
     attention products, so padding costs no matrix multiplies: with the usual
-    30-50% padding of dialogue batches that is most of a training step's work.
+    30-50% padding of dialogue batches, that share of the linear layers' work
+    (1.5x on a CPU training step, benchmarks/README.md).
     Values at real positions equal those of the padded computation.
     """
 
