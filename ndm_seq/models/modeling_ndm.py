@@ -715,13 +715,13 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
         enc: NDMEncoderOutput,
         state: DecoderState | None,
         lat: dict | None,
-        keep: torch.Tensor | None = None,
+        where: Unpadded | None = None,
     ):
         """Run the decoder over ``ids (B, T)`` from ``state``; returns ``(hidden (B, T, H), new_state)``.
 
-        ``keep (B, T)``: the positions whose outputs are needed, each row a
-        prefix (scoring with labels); the transformer then computes only those
-        (see :class:`Unpadded`) and leaves zeros elsewhere.
+        ``where``: the positions whose outputs are needed, each row a prefix
+        (scoring with labels, when packing pays); the transformer then computes
+        only those (see :class:`Unpadded`) and leaves zeros elsewhere.
         """
         c = self.config
         b, t = ids.shape
@@ -746,7 +746,7 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
         elif state is not None and state.kv is not None:  # the fast generation loop
             hidden, layers = self._decode_transformer_fast(x, enc, state, cond, past)
         else:
-            hidden, layers = self._decode_transformer(x, enc, state, cond, past, keep)
+            hidden, layers = self._decode_transformer(x, enc, state, cond, past, where)
         if self.uses_step_reads:
             slots = tensors["slots"]
             reads, _ = self.ndm.read_steps(slots, self.step_query(hidden))  # (B, T, d_z)
@@ -824,12 +824,12 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
             x = x + self.cond_proj(cond if cond.dim() == 3 else cond.unsqueeze(1))
         return x
 
-    def _decode_transformer(self, x, enc, state, cond, past, keep=None):
+    def _decode_transformer(self, x, enc, state, cond, past, where=None):
         x = self._decoder_input(x, cond, past)
         t = x.shape[1]
         cross_mask = enc.encoder_mask[:, None, None, :]
-        if keep is not None and past == 0 and t > 1 and _unpads(keep):
-            return self._decode_transformer_packed(x, enc, keep, cross_mask)
+        if where is not None and past == 0 and t > 1:
+            return self._decode_transformer_packed(x, enc, where, cross_mask)
         x = self.drop(x)
         self_mask, causal = _self_attention_mask(t, past, x.device)
         layers = []
@@ -847,13 +847,12 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
             layers.append((k, v, ck, cv))
         return self.ln_f(x), layers
 
-    def _decode_transformer_packed(self, x, enc, keep, cross_mask):
-        """The full-sequence pass on the ``keep`` positions only (no cache is returned).
+    def _decode_transformer_packed(self, x, enc, where: Unpadded, cross_mask):
+        """The full-sequence pass on the positions ``where`` holds only (no cache is returned).
 
-        ``keep`` rows are prefixes, so causal self-attention over the padded
-        layout sees exactly the positions it would see unpacked.
+        Its rows are prefixes, so causal self-attention over the padded layout
+        sees exactly the positions it would see unpacked.
         """
-        where = Unpadded(keep)
         source = Unpadded(enc.encoder_mask)
         memory = source.pack(enc.last_hidden_state)  # (S_real, H)
         x = self.drop(where.pack(x))  # (T_real, H)
@@ -972,14 +971,14 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
             if first and latent is not None:  # fixed noise, kept in the state
                 noise = {"vmed_noise": latent.to(enc.summary.dtype)}
                 cache = DecoderState(noise) if cache is None else cache.with_tensors(noise)
-        keep = None
+        where = None
         if labels is not None and first:
             # Outputs are needed up to each row's last label; padding after it is skipped.
             keep = (labels != -100).flip(-1).cumsum(-1).flip(-1) > 0
-        hidden, state = self._decode(decoder_input_ids, enc, cache, lat, keep)
-        if keep is not None and _unpads(keep):
+            where = Unpadded(keep) if _unpads(keep) else None
+        hidden, state = self._decode(decoder_input_ids, enc, cache, lat, where)
+        if where is not None:
             # Tied output layer on the scored positions only; logits elsewhere are 0.
-            where = Unpadded(keep)
             scored = F.linear(where.pack(hidden), self.shared.weight)  # (T_real, V)
             logits = where.unpack(scored) if return_logits else None
             scored = (scored, where.pack(labels))
