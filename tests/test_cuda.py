@@ -73,7 +73,7 @@ def test_least_squares_solve_stays_float32_under_bf16_autocast():
     torch.testing.assert_close(w.double(), ref, rtol=1e-4, atol=1e-5)
 
 
-def test_accelerator_defaults_are_padded_training_and_the_standard_loop():
+def test_accelerator_defaults_are_padded_training_and_the_standard_loop(monkeypatch):
     """On CUDA the packed path and the fast loop are off unless asked for (launch-bound)."""
     mask = torch.tensor([[1, 1, 0, 0]], dtype=torch.bool)
     assert modeling_ndm._unpads(mask) and not modeling_ndm._unpads(mask.to(CUDA))
@@ -82,17 +82,14 @@ def test_accelerator_defaults_are_padded_training_and_the_standard_loop():
     ids, mask = ids.to(CUDA), mask.to(CUDA)
     calls = []
     original = generation.decode
-    try:
-        generation.decode = lambda *a, **k: calls.append(1) or original(*a, **k)
-        model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=3)
-        assert not calls
-        fast = model.generate(
-            input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=3,
-            fast_generate=True, latent=torch.zeros(4, model.config.latent_dim, device=CUDA),
-        )  # fmt: skip
-        assert calls
-    finally:
-        generation.decode = original
+    monkeypatch.setattr(generation, "decode", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=3)
+    assert not calls
+    fast = model.generate(
+        input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=3,
+        fast_generate=True, latent=torch.zeros(4, model.config.latent_dim, device=CUDA),
+    )  # fmt: skip
+    assert calls
     standard = model.generate(
         input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=3,
         latent=torch.zeros(4, model.config.latent_dim, device=CUDA),
