@@ -320,13 +320,46 @@ class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _model_error(cmd: str, err: Exception) -> int:
-    print(f"ndm-seq {cmd}: error: {err}", file=sys.stderr)
-    return 1
+def _model_error(cmd: str, err: Exception | str, code: int = 1) -> int:
+    """Print ``ndm-seq CMD: error: ...`` as one line on stderr; return ``code``.
+
+    Messages from transformers or huggingface_hub (e.g. a strict config's) may span
+    several lines; they are joined so that the error stays one line.
+    """
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    print(f"ndm-seq {cmd}: error: {' '.join(lines)}", file=sys.stderr)
+    return code
+
+
+def _load_errors() -> tuple[type[Exception], ...]:
+    """What loading a model folder raises for bad files or arguments (reported, not traced).
+
+    ``StrictDataclassError`` (huggingface_hub) is a config.json with a wrong type or an
+    impossible value; it is not a ``ValueError``.
+    """
+    from huggingface_hub.errors import StrictDataclassError
+
+    return (OSError, KeyError, TypeError, ValueError, StrictDataclassError)
+
+
+def _load_message(err: Exception, model_dir: str) -> object:
+    """The message of a :func:`_load_errors` error, naming config.json when it is the culprit."""
+    if isinstance(err, KeyError):
+        return err.args[0]
+    if not isinstance(err, (OSError, TypeError, ValueError)):  # StrictDataclassError
+        return f"{Path(model_dir) / 'config.json'}: {err}"
+    return err
+
+
+def _interrupted(cmd: str) -> int:
+    """Ctrl-C: a short note instead of a traceback, and the shell's usual status 130."""
+    print(f"\nndm-seq {cmd}: interrupted", file=sys.stderr)
+    return 130
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from ndm_seq.evaluation import evaluate
+    from ndm_seq.folders import FolderError
 
     output = Path(args.output) if args.output else Path(args.model_dir) / f"eval-{args.split}"
     try:
@@ -351,8 +384,12 @@ def _evaluate(args: argparse.Namespace) -> int:
             name=args.name,
             progress=not args.no_progress,
         )
-    except (FileNotFoundError, KeyError, TypeError, ValueError) as err:
-        return _model_error("evaluate", err.args[0] if isinstance(err, KeyError) else err)
+    except FolderError as err:  # a usage error: the output folder is not evaluate's
+        return _model_error("evaluate", err, code=2)
+    except KeyboardInterrupt:
+        return _interrupted("evaluate")
+    except _load_errors() as err:
+        return _model_error("evaluate", _load_message(err, args.model_dir))
     print((output / "results.md").read_text(), end="")
     print(f"\nwrote {output / 'metrics.json'}, {output / 'samples.jsonl'}, {output / 'results.md'}")
     if args.json:
@@ -463,8 +500,14 @@ def _session(args: argparse.Namespace):
 
 
 def _read_contexts(path: str):
-    """Contexts from a JSON Lines file, lazily: a list of turns or ``{"context": [...]}`` a line."""
-    with open(path, encoding="utf-8") as f:
+    """Contexts from a JSON Lines file, lazily: a list of turns or ``{"context": [...]}`` a line.
+
+    Invalid UTF-8 is read as lone surrogates (``surrogateescape``) so that the error
+    names the file and line instead of the codec's byte offset.
+    """
+    from ndm_seq.evaluation import check_text
+
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -478,6 +521,8 @@ def _read_contexts(path: str):
                     f"{path}:{number}: expected a non-empty list of turns (strings) or an object "
                     f"with one under 'context'; got {line.strip()[:80]!r}"
                 )
+            for k, turn in enumerate(turns, 1):
+                check_text(turn, f"{path}:{number}: turn {k}")
             yield turns
 
 
@@ -501,6 +546,21 @@ def _sample_file(args: argparse.Namespace, session) -> None:
 
 def _sample(args: argparse.Namespace) -> int:
     try:
+        return _sample_run(args)
+    except KeyboardInterrupt:
+        return _interrupted("sample")
+
+
+def _sample_run(args: argparse.Namespace) -> int:
+    from ndm_seq.evaluation import check_text
+
+    for k, turn in enumerate(args.context or [], 1):
+        try:
+            # Bytes of the command line that are not UTF-8 arrive as lone surrogates.
+            check_text(turn, f"--context {k} ({turn!r})")
+        except ValueError as err:
+            return _model_error("sample", err, code=2)
+    try:
         session = _session(args)
         if args.contexts:
             _sample_file(args, session)
@@ -511,8 +571,8 @@ def _sample(args: argparse.Namespace) -> int:
         # The last turn is the one answered; the earlier ones are the history.
         session.history.extend(turns[:-1])
         responses = session.respond(turns[-1])
-    except (FileNotFoundError, TypeError, ValueError) as err:
-        return _model_error("sample", err)
+    except _load_errors() as err:
+        return _model_error("sample", _load_message(err, args.model_dir))
     from ndm_seq.evaluation import one_line
 
     for r in responses:
@@ -585,16 +645,28 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
 
 
 def _chat(args: argparse.Namespace) -> int:
+    try:
+        return _chat_run(args)
+    except KeyboardInterrupt:
+        return _interrupted("chat")
+
+
+def _chat_run(args: argparse.Namespace) -> int:
     from ndm_seq.evaluation import CHAT_HELP, chat_loop
 
     try:
         session = _session(args)
-    except (FileNotFoundError, TypeError, ValueError) as err:
-        return _model_error("chat", err)
-    if sys.stdin.isatty():
+    except _load_errors() as err:
+        return _model_error("chat", _load_message(err, args.model_dir))
+    stdin = sys.stdin
+    if hasattr(stdin, "reconfigure"):
+        # A line that is not UTF-8 then reads as lone surrogates: chat_loop refuses that
+        # turn and goes on, where a strict decoder would end the session.
+        stdin.reconfigure(errors="surrogateescape")
+    if stdin.isatty():
         cfg = session.model.config
         print(f"chatting with {args.model_dir} ({cfg.variant}, {cfg.backbone})\n{CHAT_HELP}")
-    return chat_loop(session, sys.stdin, sys.stdout)
+    return chat_loop(session, stdin, sys.stdout, stderr=sys.stderr)
 
 
 def add_chat(sub: argparse._SubParsersAction) -> None:

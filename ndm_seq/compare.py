@@ -6,6 +6,12 @@ its finished model), evaluates it on the test split of its prepared data with
 the config's ``evaluation`` section, and writes ``comparison.md`` (a Markdown
 table, one row per config) and ``comparison.png`` (BLEU / distinct / KL bars)
 into the output folder.
+
+The output folder is claimed for ``ndm-seq compare`` (:func:`ndm_seq.folders.claim`)
+before anything is trained: a new or empty folder, or one an earlier comparison
+wrote; a user's folder is refused, its files untouched. The run folders may live
+inside it (``make demo``: ``--output runs/demo --set output_dir=runs/demo/{name}``),
+so a second run on the same folder reuses the finished models.
 """
 
 from __future__ import annotations
@@ -14,7 +20,11 @@ import json
 import os
 from pathlib import Path
 
+from ndm_seq import folders
 from ndm_seq.training import RunConfig, load_run_config, train
+
+COMPARISON_FILES = ("README.txt", "comparison.md", "comparison.json", "comparison.png")
+"""What :func:`compare` writes into its output folder (besides the run folders inside it)."""
 
 __all__ = ["compare", "run_name"]
 
@@ -39,7 +49,9 @@ def compare(
 
     Args:
         configs: YAML run configs (e.g. ``recipes/chitchat/*.yaml``).
-        output: folder for ``comparison.md``, ``comparison.png``, ``comparison.json``.
+        output: folder for ``comparison.md``, ``comparison.png``, ``comparison.json``
+            and ``README.txt``: new, empty, or one compare wrote before (see the module
+            docstring); it may hold the run folders, not lie inside one.
         overrides: ``key=value`` overrides applied to every config.
         retrain: train again from scratch even when ``<output_dir>/model`` already
             holds a model (without it, an unfinished run resumes from its checkpoint).
@@ -48,9 +60,11 @@ def compare(
     Returns:
         The Markdown table followed by where the table, chart, samples, training
         curves and models are (also written to ``README.txt`` in ``output``).
-    """
-    from ndm_seq.evaluation import comparison_chart, comparison_table, evaluate
 
+    Raises:
+        ndm_seq.folders.FolderError: ``output`` is a user's folder, another command's
+            output or inside a run folder (a ``ValueError``, raised before any training).
+    """
     if not configs:
         raise ValueError("compare needs at least one config")
     runs = []
@@ -65,6 +79,50 @@ def compare(
     outputs = [Path(run.output_dir) for _, run in runs]
     if len(set(outputs)) != len(outputs):
         raise ValueError(f"two configs write to the same output_dir: {[str(o) for o in outputs]}")
+    out = Path(output)
+    _check_not_inside_a_run(out, outputs)
+    folders.claim(out, "compare", adopt=lambda path: _earlier_comparison(path, outputs))
+    with folders.exclusive(out, "compare"):
+        return _train_evaluate_write(runs, names, out, retrain, progress)
+
+
+def _check_not_inside_a_run(out: Path, run_dirs: list[Path]) -> None:
+    """Refuse an output folder that is, or lies inside, a run's ``output_dir``.
+
+    The run folders may lie inside the comparison's folder, not the other way round:
+    ``train`` owns its run folder and would refuse (or be refused by) the comparison.
+    """
+    where = out.resolve()
+    for run_dir in run_dirs:
+        run = run_dir.resolve()
+        if where == run or run in where.parents:
+            raise folders.FolderError(
+                f"--output {out} is, or lies inside, the run folder {run_dir} (a config's "
+                "output_dir) that train writes; choose a folder outside the run folders"
+            )
+
+
+def _earlier_comparison(path: Path, run_dirs: list[Path]) -> bool:
+    """Recognise, by content, a folder :func:`compare` wrote before markers existed.
+
+    Its ``README.txt`` is the report compare writes (a line ``table: PATH/comparison.md``
+    naming this folder), and it holds nothing but :data:`COMPARISON_FILES` and the
+    run folders of these configs.
+    """
+    runs_inside = {r.name for r in run_dirs if r.resolve().parent == path.resolve()}
+    names = {p.name for p in path.iterdir()} - {folders.LOCK, folders.HOLDER}
+    if not names <= set(COMPARISON_FILES) | runs_inside or "README.txt" not in names:
+        return False
+    try:
+        text = (path / "README.txt").read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        return False
+    return f"table: {path / 'comparison.md'}   chart: {path / 'comparison.png'}" in text
+
+
+def _train_evaluate_write(runs, names, out: Path, retrain: bool, progress: bool) -> str:
+    """Train (or reuse) and evaluate every run, then write the comparison into ``out``."""
+    from ndm_seq.evaluation import comparison_chart, comparison_table, evaluate
 
     results: dict[str, dict] = {}
     for (path, run), name in zip(runs, names, strict=True):
@@ -90,8 +148,6 @@ def compare(
             progress=progress,
         )
 
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
     table = comparison_table(results)
     (out / "comparison.md").write_text(table, encoding="utf-8")
     (out / "comparison.json").write_text(

@@ -60,6 +60,7 @@ import itertools
 import json
 import math
 import random
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ndm_seq import folders
 from ndm_seq.metrics import (
     TEXT_METRIC_KEYS,
     active_units,
@@ -88,6 +90,7 @@ __all__ = [
     "ChatSession",
     "GeneratedResponses",
     "chat_loop",
+    "check_text",
     "comparison_chart",
     "comparison_table",
     "evaluate",
@@ -248,6 +251,27 @@ def _length_limits(model, max_context_tokens, max_tokens, name: str) -> tuple[in
     return ctx, max_tokens
 
 
+def check_text(text: str, what: str) -> None:
+    """Refuse ``text`` holding a lone surrogate (U+D800..U+DFFF), naming ``what`` and where.
+
+    Such code points are not text: they are what Python makes of undecodable bytes
+    (``surrogateescape``: ``sys.argv``, a stream read with that handler), or a JSON
+    ``\\udXXX`` escape. The tokenizer cannot encode them (sentencepiece raises an
+    obscure ``RuntimeError``), so they are refused before it with a clear message.
+
+    Raises:
+        ValueError: ``"<what> is not valid UTF-8 text (byte 0xff at character 4)"``.
+    """
+    for i, ch in enumerate(text):
+        code = ord(ch)
+        if 0xD800 <= code <= 0xDFFF:
+            found = f"byte {code - 0xDC00:#04x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+            raise ValueError(
+                f"{what} is not valid UTF-8 text ({found} at character {i + 1}, a lone "
+                "surrogate or an undecodable byte)"
+            )
+
+
 def _check_contexts(contexts: Sequence[Sequence[str]]) -> None:
     if isinstance(contexts, str) or not isinstance(contexts, Sequence):
         raise TypeError(f"contexts must be a list of contexts, got {type(contexts).__name__}")
@@ -257,6 +281,9 @@ def _check_contexts(contexts: Sequence[Sequence[str]]) -> None:
                 f"contexts[{i}] must be a list of turns (strings), got {type(c).__name__}"
                 " (wrap a single turn as [turn])"
             )
+        for j, turn in enumerate(c):
+            if isinstance(turn, str):
+                check_text(turn, f"contexts[{i}][{j}]")
 
 
 def _batches(n: int, batch_size: int) -> Iterable[tuple[int, int]]:
@@ -778,7 +805,9 @@ def evaluate(
         samples: S, samples per context (>= 1; 10 as in DESIGN §5).
         max_contexts: evaluate a subset of this many contexts, drawn with
             ``seed`` and kept in split order (None: all).
-        output_dir: where to write (created).
+        output_dir: where to write: a new or empty folder (created and marked as
+            ``ndm-seq evaluate``'s, :mod:`ndm_seq.folders`) or one evaluate wrote before;
+            any other folder is refused before anything is generated.
         word_vectors: a GloVe-format file for the embedding metrics.
         seed: seed for the subset and for sampling.
         batch_size: contexts per forward / generate call.
@@ -801,6 +830,9 @@ def evaluate(
         FileNotFoundError: missing model files or data directory.
         KeyError: the dataset has no such split.
         ValueError: bad arguments, an empty split.
+        ndm_seq.folders.FolderError: ``output_dir`` is a file, a user's folder or another
+            command's output (a ``ValueError``); ``FolderBusy`` while another launch
+            writes it.
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
@@ -810,55 +842,81 @@ def evaluate(
         raise FileNotFoundError(f"word-vector file {str(word_vectors)!r} does not exist")
     ds = _load_split(data_dir, split)  # before the model: a wrong split fails fast
     model, tokenizer = load_model(model_dir, device)
-    indices = list(range(len(ds)))
-    if max_contexts is not None and max_contexts < len(ds):
-        indices = sorted(random.Random(seed).sample(indices, max_contexts))
-    rows = ds.select_columns(["context", "response"]).select(indices)
-    contexts = [list(c) for c in rows["context"]]
-    references = list(rows["response"])
-    metrics, generated = evaluate_pairs(
-        model, tokenizer, contexts, references, num_samples=samples, batch_size=batch_size,
-        max_context_tokens=max_context_tokens, max_response_tokens=max_response_tokens,
-        max_new_tokens=max_new_tokens, decoding=decoding, temperature=temperature,
-        top_p=top_p, top_k=top_k, seed=seed, progress=progress,
-    )  # fmt: skip
-    if word_vectors is not None:
-        # Loaded after generation, keeping only the words that occur (GloVe files are large).
-        vocab = {t for text in [*references, *generated.first] for t in tokenize(text)}
-        wv = load_word_vectors(word_vectors, vocabulary=vocab)
-        metrics.update(embedding_similarity([[f] for f in generated.first], references, wv))
-    metrics = {k: _finite_or_none(v) for k, v in metrics.items()}
-
     out = Path(output_dir) if output_dir is not None else Path(model_dir) / f"eval-{split}"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
-    with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
-        for i, (context, reference) in enumerate(zip(contexts, references, strict=True)):
-            row: dict[str, Any] = {"context": context, "reference": reference}
-            if generated.greedy is not None:
-                row["greedy"] = generated.greedy[i]
-            row["samples"] = generated.samples[i]
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    cfg = model.config
-    label = name or f"{cfg.variant}-{cfg.backbone}"
-    first = "greedy" if generated.greedy is not None else "the first latent draw"
-    how = (
-        f"{samples} per context, each from its own prior draw, decoded "
-        + ("greedily" if decoding == "greedy" else _describe_sampling(temperature, top_p, top_k))
-        if cfg.is_latent
-        else f"greedy + {samples} per context, {_describe_sampling(temperature, top_p, top_k)}"
-    )
-    header = (
-        f"# Evaluation of `{label}`\n\n"
-        f"- model: `{model_dir}` ({cfg.variant}, {cfg.backbone})\n"
-        f"- data: `{data_dir}`, split `{split}`, {len(contexts)} of {len(ds)} contexts"
-        f"{'' if len(contexts) == len(ds) else f' (a subset drawn with seed {seed})'}\n"
-        f"- samples: {how}; BLEU-1..4 and corpus BLEU score {first}\n"
-        f"- seed {seed}; definitions: `ndm_seq.metrics`, `ndm_seq.evaluation`\n\n"
-    )
-    table = comparison_table({label: metrics}, columns=list(metrics))
-    (out / "results.md").write_text(header + table)
-    return metrics
+    # Refused before the (long) generation if the folder is a user's or another command's.
+    folders.claim(out, "evaluate", adopt=_earlier_evaluation)
+    with folders.exclusive(out, "evaluate"):
+        indices = list(range(len(ds)))
+        if max_contexts is not None and max_contexts < len(ds):
+            indices = sorted(random.Random(seed).sample(indices, max_contexts))
+        rows = ds.select_columns(["context", "response"]).select(indices)
+        contexts = [list(c) for c in rows["context"]]
+        references = list(rows["response"])
+        metrics, generated = evaluate_pairs(
+            model, tokenizer, contexts, references, num_samples=samples, batch_size=batch_size,
+            max_context_tokens=max_context_tokens, max_response_tokens=max_response_tokens,
+            max_new_tokens=max_new_tokens, decoding=decoding, temperature=temperature,
+            top_p=top_p, top_k=top_k, seed=seed, progress=progress,
+        )  # fmt: skip
+        if word_vectors is not None:
+            # Loaded after generation, keeping only the words that occur (GloVe files are large).
+            vocab = {t for text in [*references, *generated.first] for t in tokenize(text)}
+            wv = load_word_vectors(word_vectors, vocabulary=vocab)
+            metrics.update(embedding_similarity([[f] for f in generated.first], references, wv))
+        metrics = {k: _finite_or_none(v) for k, v in metrics.items()}
+
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+        with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
+            for i, (context, reference) in enumerate(zip(contexts, references, strict=True)):
+                row: dict[str, Any] = {"context": context, "reference": reference}
+                if generated.greedy is not None:
+                    row["greedy"] = generated.greedy[i]
+                row["samples"] = generated.samples[i]
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        cfg = model.config
+        label = name or f"{cfg.variant}-{cfg.backbone}"
+        first = "greedy" if generated.greedy is not None else "the first latent draw"
+        how = (
+            f"{samples} per context, each from its own prior draw, decoded "
+            + (
+                "greedily"
+                if decoding == "greedy"
+                else _describe_sampling(temperature, top_p, top_k)
+            )
+            if cfg.is_latent
+            else f"greedy + {samples} per context, {_describe_sampling(temperature, top_p, top_k)}"
+        )
+        header = (
+            f"# Evaluation of `{label}`\n\n"
+            f"- model: `{model_dir}` ({cfg.variant}, {cfg.backbone})\n"
+            f"- data: `{data_dir}`, split `{split}`, {len(contexts)} of {len(ds)} contexts"
+            f"{'' if len(contexts) == len(ds) else f' (a subset drawn with seed {seed})'}\n"
+            f"- samples: {how}; BLEU-1..4 and corpus BLEU score {first}\n"
+            f"- seed {seed}; definitions: `ndm_seq.metrics`, `ndm_seq.evaluation`\n\n"
+        )
+        table = comparison_table({label: metrics}, columns=list(metrics))
+        (out / "results.md").write_text(header + table)
+        return metrics
+
+
+EVALUATION_FILES = ("metrics.json", "samples.jsonl", "results.md")
+"""What :func:`evaluate` writes into its output folder (besides the folder's marker)."""
+
+
+def _earlier_evaluation(path: Path) -> bool:
+    """Recognise, by content, a folder :func:`evaluate` wrote before markers existed.
+
+    It holds nothing but :data:`EVALUATION_FILES`, and its ``results.md`` starts with
+    the header :func:`evaluate` writes.
+    """
+    names = {p.name for p in path.iterdir()} - {folders.LOCK, folders.HOLDER}
+    if not names <= set(EVALUATION_FILES) or "results.md" not in names:
+        return False
+    try:
+        with open(path / "results.md", encoding="utf-8") as f:
+            return f.read(64).startswith("# Evaluation of `")
+    except (OSError, ValueError):
+        return False
 
 
 def _describe_sampling(temperature: float, top_p: float, top_k: int) -> str:
@@ -1075,6 +1133,7 @@ class ChatSession:
         text = text.strip()
         if not text:
             raise ValueError("empty turn: type something to say")
+        check_text(text, "the turn")  # before the history: a refused turn leaves no trace
         self.history.append(text)
         context = self.history[-self.max_history :]
         model, cfg, k = self.model, self.model.config, self.num_samples
@@ -1195,27 +1254,46 @@ the first (marked *) joins the history.
   /quit     leave (also /exit or end of input)"""
 
 
-def chat_loop(session: ChatSession, stdin, stdout, prompt: str = "you> ") -> int:
+def chat_loop(session: ChatSession, stdin, stdout, prompt: str = "you> ", stderr=None) -> int:
     """Run a chat on text streams until ``/quit`` or end of input.
+
+    A turn that cannot be answered (text that is not valid UTF-8, which a stream read
+    with ``errors="surrogateescape"`` gives as lone surrogates; any other ``ValueError``
+    of :meth:`ChatSession.command`) is reported on ``stderr`` as
+    ``ndm-seq chat: line N: ...; turn skipped`` and the session goes on, its history
+    unchanged.
 
     Args:
         session: the :class:`ChatSession`.
         stdin: where turns come from (one per line).
         stdout: where prompts and responses go.
         prompt: printed before each turn when ``stdin`` is a terminal.
+        stderr: where skipped turns are reported (default ``sys.stderr``).
 
     Returns:
         0.
     """
+    stderr = sys.stderr if stderr is None else stderr
     interactive = hasattr(stdin, "isatty") and stdin.isatty()
+    number = 0
     while True:
         if interactive:
             stdout.write(prompt)
             stdout.flush()
         line = stdin.readline()
         if not line:
+            if interactive:
+                stdout.write("\n")  # end of input (Ctrl-D) leaves the prompt's line
             break
-        text, keep_going = session.command(line)
+        number += 1
+        try:
+            check_text(line, "the input")
+            text, keep_going = session.command(line)
+        except ValueError as err:
+            stdout.flush()
+            stderr.write(f"ndm-seq chat: line {number}: {err}; turn skipped\n")
+            stderr.flush()
+            continue
         if text:
             stdout.write(text + "\n")
             stdout.flush()

@@ -27,9 +27,12 @@ sampling distribution, less work per step; the default on CPU);
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
+import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -1177,23 +1180,110 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
 
         A local directory without ``model.safetensors`` (e.g. only a pickled
         ``pytorch_model.bin``) or with a corrupted one is refused with a clear
-        error before any weight file could reach a pickle loader.
+        error before any weight file could reach a pickle loader. Its weights must
+        also fit the model its ``config.json`` describes (:func:`check_weights`):
+        transformers would re-initialise a missing tensor at random and ignore an
+        unexpected one, giving a model that loads and then samples noise.
         """
         kwargs["use_safetensors"] = True
         path = Path(str(pretrained_model_name_or_path))
         if path.is_dir():
-            weights = path / "model.safetensors"
-            if not weights.is_file() and not (path / "model.safetensors.index.json").is_file():
-                found = sorted(p.name for p in path.iterdir())
-                raise FileNotFoundError(
-                    f"{path} has no model.safetensors; ndm-seq loads safetensors weights only and "
-                    f"never unpickles (found: {found})"
-                )
-            if weights.is_file():
-                try:
-                    with safe_open(str(weights), framework="pt") as f:
-                        for key in f.keys():
-                            f.get_slice(key)
-                except Exception as err:  # safetensors raises its own error types
-                    raise ValueError(f"{weights} is not a valid safetensors file: {err}") from err
+            files = _weight_files(path)
+            config = kwargs.get("config")
+            if not isinstance(config, NDMConfig):
+                # The config transformers will build: the folder's (or the one named),
+                # with the keyword arguments that are config fields applied.
+                fields = {f.name for f in dataclasses.fields(NDMConfig)}
+                overrides = {k: v for k, v in kwargs.items() if k in fields}
+                source = config if isinstance(config, (str, os.PathLike)) else path
+                config = NDMConfig.from_pretrained(source, **overrides)
+            check_weights(files, config)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- weight checks
+
+_SHOWN = 3
+"""Offending tensors named per kind in :func:`check_weights`'s error."""
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a local model folder (one file, or the shards of an index)."""
+    weights = path / "model.safetensors"
+    index = path / "model.safetensors.index.json"
+    if weights.is_file():
+        return [weights]
+    if index.is_file():
+        try:
+            shards = sorted(
+                set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{index} is not a valid safetensors index: {err!r}") from err
+        return [path / name for name in shards]
+    found = sorted(p.name for p in path.iterdir())
+    raise FileNotFoundError(
+        f"{path} has no model.safetensors; ndm-seq loads safetensors weights only and "
+        f"never unpickles (found: {found})"
+    )
+
+
+def _some(names: list[str]) -> str:
+    more = len(names) - _SHOWN
+    return ", ".join(names[:_SHOWN]) + (f" (+{more} more)" if more > 0 else "")
+
+
+def check_weights(files: list[Path], config: NDMConfig) -> None:
+    """Refuse weight files that do not fit the model ``config`` describes, or hold NaN/inf.
+
+    Names and shapes come from each file's header (``safe_open``); the expected ones
+    from the model built on the ``meta`` device (no memory, no initialisation). A
+    tied weight (``all_tied_weights_keys``) may be absent: transformers ties it. Each
+    floating-point tensor is then read once to check that it is finite.
+
+    Raises:
+        ValueError: one line naming the file and, by kind, the first offending tensors
+            (missing, unexpected, shape expected vs found, non-finite); also a file that
+            is not valid safetensors.
+    """
+    with torch.device("meta"):
+        model = NDMForConversation(config)
+    expected = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    found: dict[str, tuple[int, ...]] = {}
+    nonfinite: list[str] = []
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    found[key] = tuple(f.get_slice(key).get_shape())
+                    if key in expected and found[key] == expected[key]:
+                        tensor = f.get_tensor(key)
+                        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                            nonfinite.append(key)
+        except Exception as err:  # safetensors raises its own error types
+            raise ValueError(f"{file} is not a valid safetensors file: {err}") from err
+    missing = [k for k in expected if k not in found and k not in tied]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [
+        f"{k} expected {list(expected[k])} found {list(found[k])}"
+        for k in expected
+        if k in found and found[k] != expected[k]
+    ]
+    problems = [
+        f"{kind} {_some(names)}"
+        for kind, names in (
+            ("missing tensors:", missing),
+            ("unexpected tensors:", unexpected),
+            ("wrong shapes:", shapes),
+            ("NaN or inf values in:", nonfinite),
+        )
+        if names
+    ]
+    if problems:
+        where = files[0] if len(files) == 1 else f"{files[0].parent} (model.safetensors.index.json)"
+        raise ValueError(
+            f"{where}: refusing to load these weights into the model its config describes "
+            f"({config.variant}, {config.backbone}, d_model {config.d_model}): "
+            + "; ".join(problems)
+        )
