@@ -1,6 +1,8 @@
 # ndm-seq: the commands a newcomer needs. Every target creates its own environment.
 #
 #   make test      lint (ruff) + format check + the default test suite (< 10 min on 2 cores)
+#   make test-latest  the same in .venv-latest, installed with the newest releases
+#                  pyproject.toml allows instead of the tested ones of constraints.txt
 #   make test-all  the same plus the slow end-to-end tests (pytest marker `slow`)
 #   make demo      the main job on the embedded default corpus (see README)
 #   make bench     the benchmarks under benchmarks/
@@ -18,16 +20,22 @@ STAMP  := $(VENV)/.installed
 # newest torch. Override with e.g. `make test TORCH_SPEC='torch==2.5.1'`.
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS     ?= dev,chitchat
+# Installs are reproducible: every other package comes at the version tested, from
+# constraints.txt (its torch line equals TORCH_SPEC). `CONSTRAINTS=` (empty) lifts the
+# pins: the newest releases pyproject.toml allows, as `make test-latest` does in its
+# own environment. A platform without the tested releases (e.g. Python 3.10) needs it.
+CONSTRAINTS ?= constraints.txt
+PIP_CONSTRAINTS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install test test-all lint format demo bench clean
+.PHONY: install test test-latest test-all lint format demo bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)" \
 	  || $(VPY) -m pip install --quiet --disable-pip-version-check torch
-	$(VPY) -m pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]"
+	$(VPY) -m pip install --quiet --disable-pip-version-check $(PIP_CONSTRAINTS) -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -40,6 +48,9 @@ format: $(STAMP)
 
 test: lint
 	$(VPY) -m pytest -m "not slow" -q
+
+test-latest:
+	$(MAKE) test VENV=.venv-latest CONSTRAINTS=
 
 test-all: lint
 	$(VPY) -m pytest -q
@@ -60,4 +71,4 @@ bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(VPY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .venv-latest .pytest_cache .ruff_cache build *.egg-info
