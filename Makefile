@@ -49,7 +49,10 @@ format: $(STAMP)
 test: lint
 	$(VPY) -m pytest -m "not slow" -q
 
+# A fresh environment each time (newest as of today); torch stays TORCH_SPEC unless
+# given, e.g. `make test-latest TORCH_SPEC=torch`.
 test-latest:
+	rm -rf .venv-latest
 	$(MAKE) test VENV=.venv-latest CONSTRAINTS=
 
 test-all: lint
