@@ -252,9 +252,12 @@ def test_chat_loop_skips_an_invalid_turn_and_goes_on(model_dir):
 
 
 def test_chat_with_an_invalid_utf8_line_on_stdin_goes_on(model_dir):
+    # Python reads stdin with errors="strict" under a UTF-8 locale such as en_US.UTF-8
+    # (under C or C.UTF-8 it picks surrogateescape itself): force the strict case.
+    env = dict(ENV, PYTHONIOENCODING="utf-8:strict")
     result = subprocess.run(
         [*CLI, "chat", str(model_dir), "-n", "1", "--max-new-tokens", "3", "--seed", "0"],
-        input=b"hello\ncaf\xff\n/history\n", capture_output=True, env=ENV, timeout=300,
+        input=b"hello\ncaf\xff\n/history\n", capture_output=True, env=env, timeout=300,
     )  # fmt: skip
     err = result.stderr.decode("utf-8", "replace")
     out = result.stdout.decode("utf-8", "replace")
@@ -315,4 +318,17 @@ def test_constraints_pin_every_runtime_dependency():
     makefile = (ROOT / "Makefile").read_text()
     torch_spec = re.search(r"^TORCH_SPEC \?= torch==(\S+)$", makefile, re.M).group(1)
     assert pins["torch"].split("+")[0] == torch_spec.split("+")[0]
-    assert re.search(r"^CONSTRAINTS \?= constraints\.txt$", makefile, re.M)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_install_passes_the_constraints_to_pip(tmp_path):
+    def pip_lines(*extra):
+        dry = subprocess.run(
+            ["make", "-n", "install", f"VENV={tmp_path / 'venv'}", *extra],
+            cwd=ROOT, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return [line for line in dry.stdout.splitlines() if "pip install" in line]
+
+    package = [line for line in pip_lines() if '-e ".[' in line]
+    assert len(package) == 1 and " -c constraints.txt " in package[0], package
+    assert not any(" -c " in line for line in pip_lines("CONSTRAINTS=")), "CONSTRAINTS= lifts pins"
