@@ -129,19 +129,18 @@ def _config(tmp_path: Path, data_dir: Path) -> Path:
     return write_config(tmp_path, raw)  # tmp_path/run.yaml: its row name is "run"
 
 
-def test_compare_refuses_a_user_folder_before_training(data_dir, tmp_path, capsys):
+def test_compare_refuses_a_user_folder_before_any_work(model_dirs, data_dir, tmp_path, capsys):
     mine = tmp_path / "mine"
     before = _user_folder(mine)
     config = _config(tmp_path, data_dir)
-    runs = tmp_path / "runs"
-    code = main(
-        ["compare", str(config), "--output", str(mine), "--set", f"output_dir={runs}/{{name}}"]
-    )
+    run = tmp_path / "runs" / "run"
+    shutil.copytree(model_dirs["ndm"], run / "model")  # finished: compare would evaluate it
+    code = main(["compare", str(config), "--output", str(mine), "--set", f"output_dir={run}"])
     line = _one_error_line(capsys.readouterr().err, "compare")
     assert code == 2
     assert f"{mine} is not empty and was not written by `ndm-seq compare`" in line
     assert _snapshot(mine) == before
-    assert not runs.exists()  # refused before anything was trained
+    assert not (run / "eval-test").exists()  # refused before anything was evaluated
 
 
 def test_compare_refuses_an_output_inside_a_run_folder(data_dir, tmp_path, capsys):
