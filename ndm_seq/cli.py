@@ -449,7 +449,12 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="evaluate N contexts drawn with --seed (default: the whole split)",
     )
-    p.add_argument("--output", metavar="DIR", help="output folder (default: MODEL_DIR/eval-SPLIT)")
+    p.add_argument(
+        "--output",
+        metavar="DIR",
+        help="output folder: new, empty or written by an earlier evaluate; any other is "
+        "refused, untouched (default: MODEL_DIR/eval-SPLIT)",
+    )
     p.add_argument(
         "--word-vectors",
         metavar="FILE",
@@ -723,7 +728,13 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
         metavar="CONFIG",
         help="YAML run configs, e.g. recipes/chitchat/*_gru.yaml",
     )
-    p.add_argument("--output", required=True, help="folder for the comparison table and chart")
+    p.add_argument(
+        "--output",
+        required=True,
+        help="folder for the comparison table and chart: new, empty or written by an earlier "
+        "compare (it may hold the configs' run folders, not lie inside one); any other is "
+        "refused before training, untouched",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
