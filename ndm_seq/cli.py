@@ -705,6 +705,8 @@ def _compare(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"ndm-seq compare: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return _interrupted("compare")
     print()
     print(report, end="")
     return 0
