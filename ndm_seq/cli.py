@@ -60,6 +60,7 @@ def _prepare(args: argparse.Namespace) -> int:
     from ndm_seq.data.download import fetch
     from ndm_seq.data.pairs import PairOptions
     from ndm_seq.data.prepare import PrepareConfig, prepare
+    from ndm_seq.folders import FolderError
 
     options = PairOptions.vmed() if args.vmed else PairOptions()
     overrides = {
@@ -134,6 +135,10 @@ def _prepare(args: argparse.Namespace) -> int:
             options=options,
         )
         report = prepare(cfg, tokenizer=tokenizer)
+    except FolderError as e:
+        # The output folder is not prepare's, or is in use: a usage error, nothing written.
+        print(f"ndm-seq prepare: error: {e}", file=sys.stderr)
+        return 2
     except CorpusError as e:
         print(f"ndm-seq prepare: error: {e}", file=sys.stderr)
         return 1
