@@ -16,15 +16,28 @@ from pathlib import Path
 from ndm_seq.data.log import CorpusError
 
 
+def _counted(n: int, unit: str) -> str:
+    """`1 line`, `114 line ids`, `2 lines or utterances`: a count with what it counts."""
+    if n != 1:
+        unit = " or ".join(u if u.endswith("s") else f"{u}s" for u in unit.split(" or "))
+    return f"{n:,} {unit}"
+
+
 def _print_report(report: dict, output: Path) -> None:
-    """Human summary of a prepare report (the full one is in report.json)."""
+    """Human summary of a prepare report (the full one is in report.json).
+
+    Every count names its unit: skip reasons count different things (Cornell's
+    `missing_line` counts line ids, several per conversation line), so they are
+    never added up as "malformed lines".
+    """
     p = report["pairs"]
     cached = " (reused: inputs and options unchanged)" if report.get("cached") else ""
+    read_unit = report.get("lines_read_unit", "lines")
     print(f"prepared {report['corpus']} -> {output}{cached}")
     print(
         f"  pairs: train {p['train']:,}  validation {p['validation']:,}  test {p['test']:,}"
-        f"  from {report['lines_read']:,} lines in {report['seconds']:.1f}s"
-        f" ({report['lines_per_second']:,.0f} lines/s)"
+        f"  from {report['lines_read']:,} {read_unit} read in {report['seconds']:.1f}s"
+        f" ({report['lines_per_second']:,.0f} {read_unit}/s)"
     )
     for split, st in report["lengths"].items():
         print(
@@ -37,12 +50,15 @@ def _print_report(report: dict, output: Path) -> None:
     print(f"  coverage of the top {v['vocab_size']:,} train words: {cov}")
     sk = report["skipped"]
     if sk["total"]:
-        reasons = ", ".join(f"{k} {n:,}" for k, n in sk["by_reason"].items())
-        print(f"  skipped {sk['total']:,} malformed lines: {reasons}")
+        units = sk.get("units", {})
+        reasons = ", ".join(
+            f"{k} {_counted(n, units.get(k, 'line'))}" for k, n in sk["by_reason"].items()
+        )
+        print(f"  skipped as malformed: {reasons}")
         for ex in sk["examples"][:5]:
             print(f"    {ex['where']}: {ex['reason']} {ex['detail']}".rstrip())
     else:
-        print("  skipped 0 lines")
+        print("  skipped nothing as malformed")
     if report["filtered"]:
         print(
             "  filtered by options: "

@@ -48,6 +48,7 @@ from ndm_seq.data.log import CorpusError, ReadLog
 from ndm_seq.data.pairs import SPLITS, Example, PairBuilder, PairOptions, split_of
 from ndm_seq.data.readers import (
     chitchat_default_path,
+    has_surrogate,
     read_chitchat,
     read_cornell,
     read_jsonl,
@@ -149,6 +150,22 @@ def read_examples(cfg: PrepareConfig, log: ReadLog) -> Iterator[Example]:
     """
     if cfg.corpus not in CORPORA:
         raise ValueError(f"corpus must be one of {CORPORA}, got {cfg.corpus!r}")
+    for ex in _read_examples(cfg, log):
+        # Readers skip bad text themselves; this catches what they cannot see (a
+        # file name with undecodable bytes in `source`/`group`), which Arrow
+        # would refuse with a UnicodeEncodeError that loses every pair.
+        if has_surrogate(*ex.context, ex.response, ex.conversation, ex.group, ex.where):
+            log.skip(
+                "undecodable",
+                ascii(ex.where),
+                "text or file name holds a lone surrogate or invalid UTF-8",
+                unit="pair",
+            )
+            continue
+        yield ex
+
+
+def _read_examples(cfg: PrepareConfig, log: ReadLog) -> Iterator[Example]:
     source = _source_path(cfg)
     builder = PairBuilder(cfg.options, log)
     if cfg.corpus == "cornell_movies":
