@@ -712,24 +712,29 @@ def prepare(cfg: PrepareConfig, tokenizer: Any = None) -> dict[str, Any]:
     fp = pairs_fingerprint(cfg)  # first: a missing source creates nothing
     folders.check_outside(_source_path(cfg), output, "--source")
     existed = output.exists()
-    folders.claim(output, "prepare", adopt=_is_legacy_output)
+    fresh = not folders.claim(output, "prepare", adopt=_is_legacy_output)
     try:
         with _locked(output):
             return _prepare_locked(cfg, output, fp, tokenizer)
     except folders.FolderBusy:
         raise
     except BaseException:
-        if not existed:
-            _forget_new_folder(output)
+        if fresh:
+            _forget_fresh_folder(output, created=not existed)
         raise
 
 
-def _forget_new_folder(output: Path) -> None:
-    """After a failed first prepare, remove the folder it created if it holds nothing else."""
+def _forget_fresh_folder(output: Path, created: bool) -> None:
+    """After a failed first prepare into a new or empty folder, leave it as it was.
+
+    Removes prepare's marker and lock file, and the folder itself when prepare
+    created it and nothing else is in it (`rmdir` deletes only an empty folder).
+    """
     for name in (folders.MARKER, folders.LOCK):
         (output / name).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        output.rmdir()  # only when empty: never deletes anything but what prepare made
+    if created:
+        with contextlib.suppress(OSError):
+            output.rmdir()
 
 
 def _prepare_locked(cfg: PrepareConfig, output: Path, fp: str, tokenizer: Any) -> dict[str, Any]:
