@@ -430,3 +430,19 @@ def test_report_counts_name_what_they_count(tmp_path, capsys):
     assert "malformed lines" not in printed  # 10 skips out of 3 lines read were not lines
     report = json.loads((out / "report.json").read_text())
     assert report["skipped"]["units"] == {"missing_line": "line id"}
+
+
+def test_file_name_with_undecodable_bytes_keeps_its_pairs(tmp_path):
+    # Linux file names are bytes; Python keeps undecodable ones as lone surrogates,
+    # which would reach the `source` column and make Arrow refuse every pair.
+    folder = tmp_path / "corpus"
+    write_jsonl(folder / "good.jsonl", n=4)
+    bad_name = os.path.join(os.fsencode(folder), b"caf\xe9.jsonl")
+    with open(bad_name, "wb") as f:
+        f.write(write_jsonl(tmp_path / "tmp.jsonl", n=6).read_bytes())
+    out = tmp_path / "DIR"
+    assert prepare_cli("jsonl", "--source", str(folder), "--output", str(out)) == 0
+    dd = datasets.load_from_disk(str(out))
+    sources = sorted({r["source"].rsplit(":", 1)[0] for s in dd for r in dd[s]})
+    assert len(pairs_in(out)) == 10
+    assert sources == [str(folder / "caf\\udce9.jsonl"), str(folder / "good.jsonl")]

@@ -24,6 +24,7 @@ set, of (that, the tokenizer's saved files, tokenisation options). A second
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -151,18 +152,26 @@ def read_examples(cfg: PrepareConfig, log: ReadLog) -> Iterator[Example]:
     if cfg.corpus not in CORPORA:
         raise ValueError(f"corpus must be one of {CORPORA}, got {cfg.corpus!r}")
     for ex in _read_examples(cfg, log):
-        # Readers skip bad text themselves; this catches what they cannot see (a
-        # file name with undecodable bytes in `source`/`group`), which Arrow
-        # would refuse with a UnicodeEncodeError that loses every pair.
-        if has_surrogate(*ex.context, ex.response, ex.conversation, ex.group, ex.where):
-            log.skip(
-                "undecodable",
-                ascii(ex.where),
-                "text or file name holds a lone surrogate or invalid UTF-8",
-                unit="pair",
-            )
+        # Readers skip bad text themselves; this catches what they cannot see,
+        # which Arrow would refuse with a UnicodeEncodeError that loses every pair.
+        if has_surrogate(*ex.context, ex.response):
+            log.skip("undecodable", _escaped(ex.where), "lone surrogate in the text", unit="pair")
             continue
+        if has_surrogate(ex.conversation, ex.group, ex.where):
+            # A file name with undecodable bytes (kept by Python as surrogates):
+            # the pair is good, only its ids and location are escaped.
+            ex = dataclasses.replace(
+                ex,
+                conversation=_escaped(ex.conversation),
+                group=_escaped(ex.group),
+                where=_escaped(ex.where),
+            )
         yield ex
+
+
+def _escaped(text: str) -> str:
+    """`text` with lone surrogates written as `\\udcff` escapes (storable as UTF-8)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _read_examples(cfg: PrepareConfig, log: ReadLog) -> Iterator[Example]:

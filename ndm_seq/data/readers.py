@@ -30,6 +30,7 @@ Formats (see `data/<corpus>/README.md` for sources and licences):
 from __future__ import annotations
 
 import ast
+import gzip
 import io
 import json
 import os
@@ -442,16 +443,18 @@ def _list_files(source: Path, suffixes: tuple[str, ...]) -> list[Path]:
 
 
 def _open_binary(path: Path) -> IO[bytes]:
-    """The file's bytes, decompressed for `.gz` (every recoverable byte of a truncated one)."""
-    if path.name.endswith(".gz"):
-        return io.BufferedReader(GzipStream(open(path, "rb")))
-    return open(path, "rb")
+    """The file's bytes for line iteration, decompressed for `.gz`.
+
+    Iterating a truncated `gzip.open` file yields every complete line before
+    `EOFError` (`gzip` raises only once nothing more can be decompressed).
+    """
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
 def _open_document(path: Path) -> IO[bytes]:
-    """Like `_open_binary`, unbuffered for `.gz`: `read` hands out every
-    recoverable byte before a truncation error (a buffered `read(n)` drops the
-    bytes it gathered when the error comes)."""
+    """A document's bytes for `read(n)`, through `GzipStream` for `.gz`: a
+    buffered `read(n)` of a truncated `gzip.open` file drops the up to n bytes
+    it had gathered when the error comes, `GzipStream` hands them out first."""
     return GzipStream(open(path, "rb")) if path.name.endswith(".gz") else open(path, "rb")
 
 
