@@ -176,7 +176,12 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
             "response, conversation_id, group, source) with save_to_disk layout, plus "
             "OUTPUT/report.json (pairs per split, lengths, vocabulary coverage, lines "
             "skipped and why). Splits are by movie / film / conversation, deterministic "
-            "from --seed. A second run with unchanged input and options reuses the output."
+            "from --seed. A second run with unchanged input and options reuses the output. "
+            "OUTPUT must be new, empty or an earlier prepare's output (its .ndm-seq.json "
+            "marker); any other folder, or a --source inside OUTPUT, is refused with exit "
+            "code 2 before anything is written. A rebuild replaces only what prepare "
+            "writes (the split folders, dataset_dict.json, report.json, tokenized/); other "
+            "files in OUTPUT stay. A second prepare on the same OUTPUT stops at once."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -190,7 +195,11 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
         "or OPUS xml zip; chitchat dataset.json (default: the installed package's); "
         ".jsonl file or folder",
     )
-    g.add_argument("--output", help="output folder (default: data/CORPUS/prepared)")
+    g.add_argument(
+        "--output",
+        help="output folder: new, empty, or written by prepare before (default: "
+        "data/CORPUS/prepared)",
+    )
     g.add_argument(
         "--download",
         action="store_true",
@@ -287,7 +296,12 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="stop at the first malformed line with FILE:LINE instead of skipping and counting it",
     )
-    g.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")
+    g.add_argument(
+        "--force",
+        action="store_true",
+        help="rebuild even if the output is up to date (only prepare's own entries are "
+        "replaced; a folder prepare did not write is still refused)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.set_defaults(func=_prepare)
