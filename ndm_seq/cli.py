@@ -16,15 +16,28 @@ from pathlib import Path
 from ndm_seq.data.log import CorpusError
 
 
+def _counted(n: int, unit: str) -> str:
+    """`1 line`, `114 line ids`, `2 lines or utterances`: a count with what it counts."""
+    if n != 1:
+        unit = " or ".join(u if u.endswith("s") else f"{u}s" for u in unit.split(" or "))
+    return f"{n:,} {unit}"
+
+
 def _print_report(report: dict, output: Path) -> None:
-    """Human summary of a prepare report (the full one is in report.json)."""
+    """Human summary of a prepare report (the full one is in report.json).
+
+    Every count names its unit: skip reasons count different things (Cornell's
+    `missing_line` counts line ids, several per conversation line), so they are
+    never added up as "malformed lines".
+    """
     p = report["pairs"]
     cached = " (reused: inputs and options unchanged)" if report.get("cached") else ""
+    read_unit = report.get("lines_read_unit", "lines")
     print(f"prepared {report['corpus']} -> {output}{cached}")
     print(
         f"  pairs: train {p['train']:,}  validation {p['validation']:,}  test {p['test']:,}"
-        f"  from {report['lines_read']:,} lines in {report['seconds']:.1f}s"
-        f" ({report['lines_per_second']:,.0f} lines/s)"
+        f"  from {report['lines_read']:,} {read_unit} read in {report['seconds']:.1f}s"
+        f" ({report['lines_per_second']:,.0f} {read_unit}/s)"
     )
     for split, st in report["lengths"].items():
         print(
@@ -37,12 +50,15 @@ def _print_report(report: dict, output: Path) -> None:
     print(f"  coverage of the top {v['vocab_size']:,} train words: {cov}")
     sk = report["skipped"]
     if sk["total"]:
-        reasons = ", ".join(f"{k} {n:,}" for k, n in sk["by_reason"].items())
-        print(f"  skipped {sk['total']:,} malformed lines: {reasons}")
+        units = sk.get("units", {})
+        reasons = ", ".join(
+            f"{k} {_counted(n, units.get(k, 'line'))}" for k, n in sk["by_reason"].items()
+        )
+        print(f"  skipped as malformed: {reasons}")
         for ex in sk["examples"][:5]:
             print(f"    {ex['where']}: {ex['reason']} {ex['detail']}".rstrip())
     else:
-        print("  skipped 0 lines")
+        print("  skipped nothing as malformed")
     if report["filtered"]:
         print(
             "  filtered by options: "
@@ -60,6 +76,7 @@ def _prepare(args: argparse.Namespace) -> int:
     from ndm_seq.data.download import fetch
     from ndm_seq.data.pairs import PairOptions
     from ndm_seq.data.prepare import PrepareConfig, prepare
+    from ndm_seq.folders import FolderError
 
     options = PairOptions.vmed() if args.vmed else PairOptions()
     overrides = {
@@ -134,6 +151,10 @@ def _prepare(args: argparse.Namespace) -> int:
             options=options,
         )
         report = prepare(cfg, tokenizer=tokenizer)
+    except FolderError as e:
+        # The output folder is not prepare's, or is in use: a usage error, nothing written.
+        print(f"ndm-seq prepare: error: {e}", file=sys.stderr)
+        return 2
     except CorpusError as e:
         print(f"ndm-seq prepare: error: {e}", file=sys.stderr)
         return 1
@@ -155,7 +176,12 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
             "response, conversation_id, group, source) with save_to_disk layout, plus "
             "OUTPUT/report.json (pairs per split, lengths, vocabulary coverage, lines "
             "skipped and why). Splits are by movie / film / conversation, deterministic "
-            "from --seed. A second run with unchanged input and options reuses the output."
+            "from --seed. A second run with unchanged input and options reuses the output. "
+            "OUTPUT must be new, empty or an earlier prepare's output (its .ndm-seq.json "
+            "marker); any other folder, or a --source inside OUTPUT, is refused with exit "
+            "code 2 before anything is written. A rebuild replaces only what prepare "
+            "writes (the split folders, dataset_dict.json, report.json, tokenized/); other "
+            "files in OUTPUT stay. A second prepare on the same OUTPUT stops at once."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -169,7 +195,11 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
         "or OPUS xml zip; chitchat dataset.json (default: the installed package's); "
         ".jsonl file or folder",
     )
-    g.add_argument("--output", help="output folder (default: data/CORPUS/prepared)")
+    g.add_argument(
+        "--output",
+        help="output folder: new, empty, or written by prepare before (default: "
+        "data/CORPUS/prepared)",
+    )
     g.add_argument(
         "--download",
         action="store_true",
@@ -266,7 +296,12 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="stop at the first malformed line with FILE:LINE instead of skipping and counting it",
     )
-    g.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")
+    g.add_argument(
+        "--force",
+        action="store_true",
+        help="rebuild even if the output is up to date (only prepare's own entries are "
+        "replaced; a folder prepare did not write is still refused)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.set_defaults(func=_prepare)

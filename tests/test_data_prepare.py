@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerFast
 
 from ndm_seq.data import CorpusError, PrepareConfig, TokenizePairs, prepare
 from ndm_seq.data.prepare import tokenizer_fingerprint
+from ndm_seq.folders import FolderError
 
 
 def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
@@ -125,7 +126,8 @@ def test_empty_corpus_and_missing_source_raise(tmp_path):
 def test_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "precious.txt").write_text("keep me")
-    with pytest.raises(CorpusError, match="refusing to replace"):
+    # A folder refusal is a FolderError (issue 11: ndm_seq.folders.claim), not a corpus error.
+    with pytest.raises(FolderError, match="refusing to write into it"):
         prepare(_cfg(tmp_path))
     assert (tmp_path / "out" / "precious.txt").read_text() == "keep me"
 
@@ -134,7 +136,7 @@ def test_strict_stops_at_the_first_malformed_line(tmp_path):
     with pytest.raises(CorpusError, match=r"movie_lines\.txt:4: empty_text"):
         prepare(_cfg(tmp_path, strict=True))
     assert not (tmp_path / "out").exists()
-    assert not (tmp_path / ".out.partial").exists()
+    assert not (tmp_path / ".out.partial").exists()  # nothing beside the output either
 
 
 def test_tokenised_format_matches_ndm_tokenizer(tmp_path):

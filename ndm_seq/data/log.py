@@ -47,6 +47,9 @@ class ReadLog:
     skipped: Counter = field(default_factory=Counter)
     filtered: Counter = field(default_factory=Counter)
     examples: list[dict[str, str]] = field(default_factory=list)
+    units: dict[str, str] = field(default_factory=dict)
+    """What each skip reason counts (`line`, `line id`, `message`, ...): the counts
+    of different reasons are not all lines, so the report names each one's unit."""
 
     def line(self) -> None:
         """Count one physical input line (or record) read."""
@@ -55,13 +58,15 @@ class ReadLog:
         if self.progress is not None and self.lines % 8192 == 0:
             self.progress.update(8192)
 
-    def skip(self, reason: str, where: str, detail: str = "") -> None:
-        """Count a malformed input line, or raise under `strict`.
+    def skip(self, reason: str, where: str, detail: str = "", unit: str = "line") -> None:
+        """Count a malformed input line (or other unit), or raise under `strict`.
 
         Args:
             reason: a short snake_case key (`wrong_field_count`, `undecodable`, ...).
             where: `path:line` of the offending input.
             detail: what was expected and what came, for the message.
+            unit: what one skip of this reason is (`line`, `line id`, `message`,
+                `document`, `file`, ...), singular; shown beside the count.
 
         Raises:
             CorpusError: when the log is strict.
@@ -69,6 +74,9 @@ class ReadLog:
         if self.strict:
             raise CorpusError(f"{reason}: {detail}" if detail else reason, where)
         self.skipped[reason] += 1
+        known = self.units.setdefault(reason, unit)
+        if unit not in known.split(" or "):
+            self.units[reason] = f"{known} or {unit}"  # e.g. an empty line, or an utterance
         if len(self.examples) < MAX_EXAMPLES:
             self.examples.append({"reason": reason, "where": where, "detail": detail[:200]})
 
@@ -80,13 +88,15 @@ class ReadLog:
         """The skip/filter part of `report.json`.
 
         Returns:
-            `{"lines_read", "skipped": {"total", "by_reason", "examples"}, "filtered"}`.
+            `{"lines_read", "skipped": {"total", "by_reason", "units", "examples"},
+            "filtered"}`; `total` adds counts of different units (see `units`).
         """
         return {
             "lines_read": self.lines,
             "skipped": {
                 "total": sum(self.skipped.values()),
                 "by_reason": dict(sorted(self.skipped.items())),
+                "units": {r: self.units.get(r, "line") for r in sorted(self.skipped)},
                 "examples": list(self.examples),
             },
             "filtered": dict(sorted(self.filtered.items())),

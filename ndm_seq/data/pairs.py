@@ -204,11 +204,12 @@ class PairBuilder:
                 "overlong_utterance",
                 where,
                 f"{len(text)} characters, more than max_utterance_chars={self.o.max_utterance_chars}",
+                unit="utterance",
             )
             return None
         text = normalise(text, self.o.lowercase)
         if not text:
-            self.log.skip("empty_text", where, "nothing left after normalisation")
+            self.log.skip("empty_text", where, "nothing left after normalisation", unit="utterance")
             return None
         return text
 

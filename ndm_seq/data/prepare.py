@@ -24,10 +24,12 @@ set, of (that, the tokenizer's saved files, tokenisation options). A second
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -42,10 +44,12 @@ import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ndm_seq import folders
 from ndm_seq.data.log import CorpusError, ReadLog
 from ndm_seq.data.pairs import SPLITS, Example, PairBuilder, PairOptions, split_of
 from ndm_seq.data.readers import (
     chitchat_default_path,
+    has_surrogate,
     read_chitchat,
     read_cornell,
     read_jsonl,
@@ -147,6 +151,30 @@ def read_examples(cfg: PrepareConfig, log: ReadLog) -> Iterator[Example]:
     """
     if cfg.corpus not in CORPORA:
         raise ValueError(f"corpus must be one of {CORPORA}, got {cfg.corpus!r}")
+    for ex in _read_examples(cfg, log):
+        # Readers skip bad text themselves; this catches what they cannot see,
+        # which Arrow would refuse with a UnicodeEncodeError that loses every pair.
+        if has_surrogate(*ex.context, ex.response):
+            log.skip("undecodable", _escaped(ex.where), "lone surrogate in the text", unit="pair")
+            continue
+        if has_surrogate(ex.conversation, ex.group, ex.where):
+            # A file name with undecodable bytes (kept by Python as surrogates):
+            # the pair is good, only its ids and location are escaped.
+            ex = dataclasses.replace(
+                ex,
+                conversation=_escaped(ex.conversation),
+                group=_escaped(ex.group),
+                where=_escaped(ex.where),
+            )
+        yield ex
+
+
+def _escaped(text: str) -> str:
+    """`text` with lone surrogates written as `\\udcff` escapes (storable as UTF-8)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _read_examples(cfg: PrepareConfig, log: ReadLog) -> Iterator[Example]:
     source = _source_path(cfg)
     builder = PairBuilder(cfg.options, log)
     if cfg.corpus == "cornell_movies":
@@ -395,37 +423,132 @@ def _write_pairs(cfg: PrepareConfig, staging: Path, fingerprint: str, log: ReadL
     return {s: w.stats for s, w in writers.items()}
 
 
-def _replace_dir(staging: Path, output: Path) -> None:
-    """Move a finished staging folder to `output`, replacing an earlier prepare's output."""
-    if output.exists():
-        old = output.with_name(f".{output.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        output.rename(old)
-        staging.rename(output)
-        shutil.rmtree(old)
-    else:
-        staging.rename(output)
+PAIRS_ENTRIES = (*SPLITS, "dataset_dict.json")
+"""The entries a pairs build writes into the output folder (besides report.json)."""
+TOKENIZED = "tokenized"
+"""The entry the tokenised set is written to."""
+REPORT = "report.json"
+_STAGING_PREFIX = ".staging-"
 
 
-def _check_output(output: Path) -> dict | None:
-    """The previous report when `output` holds an earlier prepare's output, else None.
+def _is_legacy_output(path: Path) -> bool:
+    """A folder an older prepare wrote (before markers): its report.json says so.
 
-    Raises:
-        CorpusError: when `output` is a non-empty folder `prepare` did not write.
+    Recognised by the report's content (`"written_by": "ndm-seq prepare"`),
+    never by the mere presence of a file named report.json.
     """
-    report = output / "report.json"
-    if report.is_file():
+    try:
+        data = json.loads((path / REPORT).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("written_by") == "ndm-seq prepare"
+
+
+class _Staging:
+    """A private work folder inside the (owned, locked) output folder.
+
+    `DIR/.staging-<pid>-<random>/` is created by this process (`mkdir` fails if
+    the name exists) and carries prepare's marker, so what it holds is known to
+    be prepare's own. New entries are built in `new/`; `swap` moves each old
+    entry of the same name into `old/` and the new one into place (renames
+    within one file system), so a rebuild replaces exactly what prepare writes
+    and leaves every other entry of the folder alone. `remove` deletes the
+    staging folder only.
+    """
+
+    def __init__(self, output: Path) -> None:
+        self.path = output / f"{_STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        self.path.mkdir()
+        folders.write_marker(self.path, "prepare", staging=True)
+        self.new = self.path / "new"
+        self.old = self.path / "old"
+        self.new.mkdir()
+        self.old.mkdir()
+        self.output = output
+
+    def retire(self, name: str) -> None:
+        """Move the output's entry `name` (if any) out of the way, into `old/`."""
+        target = self.output / name
+        if target.exists() or target.is_symlink():
+            os.replace(target, self.old / name)
+
+    def swap(self, names: tuple[str, ...] | list[str]) -> None:
+        """Put `new/<name>` in place of `<output>/<name>` for every name."""
+        for name in names:
+            self.retire(name)
+            os.replace(self.new / name, self.output / name)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _remove_stale_staging(output: Path) -> None:
+    """Delete work folders a crashed prepare left in `output` (the lock is held).
+
+    Only folders that carry prepare's staging marker are removed; a user's
+    folder that merely shares the name pattern is left alone.
+    """
+    for entry in output.iterdir():
+        if not entry.name.startswith(_STAGING_PREFIX) or not entry.is_dir():
+            continue
         try:
-            return json.loads(report.read_text())
-        except json.JSONDecodeError:
-            return {}
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise CorpusError(
-            "output exists and holds no report.json from `ndm-seq prepare`; "
-            "refusing to replace it (choose an empty or new folder)",
-            str(output),
-        )
-    return None
+            info = json.loads((entry / folders.MARKER).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if (
+            isinstance(info, dict)
+            and info.get("written_by") == "ndm-seq prepare"
+            and info.get("staging")
+        ):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _previous_report(output: Path) -> dict | None:
+    """The report of an earlier prepare into the (owned) `output`, if readable."""
+    try:
+        data = json.loads((output / REPORT).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_report(output: Path, report: dict) -> None:
+    """Write report.json atomically (a crash leaves the old one or the new one)."""
+    tmp = output / f".{REPORT}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    os.replace(tmp, output / REPORT)
+
+
+def _non_main_rank() -> bool:
+    """True in a process of a torchrun launch other than its (global) rank 0."""
+    try:
+        return int(os.environ.get("RANK", "0")) > 0
+    except ValueError:
+        return False
+
+
+@contextlib.contextmanager
+def _locked(output: Path) -> Iterator[None]:
+    """Hold `output`'s prepare lock; a second launch is refused at once (`FolderBusy`).
+
+    The other ranks of one torchrun launch run prepare after rank 0 (under
+    `main_process_first`) but together with each other; they wait for the lock
+    (each finds rank 0's cache and is done in moments) instead of being refused.
+    """
+    deadline = time.monotonic() + _RANK_WAIT_SECONDS
+    with contextlib.ExitStack() as stack:
+        while True:
+            try:
+                stack.enter_context(folders.exclusive(output, "prepare"))
+                break
+            except folders.FolderBusy:
+                if not _non_main_rank() or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        yield
+
+
+_RANK_WAIT_SECONDS = 600.0
 
 
 def _pairs_cached(output: Path, previous: dict | None, fp: str) -> bool:
@@ -510,12 +633,10 @@ def _tokenize(cfg: PrepareConfig, output: Path, tokenizer: Any, fp: str) -> dict
     dd = datasets.load_from_disk(str(output))
     encode = TokenizePairs(tokenizer, cfg.max_source_tokens, cfg.max_target_tokens)
     num_proc = cfg.num_proc or min(4, os.cpu_count() or 1)
-    cache = output / ".tokenize-cache"
-    shutil.rmtree(cache, ignore_errors=True)
-    cache.mkdir()
-    staging = output / ".tokenized.partial"
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = _Staging(output)
     try:
+        cache = staging.path / "map-cache"
+        cache.mkdir()
         out = datasets.DatasetDict()
         features = datasets.Features(
             {
@@ -542,16 +663,17 @@ def _tokenize(cfg: PrepareConfig, output: Path, tokenizer: Any, fp: str) -> dict
                 features=features,
             )
         # An empty split would get 0 shards by default, which load_from_disk cannot read back.
-        out.save_to_disk(str(staging), num_shards={n: 1 for n in out if len(out[n]) == 0} or None)
+        out.save_to_disk(
+            str(staging.new / TOKENIZED), num_shards={n: 1 for n in out if len(out[n]) == 0} or None
+        )
         del out, dd
-        _replace_dir(staging, output / "tokenized")
+        staging.swap([TOKENIZED])
     finally:
-        shutil.rmtree(cache, ignore_errors=True)
-        shutil.rmtree(staging, ignore_errors=True)
-    tok = datasets.load_from_disk(str(output / "tokenized"))
+        staging.remove()
+    tok = datasets.load_from_disk(str(output / TOKENIZED))
     return {
         "fingerprint": fp,
-        "path": str(output / "tokenized"),
+        "path": str(output / TOKENIZED),
         "tokenizer": type(tokenizer).__name__,
         "num_proc": num_proc,
         "max_source_tokens": cfg.max_source_tokens,
@@ -573,6 +695,13 @@ def _tokenize(cfg: PrepareConfig, output: Path, tokenizer: Any, fp: str) -> dict
 def prepare(cfg: PrepareConfig, tokenizer: Any = None) -> dict[str, Any]:
     """Prepare a corpus: pairs DatasetDict in `cfg.output`, report in `cfg.output/report.json`.
 
+    The output folder must be new, empty, or prepare's own (its `.ndm-seq.json`
+    marker, or a report.json an older prepare wrote); anything else is refused
+    before a byte is written. A rebuild replaces only the entries prepare
+    writes (the split folders, `dataset_dict.json`, `report.json`,
+    `tokenized/`); other files a user put in the folder stay. One prepare at a
+    time per folder: a second launch gets `FolderBusy` naming the holder.
+
     Args:
         cfg: corpus, source, output and options.
         tokenizer: optional transformers-style tokenizer; when given, the
@@ -583,69 +712,78 @@ def prepare(cfg: PrepareConfig, tokenizer: Any = None) -> dict[str, Any]:
         whether the pairs were reused from an earlier run.
 
     Raises:
-        CorpusError: missing input, an empty corpus, a non-prepare output folder,
-            or (strict) the first malformed line.
+        CorpusError: missing input, an empty corpus, or (strict) the first malformed line.
+        folders.FolderError: the output is a file or a folder prepare did not
+            write, or the source lies inside the output.
+        folders.FolderBusy: another prepare is writing the output folder.
     """
+    output = Path(cfg.output)
+    fp = pairs_fingerprint(cfg)  # first: a missing source creates nothing
+    folders.check_outside(_source_path(cfg), output, "--source")
+    existed = output.exists()
+    fresh = not folders.claim(output, "prepare", adopt=_is_legacy_output)
+    try:
+        with _locked(output):
+            return _prepare_locked(cfg, output, fp, tokenizer)
+    except folders.FolderBusy:
+        raise
+    except BaseException:
+        if fresh:
+            _forget_fresh_folder(output, created=not existed)
+        raise
+
+
+def _forget_fresh_folder(output: Path, created: bool) -> None:
+    """After a failed first prepare into a new or empty folder, leave it as it was.
+
+    Removes prepare's marker and lock file, and the folder itself when prepare
+    created it and nothing else is in it (`rmdir` deletes only an empty folder).
+    """
+    for name in (folders.MARKER, folders.LOCK):
+        (output / name).unlink(missing_ok=True)
+    if created:
+        with contextlib.suppress(OSError):
+            output.rmdir()
+
+
+def _prepare_locked(cfg: PrepareConfig, output: Path, fp: str, tokenizer: Any) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    output = Path(cfg.output)
-    fp = pairs_fingerprint(cfg)
-    previous = _check_output(output)
+    _remove_stale_staging(output)
+    previous = _previous_report(output)
     t0 = time.perf_counter()
     if not cfg.force and _pairs_cached(output, previous, fp):
         report = dict(previous)
         report["cached"] = True
     else:
-        staging = output.with_name(f".{output.name}.partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.parent.mkdir(parents=True, exist_ok=True)
-        bar = tqdm(desc=f"prepare {cfg.corpus}", unit=" lines", disable=not cfg.progress)
-        log = ReadLog(strict=cfg.strict, progress=bar)
+        staging = _Staging(output)
         try:
-            stats = _write_pairs(cfg, staging, fp, log)
-            bar.update(log.lines % 8192)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            bar = tqdm(desc=f"prepare {cfg.corpus}", unit=" lines", disable=not cfg.progress)
+            log = ReadLog(strict=cfg.strict, progress=bar)
+            try:
+                stats = _write_pairs(cfg, staging.new, fp, log)
+                bar.update(log.lines % 8192)
+            finally:
+                bar.close()
+            total = sum(s.pairs for s in stats.values())
+            seconds = time.perf_counter() - t0
+            if total == 0:
+                summary = log.summary()
+                raise CorpusError(
+                    f"no pairs produced from {log.lines} {_read_unit(cfg)} read; skipped: "
+                    f"{summary['skipped']['by_reason'] or 'none'}, filtered: "
+                    f"{summary['filtered'] or 'none'}",
+                    str(cfg.source if cfg.source is not None else cfg.corpus),
+                )
+            report = _pairs_report(cfg, output, fp, stats, log, seconds)
+            (staging.new / REPORT).write_text(json.dumps(report, indent=2), encoding="utf-8")
+            # The old report goes first and the new one last: a crash in between
+            # leaves no report, so the next run rebuilds instead of trusting a mix.
+            staging.retire(REPORT)
+            staging.retire(TOKENIZED)  # built from the old pairs
+            staging.swap([*PAIRS_ENTRIES, REPORT])
         finally:
-            bar.close()
-        total = sum(s.pairs for s in stats.values())
-        seconds = time.perf_counter() - t0
-        if total == 0:
-            shutil.rmtree(staging, ignore_errors=True)
-            summary = log.summary()
-            raise CorpusError(
-                f"no pairs produced from {log.lines} lines read; skipped: "
-                f"{summary['skipped']['by_reason'] or 'none'}, filtered: "
-                f"{summary['filtered'] or 'none'}",
-                str(cfg.source if cfg.source is not None else cfg.corpus),
-            )
-        warnings = [f"split {s} is empty" for s, st in stats.items() if st.pairs == 0]
-        report = {
-            "written_by": "ndm-seq prepare",
-            "corpus": cfg.corpus,
-            "source": str(_source_path(cfg)),
-            "output": str(output),
-            "fingerprint": {"pairs": fp, "tokenized": None},
-            "options": {
-                **cfg.options.to_dict(),
-                "opensubtitles_format": cfg.opensubtitles_format,
-                "max_gap_seconds": cfg.max_gap_seconds,
-                "block_lines": cfg.block_lines,
-            },
-            "cached": False,
-            "seconds": round(seconds, 3),
-            "lines_per_second": round(log.lines / seconds, 1) if seconds > 0 else math.inf,
-            "pairs": {s: st.pairs for s, st in stats.items()},
-            "groups": {s: st.groups for s, st in stats.items()},
-            "lengths": {s: st.lengths() for s, st in stats.items()},
-            "vocabulary": _coverage(stats, cfg.options.vocab_size),
-            **log.summary(),
-            "warnings": warnings,
-            "tokenized": None,
-        }
-        (staging / "report.json").write_text(json.dumps(report, indent=2))
-        _replace_dir(staging, output)
+            staging.remove()
 
     if tokenizer is not None:
         tok_fp = _digest(
@@ -661,7 +799,7 @@ def prepare(cfg: PrepareConfig, tokenizer: Any = None) -> dict[str, Any]:
         if (
             cfg.force
             or done.get("fingerprint") != tok_fp
-            or not (output / "tokenized" / "dataset_dict.json").is_file()
+            or not (output / TOKENIZED / "dataset_dict.json").is_file()
         ):
             report["tokenized"] = {**_tokenize(cfg, output, tokenizer, tok_fp), "cached": False}
         else:
@@ -669,5 +807,46 @@ def prepare(cfg: PrepareConfig, tokenizer: Any = None) -> dict[str, Any]:
         report["fingerprint"]["tokenized"] = tok_fp
         stored = {k: v for k, v in report.items() if k != "cached"}
         stored["cached"] = False
-        (output / "report.json").write_text(json.dumps(stored, indent=2))
+        _write_report(output, stored)
     return report
+
+
+def _read_unit(cfg: PrepareConfig) -> str:
+    """What `lines_read` counts for this corpus (a reader's unit of input)."""
+    if cfg.corpus == "chitchat":
+        return "conversations"
+    if cfg.corpus == "opensubtitles" and _opensubtitles_is_xml(
+        _source_path(cfg), cfg.opensubtitles_format
+    ):
+        return "sentences"
+    return "lines"
+
+
+def _pairs_report(
+    cfg: PrepareConfig, output: Path, fp: str, stats: dict, log: ReadLog, seconds: float
+) -> dict[str, Any]:
+    warnings = [f"split {s} is empty" for s, st in stats.items() if st.pairs == 0]
+    return {
+        "written_by": "ndm-seq prepare",
+        "corpus": cfg.corpus,
+        "source": str(_source_path(cfg)),
+        "output": str(output),
+        "fingerprint": {"pairs": fp, "tokenized": None},
+        "options": {
+            **cfg.options.to_dict(),
+            "opensubtitles_format": cfg.opensubtitles_format,
+            "max_gap_seconds": cfg.max_gap_seconds,
+            "block_lines": cfg.block_lines,
+        },
+        "cached": False,
+        "seconds": round(seconds, 3),
+        "lines_per_second": round(log.lines / seconds, 1) if seconds > 0 else math.inf,
+        "pairs": {s: st.pairs for s, st in stats.items()},
+        "groups": {s: st.groups for s, st in stats.items()},
+        "lengths": {s: st.lengths() for s, st in stats.items()},
+        "vocabulary": _coverage(stats, cfg.options.vocab_size),
+        **log.summary(),
+        "lines_read_unit": _read_unit(cfg),
+        "warnings": warnings,
+        "tokenized": None,
+    }

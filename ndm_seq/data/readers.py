@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ast
 import gzip
+import io
 import json
 import os
 import re
@@ -52,8 +53,78 @@ CORNELL_TOP_FOLDER = "cornell movie-dialogs corpus"
 """Top folder inside the official `cornell_movie_dialogs_corpus.zip`."""
 
 _CORNELL_ID = re.compile(r"^[A-Za-z]+\d+$")  # L1045, u0, m0
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_BOM = b"\xef\xbb\xbf"
 # Truncated or corrupt .gz streams and zip members (BadZipFile covers CRC errors).
 _GZIP_ERRORS = (EOFError, OSError, zlib.error, zipfile.BadZipFile)
+
+
+def has_surrogate(*texts: str) -> bool:
+    """True when a text holds a lone surrogate (`"\\ud800"` in JSON, or an
+    undecodable byte kept by `surrogateescape`): not a character, and Arrow
+    cannot store it as UTF-8."""
+    return any(_SURROGATE.search(t) for t in texts)
+
+
+class GzipStream(io.RawIOBase):
+    """Decompress a gzip stream, handing out every byte that can be decompressed.
+
+    `gzip.GzipFile` raises on a truncated stream and the bytes it had
+    decompressed in that `read` call are lost (up to 64 KiB of complete
+    sentences at the end of a cut `.xml.gz`). Here a truncation or corruption
+    is raised (`EOFError`, `zlib.error`) only on the read after the last byte
+    that could be recovered. Concatenated members (and zero padding after them)
+    are read like `gzip` reads them; each member's CRC is checked by zlib.
+
+    Args:
+        raw: the compressed binary stream (a file or a zip member); closed with this one.
+    """
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.d = zlib.decompressobj(zlib.MAX_WBITS | 16)
+        self.in_member = False
+        self.pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def _input(self) -> bytes | None:
+        """The next compressed bytes for the current member; None at a clean end."""
+        if self.d.eof:  # a member ended: what follows is zero padding or another member
+            rest = self.d.unused_data
+            while not rest.strip(b"\0"):
+                rest = self.raw.read(1 << 16)
+                if not rest:
+                    return None
+            self.d = zlib.decompressobj(zlib.MAX_WBITS | 16)
+            self.in_member = False
+            return rest.lstrip(b"\0")
+        if self.d.unconsumed_tail:
+            return self.d.unconsumed_tail
+        data = self.raw.read(1 << 16)
+        if not data:
+            if self.in_member:
+                raise EOFError("compressed file ended before the end-of-stream marker was reached")
+            return None
+        return data
+
+    def readinto(self, buffer) -> int:
+        while not self.pending:
+            data = self._input()
+            if data is None:
+                return 0
+            self.in_member = True
+            self.pending = self.d.decompress(data, max(len(buffer), 1))
+        n = min(len(buffer), len(self.pending))
+        buffer[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self.raw.close()
+        super().close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +188,12 @@ def _safe_members(zf: zipfile.ZipFile, source: Path, log: ReadLog) -> list[zipfi
     for info in zf.infolist():
         why = _unsafe_member(info.filename)
         if why:
-            log.skip("unsafe_member_name", f"{source}!{info.filename}", f"{why}; member not read")
+            log.skip(
+                "unsafe_member_name",
+                f"{source}!{info.filename}",
+                f"{why}; member not read",
+                unit="zip member",
+            )
         else:
             out.append(info)
     return out
@@ -138,17 +214,16 @@ def _cornell_members(
     names = ("movie_lines.txt", "movie_conversations.txt")
     if source.is_file() and zipfile.is_zipfile(source):
         zf = zipfile.ZipFile(source)
-        found = {}
         try:
             members = _safe_members(zf, source, log)
         except CorpusError:
             zf.close()
             raise
-        for info in members:
-            base = info.filename.rsplit("/", 1)[-1]
-            # The official zip also carries macOS resource forks (__MACOSX/._movie_lines.txt).
-            if base in names and not info.filename.startswith("__MACOSX/"):
-                found.setdefault(base, info.filename)
+        try:
+            found = _pick_cornell_members(members, names, source)
+        except CorpusError:
+            zf.close()
+            raise
         missing = [n for n in names if n not in found]
         if missing:
             zf.close()
@@ -174,6 +249,50 @@ def _cornell_members(
         f"movie_conversations.txt (directly or in '{CORNELL_TOP_FOLDER}/'); not found",
         str(source),
     )
+
+
+def _pick_cornell_members(
+    members: list[zipfile.ZipInfo], names: tuple[str, ...], source: Path
+) -> dict[str, str]:
+    """Which zip member to read for each of `names`.
+
+    A zip may hold two members of one name (`ZipFile.open` would silently take
+    the last): such an archive is refused. The documented
+    `cornell movie-dialogs corpus/<name>` wins over a look-alike elsewhere; with
+    no documented one, a single candidate is used and several are refused.
+    macOS resource forks (`__MACOSX/._movie_lines.txt`) are never candidates.
+
+    Raises:
+        CorpusError: duplicate member names, or several candidates and none documented.
+    """
+    seen: set[str] = set()
+    for info in members:
+        if info.filename in seen:
+            raise CorpusError(
+                f"the zip holds two members named {info.filename!r}; refusing an ambiguous "
+                "archive (use the official cornell_movie_dialogs_corpus.zip)",
+                str(source),
+            )
+        seen.add(info.filename)
+    found = {}
+    for name in names:
+        candidates = [
+            f
+            for f in sorted(seen)
+            if f.rsplit("/", 1)[-1] == name and not f.startswith("__MACOSX/")
+        ]
+        documented = f"{CORNELL_TOP_FOLDER}/{name}"
+        if documented in candidates:
+            found[name] = documented
+        elif len(candidates) == 1:
+            found[name] = candidates[0]
+        elif candidates:
+            raise CorpusError(
+                f"the zip holds several {name} ({', '.join(candidates[:4])}) and none in "
+                f"'{CORNELL_TOP_FOLDER}/'; refusing to guess which to read",
+                str(source),
+            )
+    return found
 
 
 def _strip_eol(raw: bytes) -> bytes:
@@ -285,9 +404,16 @@ def read_cornell(source: str | os.PathLike, log: ReadLog) -> Iterator[Turn]:
             for line_id in ids:
                 entry = utterances.get(line_id)
                 if entry is None:
-                    log.skip("missing_line", where, f"{line_id} is not in movie_lines.txt")
+                    log.skip(
+                        "missing_line",
+                        where,
+                        f"{line_id} is not in movie_lines.txt",
+                        unit="line id",
+                    )
                 elif entry[1] != movie_id:
-                    log.skip("movie_mismatch", where, f"{line_id} belongs to {entry[1]}")
+                    log.skip(
+                        "movie_mismatch", where, f"{line_id} belongs to {entry[1]}", unit="line id"
+                    )
                 if entry is None or entry[1] != movie_id or entry[0] is None:
                     # Break adjacency: the next turn does not answer the one before the gap.
                     segment += 1
@@ -317,7 +443,19 @@ def _list_files(source: Path, suffixes: tuple[str, ...]) -> list[Path]:
 
 
 def _open_binary(path: Path) -> IO[bytes]:
+    """The file's bytes for line iteration, decompressed for `.gz`.
+
+    Iterating a truncated `gzip.open` file yields every complete line before
+    `EOFError` (`gzip` raises only once nothing more can be decompressed).
+    """
     return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
+def _open_document(path: Path) -> IO[bytes]:
+    """A document's bytes for `read(n)`, through `GzipStream` for `.gz`: a
+    buffered `read(n)` of a truncated `gzip.open` file drops the up to n bytes
+    it had gathered when the error comes, `GzipStream` hands them out first."""
+    return GzipStream(open(path, "rb")) if path.name.endswith(".gz") else open(path, "rb")
 
 
 def read_opensubtitles_text(
@@ -356,6 +494,8 @@ def read_opensubtitles_text(
                     log.line()
                     block = (lineno - 1) // block_lines
                     where = f"{label}:{lineno}"
+                    if lineno == 1 and raw.startswith(_BOM):
+                        raw = raw[len(_BOM) :]  # a byte-order mark is not text
                     try:
                         text = _strip_eol(raw).decode("utf-8")
                     except UnicodeDecodeError as e:
@@ -369,7 +509,7 @@ def read_opensubtitles_text(
                     group = f"{name}#{block}"
                     yield Turn(text, f"{group}.{segment}", group, where)
         except _GZIP_ERRORS as e:
-            log.skip("truncated_file", f"{label}:{lineno + 1}", f"cannot read on: {e}")
+            log.skip("truncated_file", f"{label}:{lineno + 1}", f"cannot read on: {e}", unit="file")
 
 
 # ---------------------------------------------------------------------------
@@ -438,6 +578,7 @@ class _SubtitleParser:
                     "bad_timestamp",
                     f"{self.label}:{self.p.CurrentLineNumber}",
                     f"expected HH:MM:SS,mmm, got {attrs.get('value')!r}",
+                    unit="time stamp",
                 )
                 return
             if self.in_s and not self.words and attrs.get("id", "").endswith("S"):
@@ -505,12 +646,12 @@ def _xml_documents(source: Path, log: ReadLog) -> Iterator[tuple[str, str, IO[by
                 raise CorpusError("no .xml or .xml.gz documents in this zip", str(source))
             for name in members:
                 with zf.open(name) as raw:
-                    stream = gzip.GzipFile(fileobj=raw) if name.endswith(".gz") else raw
+                    stream = GzipStream(raw) if name.endswith(".gz") else raw
                     yield f"{source}!{name}", film(name), stream
         return
     for path in _list_files(source, suffixes):
         rel = path.relative_to(source).as_posix() if source.is_dir() else path.name
-        with _open_binary(path) as stream:
+        with _open_document(path) as stream:
             yield str(path), film(rel) if source.is_dir() else path.name, stream
 
 
@@ -549,7 +690,7 @@ def read_opensubtitles_xml(
                     log.line()
                     where = f"{label}:{s.line}"
                     if not s.text:
-                        log.skip("empty_text", where, "sentence without words")
+                        log.skip("empty_text", where, "sentence without words", unit="sentence")
                         segment, prev_end = segment + 1, None
                         conversation = f"{label}.{segment}"
                         continue
@@ -570,12 +711,20 @@ def read_opensubtitles_xml(
             if isinstance(error, expat.ExpatError):
                 # XML cannot be resynchronised after an error: the rest of the document is lost.
                 log.skip(
-                    "malformed_xml", f"{label}:{error.lineno}", expat.errors.messages[error.code]
+                    "malformed_xml",
+                    f"{label}:{error.lineno}",
+                    expat.errors.messages[error.code],
+                    unit="document",
                 )
             elif error is not None:
-                log.skip("malformed_xml", f"{label}:1", f"unreadable XML declaration: {error}")
+                log.skip(
+                    "malformed_xml",
+                    f"{label}:1",
+                    f"unreadable XML declaration: {error}",
+                    unit="document",
+                )
         except _GZIP_ERRORS as e:
-            log.skip("truncated_file", label, f"cannot read on: {e}")
+            log.skip("truncated_file", label, f"cannot read on: {e}", unit="file")
 
 
 # ---------------------------------------------------------------------------
@@ -619,9 +768,10 @@ def read_chitchat(source: str | os.PathLike | None, log: ReadLog) -> Iterator[Tu
         raise CorpusError("no such file", str(path))
     try:
         with open(path, "rb") as f:
-            data = json.loads(f.read().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise CorpusError(f"not UTF-8 at byte {e.start}", str(path)) from e
+            # utf-8-sig: a BOM is not content. surrogateescape: an undecodable byte
+            # inside a message becomes a lone surrogate, and that message alone is
+            # skipped below (outside a string it still fails to parse).
+            data = json.loads(f.read().decode("utf-8-sig", errors="surrogateescape"))
     except json.JSONDecodeError as e:
         raise CorpusError(f"not valid JSON: {e.msg}", f"{path}:{e.lineno}") from e
     if not isinstance(data, dict):
@@ -631,9 +781,23 @@ def read_chitchat(source: str | os.PathLike | None, log: ReadLog) -> Iterator[Tu
     for cid, conv in data.items():
         log.line()
         where = f"{path}:{cid}"
+        if has_surrogate(cid):
+            where = f"{path}:{cid!a}"
+            log.skip(
+                "undecodable",
+                where,
+                "conversation id holds a lone surrogate or invalid UTF-8",
+                unit="conversation",
+            )
+            continue
         messages = conv.get("messages") if isinstance(conv, dict) else None
         if not isinstance(messages, list):
-            log.skip("malformed_conversation", where, "expected {'messages': [[{...}, ...], ...]}")
+            log.skip(
+                "malformed_conversation",
+                where,
+                "expected {'messages': [[{...}, ...], ...]}",
+                unit="conversation",
+            )
             continue
         yield from _chitchat_turns(str(cid), messages, where, log)
 
@@ -652,12 +816,26 @@ def _chitchat_turns(cid: str, messages: list, where: str, log: ReadLog) -> Itera
                 and isinstance(msg.get("text"), str)
                 and isinstance(msg.get("sender"), str)
             )
-            if not ok or msg["sender"] != sender:
+            bad_text = ok and has_surrogate(msg["text"])
+            if not ok or bad_text or msg["sender"] != sender:
                 if texts:
                     yield Turn(" ".join(texts), conversation, cid, turn_where)
                 sender, texts, turn_where = None, [], mwhere
-            if not ok:
-                log.skip("malformed_message", mwhere, "expected {'text': str, 'sender': str}")
+            if not ok or bad_text:
+                if bad_text:
+                    log.skip(
+                        "undecodable",
+                        mwhere,
+                        "text holds a lone surrogate or invalid UTF-8",
+                        unit="message",
+                    )
+                else:
+                    log.skip(
+                        "malformed_message",
+                        mwhere,
+                        "expected {'text': str, 'sender': str}",
+                        unit="message",
+                    )
                 # A lost message breaks adjacency.
                 segment += 1
                 conversation = f"{cid}#{segment}"
@@ -665,7 +843,7 @@ def _chitchat_turns(cid: str, messages: list, where: str, log: ReadLog) -> Itera
             sender = msg["sender"]
             text = msg["text"].strip()
             if not text:
-                log.skip("empty_text", mwhere)
+                log.skip("empty_text", mwhere, unit="message")
                 continue
             texts.append(text)
     if texts:
@@ -701,11 +879,13 @@ def read_jsonl(source: str | os.PathLike, log: ReadLog) -> Iterator[Pair]:
                     lineno += 1
                     log.line()
                     where = f"{label}:{lineno}"
+                    if lineno == 1 and raw.startswith(_BOM):
+                        raw = raw[len(_BOM) :]  # a byte-order mark is not part of the first line
                     pair = _jsonl_pair(_strip_eol(raw), where, log)
                     if pair is not None:
                         yield pair
         except _GZIP_ERRORS as e:
-            log.skip("truncated_file", f"{label}:{lineno + 1}", f"cannot read on: {e}")
+            log.skip("truncated_file", f"{label}:{lineno + 1}", f"cannot read on: {e}", unit="file")
 
 
 def _jsonl_pair(raw: bytes, where: str, log: ReadLog) -> Pair | None:
@@ -734,6 +914,9 @@ def _jsonl_pair(raw: bytes, where: str, log: ReadLog) -> Pair | None:
             where,
             'expected {"context": [str, ...], "response": str, "conversation_id"?: str}',
         )
+        return None
+    if has_surrogate(*context, response, *([cid] if cid is not None else [])):
+        log.skip("undecodable", where, "a lone surrogate (e.g. \\ud800) is not a character")
         return None
     context = [t.strip() for t in context]
     response = response.strip()
