@@ -118,9 +118,11 @@ def claim(path: str | os.PathLike, command: str, *, adopt=None) -> bool:
 
 
 def check_outside(source: str | os.PathLike, output: str | os.PathLike, what: str) -> None:
-    """Refuse an input ``source`` that lies inside (or is) the folder ``output``.
+    """Refuse an input ``source`` inside (or equal to) the folder ``output``, and the reverse.
 
-    A rebuild of ``output`` replaces what it holds; an input inside it would be lost.
+    A rebuild of ``output`` replaces what it holds, so an input inside it would be lost;
+    a folder ``source`` is read whole, so an output inside it would be read back as input
+    on the next run (prepare's own ``report.json`` as a corpus file).
     """
     src = Path(source).resolve()
     out = Path(output).resolve()
@@ -128,6 +130,11 @@ def check_outside(source: str | os.PathLike, output: str | os.PathLike, what: st
         raise FolderError(
             f"{what} {source} lies inside the output folder {output}; "
             "choose an output folder that does not contain the input"
+        )
+    if src.is_dir() and src in out.parents:
+        raise FolderError(
+            f"the output folder {output} lies inside the input folder {what} {source}, "
+            "which is read whole; choose an output folder outside the input"
         )
 
 

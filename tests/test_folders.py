@@ -67,6 +67,11 @@ def test_check_outside(tmp_path):
     for inside in (tmp_path / "out" / "in.jsonl", tmp_path / "out"):
         with pytest.raises(folders.FolderError, match="inside the output folder"):
             folders.check_outside(inside, tmp_path / "out", "--source")
+    src = tmp_path / "corpus"
+    src.mkdir()
+    with pytest.raises(folders.FolderError, match="lies inside the input folder"):
+        folders.check_outside(src, src / "prepared", "--source")
+    folders.check_outside(src / "a.jsonl", src / "prepared", "--source")  # a file: fine
 
 
 def _hold(path, ready, release):

@@ -116,6 +116,18 @@ def test_source_inside_the_output_is_refused(tmp_path, capsys):
     assert inside.is_file()
 
 
+def test_output_inside_a_source_folder_is_refused(tmp_path, capsys):
+    # A folder source is read whole: an output inside it would be read back as input
+    # (report.json, dataset_dict.json) on the next run.
+    src = tmp_path / "corpus"
+    write_jsonl(src / "p.jsonl")
+    code = prepare_cli("jsonl", "--source", str(src), "--output", str(src / "prepared"))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "lies inside the input folder" in err and err.count("\n") == 1
+    assert sorted(os.listdir(src)) == ["p.jsonl"]
+
+
 def test_force_on_its_own_folder_keeps_a_users_extra_entries(tmp_path):
     src = write_jsonl(tmp_path / "p.jsonl")
     out = tmp_path / "DIR"
