@@ -128,9 +128,22 @@ def test_repeated_slots_share_the_weight():
 
 
 def test_ridge_zero_on_singular_memory_raises_clear_error():
-    m = torch.randn(2, 6, 4)  # N > D: M M^T is singular
-    with pytest.raises(ValueError, match="full-rank"):
-        least_squares_attention(m, torch.randn(2, 4), ridge=0.0)
+    # N > D: M M^T is singular, but a float32 Cholesky can succeed on the round-off
+    # (it did with ATEN_CPU_CAPABILITY=default, issue 11): refused by shape.
+    for dtype in (torch.float32, torch.float64):
+        m = torch.randn(2, 6, 4, dtype=dtype)
+        with pytest.raises(ValueError, match=r"full-rank.*N=6 slots of dimension D=4"):
+            least_squares_attention(m, torch.randn(2, 4, dtype=dtype), ridge=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ridge_zero_on_a_zero_slot_names_the_singular_batch_element(dtype):
+    # N <= D but slot 1 of element 1 is zero: an exactly zero row and column of
+    # M M^T, hence an exactly zero pivot on every CPU (no round-off to hide it).
+    m = torch.randn(3, 4, 8, dtype=dtype)
+    m[1, 1] = 0
+    with pytest.raises(ValueError, match=r"full-rank.*batch element 1 is singular"):
+        least_squares_attention(m, torch.randn(3, 8, dtype=dtype), ridge=0.0)
 
 
 @pytest.mark.parametrize(

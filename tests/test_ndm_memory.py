@@ -53,18 +53,20 @@ def test_key_regularizer_zero_when_orthogonal_and_grows_as_keys_align():
 
 
 def test_low_rank_programs_equal_equivalent_full_rank():
-    low = ProgramMemory(num_programs=4, dim=10, key_dim=5, rank=3)
-    full = ProgramMemory(num_programs=4, dim=10, key_dim=5)
+    # Two ways to compute the same products: float64 (issue 11), so that the default
+    # tolerance (rtol 1e-7, atol 1e-7) is far above the round-off on any CPU.
+    low = ProgramMemory(num_programs=4, dim=10, key_dim=5, rank=3).double()
+    full = ProgramMemory(num_programs=4, dim=10, key_dim=5).double()
     with torch.no_grad():
         full.programs.copy_(low.full_programs())
         full.keys.copy_(low.keys)
-    x = torch.randn(6, 10)
+    x = torch.randn(6, 10, dtype=torch.float64)
     torch.testing.assert_close(low.apply_all(x), full.apply_all(x))
     # And the whole memory built on them gives the same slots.
     torch.manual_seed(3)
-    ndm_low = NeuralDecompositionalMemory(10, 3, 4, program_rank=3)
+    ndm_low = NeuralDecompositionalMemory(10, 3, 4, program_rank=3).double()
     torch.manual_seed(3)
-    ndm_full = NeuralDecompositionalMemory(10, 3, 4)
+    ndm_full = NeuralDecompositionalMemory(10, 3, 4).double()
     ndm_full.load_state_dict(
         {k: v for k, v in ndm_low.state_dict().items() if "program_" not in k}, strict=False
     )
@@ -82,7 +84,7 @@ def test_apply_all_is_each_program_times_x():
 
 
 def test_write_applies_programs_once_and_slots_are_program_mixtures():
-    ndm = NeuralDecompositionalMemory(8, 3, 4, context_dim=5)
+    ndm = NeuralDecompositionalMemory(8, 3, 4, context_dim=5).double()  # float64: see above
     calls = []
     original = ndm.programs.apply_all
 
@@ -91,7 +93,7 @@ def test_write_applies_programs_once_and_slots_are_program_mixtures():
         return original(x)
 
     ndm.programs.apply_all = counting
-    z, c = torch.randn(4, 8), torch.randn(4, 5)
+    z, c = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
     out = ndm(z, c)
     # Theta_p z computed once for all N slots (never N generated D x D networks).
     assert calls == [torch.Size([4, 8])]
@@ -99,7 +101,7 @@ def test_write_applies_programs_once_and_slots_are_program_mixtures():
     theta = ndm.programs.full_programs()  # (P, D, D)
     w_t = torch.einsum("bnp,pij->bnij", out.program_attention, theta)
     torch.testing.assert_close(out.slots, torch.einsum("bnij,bj->bni", w_t, z))
-    torch.testing.assert_close(out.program_attention.sum(-1), torch.ones(4, 3))
+    torch.testing.assert_close(out.program_attention.sum(-1), torch.ones(4, 3).double())
 
 
 def test_single_read_without_update_is_plain_projection():

@@ -127,7 +127,11 @@ PADDING_CASES = [
     "variant,backbone", PADDING_CASES, ids=[f"{v}-{b}" for v, b in PADDING_CASES]
 )
 def test_greedy_generation_is_padding_invariant(tok, variant, backbone):
-    model = make_model(variant, backbone, len(tok))
+    # float64 (issue 11): padding changes the matrix shapes, so float32 sums run in another
+    # order and the NDM read amplifies it to 1.65x the old 1e-5 tolerance (AMD, default
+    # kernels). In float64 the scores (cast to float32 by generate) came out identical under
+    # default/avx2/avx512 kernels; 1e-6 allows one float32 rounding step.
+    model = make_model(variant, backbone, len(tok)).double()
     contexts = [
         ["hello"],
         ["how are you today", "I am fine thanks what about you"],
@@ -160,5 +164,5 @@ def test_greedy_generation_is_padding_invariant(tok, variant, backbone):
         assert together.sequences[i].tolist() == alone.sequences[0].tolist(), where
         for step, (a, b) in enumerate(zip(together.scores, alone.scores, strict=True)):
             torch.testing.assert_close(
-                a[i], b[0], rtol=1e-5, atol=1e-5, msg=f"{where}, step {step}"
+                a[i], b[0], rtol=1e-6, atol=1e-6, msg=f"{where}, step {step}"
             )

@@ -81,6 +81,14 @@ def least_squares_attention(
         )
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0; got {ridge}")
+    if ridge == 0 and n > d:
+        # Singular whatever the values; in floating point the factorisation may
+        # still succeed on round-off (it did with float32 default kernels), so
+        # this case is refused by shape, not left to the pivots.
+        raise ValueError(
+            f"least_squares_attention with ridge=0 needs full-rank memory (N <= D); "
+            f"got N={n} slots of dimension D={d}. Use ridge > 0."
+        )
 
     dtype = _compute_dtype(memory, query)
     # Autocast must never reach the solve: it would run the Gram matrix and the

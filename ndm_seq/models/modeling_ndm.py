@@ -1004,10 +1004,13 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
         b = labels.shape[0]
         mask = labels != -100
         logits, targets = scored
-        out.nll = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum") / b
+        # At least float32 (bf16 logits under autocast), and float64 for a float64 model,
+        # so that the equivalence tests can compare two code paths in float64.
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        out.nll = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / b
         out.num_tokens = mask.sum()
         loss = out.nll
-        zero = logits.new_zeros((), dtype=torch.float32)  # the scored logits
+        zero = out.nll.new_zeros(())
         out.kl = out.kl_loss = out.bow = out.recon = out.orth = out.key_reg = zero
         if c.variant in ("cvae", "ndm"):
             kl_dim = lat["kl_dim"]
