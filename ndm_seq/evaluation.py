@@ -412,7 +412,7 @@ def score_model(
             if variant == "ndm":
                 # The same z as the forward pass (posterior mean), decomposed per example.
                 d = model.decompose(ids, mask, labels)
-                recon.append((d.z - d.composed).float().norm(dim=-1).cpu())  # (B,)
+                recon.append((d.z - d.composed).double().norm(dim=-1).cpu())  # (B,)
                 entropy.append(slot_weight_entropy(d.weights).cpu())
             bar.update(b)
         bar.close()
