@@ -273,14 +273,33 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ndm_seq.training import load_run_config, train
+    """Exit codes: 0 done, 2 a bad config or run folder (one line, nothing written),
+    1 no space left on device, 143 stopped by SIGTERM with a checkpoint saved."""
+    from ndm_seq.folders import FolderError
+    from ndm_seq.training import (
+        ConfigError,
+        DiskFullError,
+        TrainingInterrupted,
+        load_run_config,
+        train,
+    )
 
     try:
         run = load_run_config(args.config, args.overrides)
     except (FileNotFoundError, ValueError) as err:
         print(f"ndm-seq train: {err}", file=sys.stderr)
         return 2
-    final = train(run)
+    try:
+        final = train(run)
+    except (ConfigError, FolderError) as err:
+        print(f"ndm-seq train: {err}", file=sys.stderr)
+        return 2
+    except DiskFullError as err:
+        print(f"ndm-seq train: {err}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as err:
+        print(f"ndm-seq train: {err}", file=sys.stderr)
+        return TrainingInterrupted.exit_code
     print(f"trained model: {final}")
     print(f"training curves: {Path(run.output_dir) / 'training_curves.png'}")
     return 0
