@@ -1031,6 +1031,18 @@ def _rotate_checkpoints(folder: Path, limit: int | None, keep: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _file_log(out: Path, stack: contextlib.ExitStack) -> None:
+    """Log to ``out/train.log`` until ``stack`` closes."""
+    handler = _setup_file_log(out / "train.log")
+
+    def remove_handler():
+        for name in ("ndm_seq", "transformers"):
+            logging.getLogger(name).removeHandler(handler)
+        handler.close()
+
+    stack.callback(remove_handler)
+
+
 def _setup_file_log(path: Path) -> logging.Handler:
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -1067,9 +1079,9 @@ def _is_legacy_run_folder(path: Path) -> bool:
     """A run folder written before markers existed, recognised by content, not by names.
 
     Its ``config.yaml`` must be exactly what :func:`train` writes: a mapping with every
-    top-level key of :class:`RunConfig` that passes :func:`run_config_from_dict`, and
-    whose text is byte for byte ``yaml.safe_dump`` of itself (no comments, train's key
-    order and formatting). A user's hand-written ``config.yaml`` fails that.
+    top-level key of :class:`RunConfig` that passes :func:`run_config_from_dict`, keys in
+    the dataclasses' field order, and text that is byte for byte ``yaml.safe_dump`` of
+    itself (no comments, train's formatting). A user's hand-written ``config.yaml`` fails.
     """
     try:
         text = (path / "config.yaml").read_text(encoding="utf-8")
@@ -1079,7 +1091,16 @@ def _is_legacy_run_folder(path: Path) -> bool:
         run_config_from_dict(raw)
     except (OSError, ValueError, yaml.YAMLError):
         return False
-    return yaml.safe_dump(raw, sort_keys=False) == text
+
+    def in_field_order(keys, order) -> bool:
+        return list(keys) == [k for k in order if k in keys]
+
+    sections_ordered = all(in_field_order(raw[name], section_fields(name)) for name in _SECTIONS)
+    return (
+        in_field_order(raw, section_fields(""))
+        and sections_ordered
+        and yaml.safe_dump(raw, sort_keys=False) == text
+    )
 
 
 def _resolved(run: RunConfig) -> dict[str, Any]:
@@ -1208,6 +1229,7 @@ def _setup_run_folder(run: RunConfig, out: Path, stack: contextlib.ExitStack) ->
 
     folders.claim(out, "train", adopt=_is_legacy_run_folder)
     stack.enter_context(folders.exclusive(out, "train"))
+    _file_log(out, stack)  # the resume check's messages go to train.log too
     run = check_resume_config(run, out)
     _write_run_config(out, run)
     return run
@@ -1469,14 +1491,8 @@ def _train(run: RunConfig, stop: _StopOnSignal, stack: contextlib.ExitStack) -> 
             if not stored.is_file():
                 raise ConfigError(f"{out}: the main process did not set up the run folder")
             run = run_config_from_dict(yaml.safe_load(stored.read_text(encoding="utf-8")))
-    handler = _setup_file_log(out / "train.log")
-
-    def remove_handler():
-        for name in ("ndm_seq", "transformers"):
-            logging.getLogger(name).removeHandler(handler)
-        handler.close()
-
-    stack.callback(remove_handler)
+    if args.process_index != 0:
+        _file_log(out, stack)
     set_seed(run.seed)
     with args.main_process_first(desc="prepare data and tokenizer"):
         prepare_data(run)
