@@ -314,8 +314,13 @@ def add_train(sub: argparse._SubParsersAction) -> None:
             "Prepare the data, train the tokenizer and the model with transformers' Trainer, "
             "and write the run folder (config.yaml, tokenizer/, checkpoints/, model/, "
             "train.log, log_history.jsonl, training_curves.png). Resumes from the newest "
-            "checkpoint of the run folder unless training.resume=never. Runs unchanged under "
-            "torchrun / accelerate launch."
+            "checkpoint of the run folder unless training.resume=never; a config that changed "
+            "beyond the keys listed under training.resume is refused (training.resume=force "
+            "keeps the stored model, tokenizer and data config). A non-empty folder that is "
+            "not a run folder, or one another launch is using, is refused. SIGTERM saves a "
+            "checkpoint and exits with 143. Exit codes: 0 done, 2 bad config or folder, "
+            "1 disk full, 143 stopped by SIGTERM. Runs unchanged under torchrun / "
+            "accelerate launch."
         ),
     )
     p.add_argument("config", help="YAML run config (see recipes/<corpus>/*.yaml)")
