@@ -1449,8 +1449,8 @@ def _train(run: RunConfig, stop: _StopOnSignal, stack: contextlib.ExitStack) -> 
     out = Path(run.output_dir)
     if t.torch_threads:
         torch.set_num_threads(t.torch_threads)
-    # Built before the folder is touched (creating them writes nothing): its barrier
-    # lets the main process claim the folder before any other process uses it.
+    # Built before the folder is touched (creating them writes nothing); it sets up the
+    # process group the ranks use to wait for process 0's claim of the folder.
     args = TrainingArguments(
         output_dir=str(out / "checkpoints"),
         max_steps=t.max_steps,
@@ -1483,14 +1483,17 @@ def _train(run: RunConfig, stop: _StopOnSignal, stack: contextlib.ExitStack) -> 
         dataloader_pin_memory=torch.cuda.is_available(),
         **_precision(t.precision),
     )
-    with args.main_process_first(local=False, desc="claim the run folder"):
-        if args.process_index == 0:
-            run = _setup_run_folder(run, out, stack)
-        else:  # the config the main process checked and recorded (force may change it)
-            stored = out / "config.yaml"
-            if not stored.is_file():
-                raise ConfigError(f"{out}: the main process did not set up the run folder")
-            run = run_config_from_dict(yaml.safe_load(stored.read_text(encoding="utf-8")))
+    if args.process_index == 0:
+        run = _setup_run_folder(run, out, stack)
+    if args.world_size > 1:
+        # The other ranks wait here until process 0 has claimed the folder and checked the
+        # config, then take the config it recorded (force may have changed it). If process
+        # 0 failed, they wait until the launcher stops them: never on a stale config.
+        from accelerate.utils import broadcast_object_list
+
+        payload = [run.to_dict() if args.process_index == 0 else None]
+        broadcast_object_list(payload, from_process=0)
+        run = run_config_from_dict(payload[0])
     if args.process_index != 0:
         _file_log(out, stack)
     set_seed(run.seed)
