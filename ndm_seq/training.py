@@ -1310,16 +1310,17 @@ class _StopOnSignal:
 
     def uninstall(self) -> None:
         if self.installed:
-            signal.signal(signal.SIGTERM, self.previous)
-            self.installed = False
+            self._restore()
+
+    def _restore(self) -> None:
+        # None: the previous handler was not set from Python; the default is the best guess.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if self.previous is None else self.previous)
+        self.installed = False
 
     def _handle(self, signum, frame) -> None:
+        # Only a flag (and the old handler back): the callback logs and stops at the step end.
         self.requested = True
-        signal.signal(signal.SIGTERM, self.previous)
-        self.installed = False
-        logger.warning(
-            "SIGTERM received: saving a checkpoint at the end of this step, then stopping"
-        )
+        self._restore()
 
     def callback(self):
         from transformers import TrainerCallback
@@ -1332,6 +1333,10 @@ class _StopOnSignal:
                 if stop.reduce is not None:
                     flag = stop.reduce(flag)
                 if flag and state.global_step < state.max_steps:
+                    logger.warning(
+                        "SIGTERM received: saving a checkpoint at step %d, then stopping",
+                        state.global_step,
+                    )
                     stop.stopped_at = state.global_step
                     control.should_save = True
                     control.should_training_stop = True

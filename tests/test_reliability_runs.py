@@ -316,6 +316,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_run(
     assert T.checkpoint_problem(run_dir / "checkpoints/checkpoint-3") is None
     assert not (run_dir / "model").exists()  # not finished: no final model
     assert _training_rows(run_dir) == [1, 2, 3]
+    assert "SIGTERM received: saving a checkpoint at step 3" in (run_dir / "train.log").read_text()
     code, err = _train_cli(capsys, config)  # resumed (in this process)
     assert code == 0, err
     assert (
