@@ -205,6 +205,17 @@ def test_resume_force_keeps_the_stored_model_tokenizer_and_data(tmp_path, prepar
     assert "training.resume=force" in (run_dir / "train.log").read_text()
 
 
+def test_resume_never_with_a_new_tokenizer_config_retrains_the_tokenizer(tmp_path, prepared, half):
+    run_dir = _copy_run(half, tmp_path)
+    stored_vocab = json.loads((half / "model/config.json").read_text())["vocab_size"]
+    run = T.run_config_from_dict(jsonl_run_config(tmp_path, prepared, max_steps=4, resume="never"))
+    run.tokenizer.vocab_size = 300
+    final = T.train(run)
+    assert stored_vocab > 300
+    assert json.loads((final / "config.json").read_text())["vocab_size"] == 300
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["tokenizer"]["vocab_size"] == 300
+
+
 # ----------------------------------------------------------------------------- lock
 
 # A launch paused inside training (after step 2's end) until the test releases it.
