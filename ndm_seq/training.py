@@ -20,7 +20,13 @@ what is specific to latent-variable dialogue models:
 * the run folder: ``config.yaml`` (resolved), ``tokenizer/``,
   ``checkpoints/``, ``model/`` (an HF directory with the tokenizer, loadable
   by ``from_pretrained``), ``train.log``, ``log_history.jsonl`` and
-  ``training_curves.png``.
+  ``training_curves.png``. It is train's own (``ndm_seq.folders`` marker; a user's
+  folder is refused), one launch at a time (a lock naming its holder), and a resume
+  whose config changed beyond ``RESUME_MAY_CHANGE`` is refused before anything is
+  written;
+* every config value type- and range-checked when the config loads (:class:`ConfigError`);
+* SIGTERM saves a checkpoint and stops (:class:`TrainingInterrupted`); a full disk
+  gives :class:`DiskFullError` and leaves the newest complete checkpoint.
 
 The global batch is ``training.batch_size`` whatever the number of processes:
 batches are split across processes (accelerate's ``split_batches``), so a
@@ -503,8 +509,6 @@ def run_config_from_dict(raw: dict, where: str = "config") -> RunConfig:
         raise ConfigError(f"{where}: output_dir={kwargs['output_dir']!r}: expected a folder path")
     run = RunConfig(**kwargs)
     _check_pair_options(run.data.options, run.data.vmed_preprocessing, where)
-    if "model" not in raw:
-        _check_model(run.model, where)
     return run
 
 
