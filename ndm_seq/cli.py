@@ -308,14 +308,33 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ndm_seq.training import load_run_config, train
+    """Exit codes: 0 done, 2 a bad config or run folder (one line, nothing written),
+    1 no space left on device, 143 stopped by SIGTERM with a checkpoint saved."""
+    from ndm_seq.folders import FolderError
+    from ndm_seq.training import (
+        ConfigError,
+        DiskFullError,
+        TrainingInterrupted,
+        load_run_config,
+        train,
+    )
 
     try:
         run = load_run_config(args.config, args.overrides)
     except (FileNotFoundError, ValueError) as err:
         print(f"ndm-seq train: {err}", file=sys.stderr)
         return 2
-    final = train(run)
+    try:
+        final = train(run)
+    except (ConfigError, FolderError) as err:
+        print(f"ndm-seq train: {err}", file=sys.stderr)
+        return 2
+    except DiskFullError as err:
+        print(f"ndm-seq train: {err}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as err:
+        print(f"ndm-seq train: {err}", file=sys.stderr)
+        return TrainingInterrupted.exit_code
     print(f"trained model: {final}")
     print(f"training curves: {Path(run.output_dir) / 'training_curves.png'}")
     return 0
@@ -330,8 +349,13 @@ def add_train(sub: argparse._SubParsersAction) -> None:
             "Prepare the data, train the tokenizer and the model with transformers' Trainer, "
             "and write the run folder (config.yaml, tokenizer/, checkpoints/, model/, "
             "train.log, log_history.jsonl, training_curves.png). Resumes from the newest "
-            "checkpoint of the run folder unless training.resume=never. Runs unchanged under "
-            "torchrun / accelerate launch."
+            "checkpoint of the run folder unless training.resume=never; a config that changed "
+            "beyond the keys listed under training.resume is refused (training.resume=force "
+            "keeps the stored model, tokenizer and data config). A non-empty folder that is "
+            "not a run folder, or one another launch is using, is refused. SIGTERM saves a "
+            "checkpoint and exits with 143. Exit codes: 0 done, 2 bad config or folder, "
+            "1 disk full, 143 stopped by SIGTERM. Runs unchanged under torchrun / "
+            "accelerate launch."
         ),
     )
     p.add_argument("config", help="YAML run config (see recipes/<corpus>/*.yaml)")

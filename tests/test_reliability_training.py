@@ -140,8 +140,10 @@ def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, prepared, monkeypatc
 
 
 def test_max_nonfinite_steps_must_be_positive(tmp_path, prepared, monkeypatch):
-    with pytest.raises(ValueError, match="max_nonfinite_steps must be >= 1; got 0"):
+    # Refused when the config loads (issue 11), before the run folder is touched.
+    with pytest.raises(ValueError, match="max_nonfinite_steps=0: expected an integer > 0"):
         T.train(_run_config(tmp_path, prepared, max_nonfinite_steps=0, max_steps=1))
+    assert not (tmp_path / "run").exists()
 
 
 def test_save_model_refuses_nonfinite_weights(tmp_path):
