@@ -751,7 +751,10 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    """Exit codes as `train`'s: 0 done, 2 a bad config or folder, 1 no space left on
+    device, 143 stopped by SIGTERM (the run's checkpoint saved); 130 on Ctrl-C."""
     from ndm_seq.compare import compare
+    from ndm_seq.training import DiskFullError, TrainingInterrupted
 
     try:
         report = compare(
@@ -764,6 +767,12 @@ def _compare(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"ndm-seq compare: {err}", file=sys.stderr)
         return 2
+    except DiskFullError as err:
+        print(f"ndm-seq compare: {err}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as err:
+        print(f"ndm-seq compare: {err}", file=sys.stderr)
+        return TrainingInterrupted.exit_code
     except KeyboardInterrupt:
         return _interrupted("compare")
     print()

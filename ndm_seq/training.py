@@ -1578,6 +1578,13 @@ def _train(run: RunConfig, stop: _StopOnSignal, stack: contextlib.ExitStack) -> 
     elif trainer.is_world_process_zero():
         # A fresh run starts a fresh history (a resumed one appends to it).
         history.unlink(missing_ok=True)
+        if t.resume == "never":
+            # The checkpoints of the run this one replaces (train's own, in its own
+            # folder): left in place, a later `resume: auto` after a kill before this
+            # run's first save would continue the old run's weights.
+            for old in _checkpoints(out / "checkpoints") if (out / "checkpoints").is_dir() else []:
+                logger.info("training.resume=never: removing the earlier run's %s", old.name)
+                shutil.rmtree(old)
     if stop.requested:
         raise TrainingInterrupted(
             f"stopped by SIGTERM before training started; nothing new saved in {out}"

@@ -207,3 +207,26 @@ def test_make_demo_layout_runs_twice_on_its_own_folder(tmp_path, capsys):
     assert "reusing the trained model" in capsys.readouterr().out
     assert (out / "smoke" / "model" / "model.safetensors").read_bytes() == model
     assert folders.owner(out) == "ndm-seq compare"
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [("DiskFullError", 1), ("TrainingInterrupted", 143)],
+)
+def test_compare_reports_a_training_failure_in_one_line(
+    data_dir, tmp_path, capsys, monkeypatch, error, code
+):
+    import ndm_seq.compare
+    import ndm_seq.training
+
+    def failing_train(run):
+        raise getattr(ndm_seq.training, error)(f"simulated {error}")
+
+    monkeypatch.setattr(ndm_seq.compare, "train", failing_train)
+    config = _config(tmp_path, data_dir)
+    run = tmp_path / "runs" / "run"
+    args = ["compare", str(config), "--output", str(tmp_path / "cmp"), "--set", f"output_dir={run}"]
+    assert main(args) == code
+    assert (
+        _one_error_line(capsys.readouterr().err, "compare") == f"ndm-seq compare: simulated {error}"
+    )

@@ -197,7 +197,6 @@ def test_resume_force_keeps_the_stored_model_tokenizer_and_data(tmp_path, prepar
     assert "model.num_slots: 2 -> 3" in err and "tokenizer.vocab_size: 500 -> 300" in err
     assert "using the changed training.learning_rate: 0.01 -> 0.02" in err
     stored = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert stored["model"]["num_slots"] if "num_slots" in stored["model"] else True
     assert "num_slots" not in stored["model"] and stored["tokenizer"]["vocab_size"] == 500
     assert stored["training"]["learning_rate"] == 0.02 and stored["training"]["max_steps"] == 6
     assert json.loads((run_dir / "model/config.json").read_text())["num_slots"] == 2
@@ -210,7 +209,14 @@ def test_resume_never_with_a_new_tokenizer_config_retrains_the_tokenizer(tmp_pat
     stored_vocab = json.loads((half / "model/config.json").read_text())["vocab_size"]
     run = T.run_config_from_dict(jsonl_run_config(tmp_path, prepared, max_steps=4, resume="never"))
     run.tokenizer.vocab_size = 300
+    run.training.max_steps = 2  # stops before checkpoint-4: the old run's must not stay
+    assert (run_dir / "checkpoints" / "checkpoint-4").is_dir()
     final = T.train(run)
+    assert not (run_dir / "checkpoints" / "checkpoint-4").exists()
+    assert T._latest_checkpoint(run_dir / "checkpoints") in (
+        None,
+        str(run_dir / "checkpoints" / "checkpoint-2"),
+    )
     assert stored_vocab > 300
     assert json.loads((final / "config.json").read_text())["vocab_size"] == 300
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["tokenizer"]["vocab_size"] == 300
