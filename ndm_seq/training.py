@@ -171,8 +171,9 @@ class TrainingSection:
     Any other change is refused, naming the keys, unless ``force``: then the stored
     ``model``, ``tokenizer`` and ``data`` sections are kept (the checkpoint and tokenizer
     were built with them) and the other changes are used, and a warning says which.
-    With ``never`` the stored config is replaced; the stored tokenizer is retrained when
-    ``seed``, ``tokenizer`` or ``data`` changed."""
+    With ``never`` the stored config is replaced and the earlier run's checkpoints are
+    removed; the stored tokenizer is retrained when ``seed``, ``tokenizer`` or ``data``
+    changed."""
     precision: str = "auto"
     """``auto`` (bf16 on a CUDA device that supports it, else fp32), ``fp32``, ``bf16``, ``fp16``."""
     dataloader_workers: int = 0
