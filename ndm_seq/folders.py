@@ -139,16 +139,18 @@ def check_outside(source: str | os.PathLike, output: str | os.PathLike, what: st
 
 
 @contextlib.contextmanager
-def exclusive(path: str | os.PathLike, command: str) -> Iterator[None]:
-    """Hold ``path``'s lock for the body; a second holder gets :class:`FolderBusy` at once.
+def exclusive(path: str | os.PathLike, command: str, wait: float = 0) -> Iterator[None]:
+    """Hold ``path``'s lock for the body; a second holder gets :class:`FolderBusy`.
 
     ``path`` must exist (call :func:`claim` first). The lock is advisory and per launch:
     a torchrun launch takes it on rank 0 only, so its other ranks are not refused.
+    ``wait``: seconds to wait for the holder to finish before giving up (0: at once,
+    what a second launch gets; the ranks of one launch that take turns wait).
     """
     from filelock import FileLock, Timeout
 
     path = Path(path)
-    lock = FileLock(str(path / LOCK), timeout=0)
+    lock = FileLock(str(path / LOCK), timeout=wait)
     try:
         lock.acquire()
     except Timeout:

@@ -527,28 +527,19 @@ def _non_main_rank() -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _locked(output: Path) -> Iterator[None]:
+def _locked(output: Path) -> contextlib.AbstractContextManager:
     """Hold `output`'s prepare lock; a second launch is refused at once (`FolderBusy`).
 
     The other ranks of one torchrun launch run prepare after rank 0 (under
     `main_process_first`) but together with each other; they wait for the lock
     (each finds rank 0's cache and is done in moments) instead of being refused.
     """
-    deadline = time.monotonic() + _RANK_WAIT_SECONDS
-    with contextlib.ExitStack() as stack:
-        while True:
-            try:
-                stack.enter_context(folders.exclusive(output, "prepare"))
-                break
-            except folders.FolderBusy:
-                if not _non_main_rank() or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-        yield
+    wait = _RANK_WAIT_SECONDS if _non_main_rank() else 0
+    return folders.exclusive(output, "prepare", wait=wait)
 
 
 _RANK_WAIT_SECONDS = 600.0
+"""How long a non-zero rank waits for the rank ahead of it in the lock."""
 
 
 def _pairs_cached(output: Path, previous: dict | None, fp: str) -> bool:
