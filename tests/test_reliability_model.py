@@ -267,10 +267,21 @@ def test_chat_with_an_invalid_utf8_line_on_stdin_goes_on(model_dir):
     assert "  1. hello\n" in out and "  2. " in out and "  3. " not in out  # /history ran
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_in_chat_exits_130_without_a_traceback(model_dir):
     cmd = [*CLI, "chat", str(model_dir), "-n", "1", "--max-new-tokens", "3", "--seed", "0"]
     proc = subprocess.Popen(
-        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV
+        cmd,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV,
+        # A shell starts background jobs with SIGINT ignored, and the child would inherit
+        # that (then EOF ends the chat with 0): give it the terminal's default disposition.
+        preexec_fn=_default_sigint,
     )
     try:
         proc.stdin.write(b"hello\n")
