@@ -322,22 +322,28 @@ def _train(args: argparse.Namespace) -> int:
     try:
         run = load_run_config(args.config, args.overrides)
     except (FileNotFoundError, ValueError) as err:
-        print(f"ndm-seq train: {err}", file=sys.stderr)
-        return 2
+        return _training_exit("train", err)
     try:
         final = train(run)
-    except (ConfigError, FolderError) as err:
-        print(f"ndm-seq train: {err}", file=sys.stderr)
-        return 2
-    except DiskFullError as err:
-        print(f"ndm-seq train: {err}", file=sys.stderr)
-        return 1
-    except TrainingInterrupted as err:
-        print(f"ndm-seq train: {err}", file=sys.stderr)
-        return TrainingInterrupted.exit_code
+    except (ConfigError, FolderError, DiskFullError, TrainingInterrupted) as err:
+        return _training_exit("train", err)
     print(f"trained model: {final}")
     print(f"training curves: {Path(run.output_dir) / 'training_curves.png'}")
     return 0
+
+
+def _training_exit(cmd: str, err: Exception) -> int:
+    """Report a documented failure of training (``train``, or ``compare`` training a run)
+    in one line; returns its exit code: 1 no space left on device, 143 stopped by SIGTERM
+    (checkpoint saved), 2 otherwise (a bad config or folder: nothing written)."""
+    from ndm_seq.training import DiskFullError, TrainingInterrupted
+
+    print(f"ndm-seq {cmd}: {err}", file=sys.stderr)
+    if isinstance(err, DiskFullError):
+        return 1
+    if isinstance(err, TrainingInterrupted):
+        return TrainingInterrupted.exit_code
+    return 2
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
@@ -764,15 +770,8 @@ def _compare(args: argparse.Namespace) -> int:
             retrain=args.retrain,
             progress=not args.no_progress,
         )
-    except (FileNotFoundError, ValueError) as err:
-        print(f"ndm-seq compare: {err}", file=sys.stderr)
-        return 2
-    except DiskFullError as err:
-        print(f"ndm-seq compare: {err}", file=sys.stderr)
-        return 1
-    except TrainingInterrupted as err:
-        print(f"ndm-seq compare: {err}", file=sys.stderr)
-        return TrainingInterrupted.exit_code
+    except (FileNotFoundError, ValueError, DiskFullError, TrainingInterrupted) as err:
+        return _training_exit("compare", err)
     except KeyboardInterrupt:
         return _interrupted("compare")
     print()

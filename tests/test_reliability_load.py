@@ -18,26 +18,15 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import TINY_WORDS as WORDS
 
-import ndm_seq
-
-WORDS = "i you we like tea coffee the park rain sun today why not yes no maybe go home".split()
 GROWTH_KIB = 16 * 1024
 ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    lines = [" ".join(rng.choices(WORDS, k=rng.randint(2, 9))) + "." for _ in range(400)]
-    tok = ndm_seq.NDMTokenizer.train(lines, vocab_size=300, num_threads=1)
-    torch.manual_seed(0)
-    config = ndm_seq.NDMConfig.preset("tiny", variant="ndm", backbone="gru", vocab_size=len(tok))
-    path = tmp_path_factory.mktemp("model") / "ndm-gru"
-    ndm_seq.NDMForConversation(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+def model_dir(tiny_ndm_gru) -> Path:
+    return tiny_ndm_gru
 
 
 def _contexts(path: Path, n: int) -> Path:

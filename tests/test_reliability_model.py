@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import random
 import re
 import shutil
 import signal
@@ -39,22 +38,13 @@ from ndm_seq.cli import main
 from ndm_seq.evaluation import ChatSession, chat_loop, check_text, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = "i you we like tea coffee the park rain sun today why not yes no maybe go home".split()
 ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 CLI = [sys.executable, "-m", "ndm_seq.cli"]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    lines = [" ".join(rng.choices(WORDS, k=rng.randint(2, 9))) + "." for _ in range(400)]
-    tok = ndm_seq.NDMTokenizer.train(lines, vocab_size=300, num_threads=1)
-    torch.manual_seed(0)
-    config = ndm_seq.NDMConfig.preset("tiny", variant="ndm", backbone="gru", vocab_size=len(tok))
-    path = tmp_path_factory.mktemp("model") / "ndm-gru"
-    ndm_seq.NDMForConversation(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+def model_dir(tiny_ndm_gru) -> Path:
+    return tiny_ndm_gru
 
 
 def _edited(model_dir: Path, tmp_path: Path, edit) -> Path:
