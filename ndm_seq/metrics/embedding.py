@@ -97,6 +97,23 @@ def _open_lines(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
+def _parse_vector(fields: list[str], dim: int | None) -> np.ndarray | tuple[str, str]:
+    """The ``(D,)`` float32 vector of one ``word v_1 ... v_D`` line split into
+    ``fields``, or ``(reason, detail)`` when the line is malformed (``dim``: the
+    dimension seen so far, ``None`` before the first vector or header)."""
+    if dim is not None and len(fields) != dim + 1:
+        return "field_count", f"expected a word and {dim} values, got {len(fields)} fields"
+    if len(fields) < 2:
+        return "field_count", "a word with no values"
+    try:
+        vec = np.array([float(x) for x in fields[1:]], dtype=np.float32)
+    except ValueError:
+        return "not_a_number", "a value is not a number"
+    if not np.isfinite(vec).all():
+        return "non_finite", "a value is inf or nan"
+    return vec
+
+
 def load_word_vectors(
     path: str | Path,
     vocabulary: Iterable[str] | None = None,
@@ -166,23 +183,9 @@ def load_word_vectors(
             if wanted is not None and word not in wanted:
                 report.filtered += 1
                 continue
-            if report.dim is not None and len(fields) != report.dim + 1:
-                skip(
-                    lineno,
-                    "field_count",
-                    f"expected a word and {report.dim} values, got {len(fields)} fields",
-                )
-                continue
-            if len(fields) < 2:
-                skip(lineno, "field_count", "a word with no values")
-                continue
-            try:
-                vec = np.array([float(x) for x in fields[1:]], dtype=np.float32)
-            except ValueError:
-                skip(lineno, "not_a_number", "a value is not a number")
-                continue
-            if not np.isfinite(vec).all():
-                skip(lineno, "non_finite", "a value is inf or nan")
+            vec = _parse_vector(fields, report.dim)
+            if isinstance(vec, tuple):  # (reason, detail): malformed
+                skip(lineno, *vec)
                 continue
             if word in index:
                 skip(lineno, "duplicate", f"repeated word {word!r} (first occurrence kept)")
