@@ -267,8 +267,6 @@ def prepare(cfg: PrepareConfig, tokenizer: Any = None) -> dict[str, Any]:
 
 
 def _prepare_locked(cfg: PrepareConfig, output: Path, fp: str, tokenizer: Any) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
     remove_stale_staging(output)
     previous = previous_report(output)
     t0 = time.perf_counter()
@@ -276,68 +274,85 @@ def _prepare_locked(cfg: PrepareConfig, output: Path, fp: str, tokenizer: Any) -
         report = dict(previous)
         report["cached"] = True
     else:
-        staging = Staging(output)
-        try:
-            bar = tqdm(desc=f"prepare {cfg.corpus}", unit=" lines", disable=not cfg.progress)
-            log = ReadLog(strict=cfg.strict, progress=bar)
-            try:
-                examples = read_examples(cfg, log)
-                stats = write_pairs(examples, cfg.options, cfg.source, staging.new, fp)
-                bar.update(log.lines % 8192)
-            finally:
-                bar.close()
-            total = sum(s.pairs for s in stats.values())
-            seconds = time.perf_counter() - t0
-            if total == 0:
-                summary = log.summary()
-                raise CorpusError(
-                    f"no pairs produced from {log.lines} {_read_unit(cfg)} read; skipped: "
-                    f"{summary['skipped']['by_reason'] or 'none'}, filtered: "
-                    f"{summary['filtered'] or 'none'}",
-                    str(cfg.source if cfg.source is not None else cfg.corpus),
-                )
-            report = _pairs_report(cfg, output, fp, stats, log, seconds)
-            (staging.new / REPORT).write_text(json.dumps(report, indent=2), encoding="utf-8")
-            # The old report goes first and the new one last: a crash in between
-            # leaves no report, so the next run rebuilds instead of trusting a mix.
-            staging.retire(REPORT)
-            staging.retire(TOKENIZED)  # built from the old pairs
-            staging.swap([*PAIRS_ENTRIES, REPORT])
-        finally:
-            staging.remove()
-
+        report = _build_pairs(cfg, output, fp, t0)
     if tokenizer is not None:
-        tok_fp = digest(
-            {
-                "pairs": fp,
-                "tokenizer": tokenizer_fingerprint(tokenizer),
-                "max_source_tokens": cfg.max_source_tokens,
-                "max_target_tokens": cfg.max_target_tokens,
-                "format_version": FORMAT_VERSION,
-            }
-        )
-        done = report.get("tokenized") or {}
-        if (
-            cfg.force
-            or done.get("fingerprint") != tok_fp
-            or not (output / TOKENIZED / "dataset_dict.json").is_file()
-        ):
-            tokenized = write_tokenized(
-                output,
-                tokenizer,
-                tok_fp,
-                cfg.max_source_tokens,
-                cfg.max_target_tokens,
-                cfg.num_proc,
-            )
-            report["tokenized"] = {**tokenized, "cached": False}
-        else:
-            report["tokenized"] = {**done, "cached": True}
-        report["fingerprint"]["tokenized"] = tok_fp
-        stored = {k: v for k, v in report.items() if k != "cached"}
-        stored["cached"] = False
-        write_report(output, stored)
+        _add_tokenized(cfg, output, fp, tokenizer, report)
     return report
+
+
+def _build_pairs(cfg: PrepareConfig, output: Path, fp: str, t0: float) -> dict[str, Any]:
+    """Read, split and write the pairs, then swap them and their report into `output`.
+
+    `t0` is when the build started (`time.perf_counter`), for the report's speed.
+    """
+    from tqdm.auto import tqdm
+
+    staging = Staging(output)
+    try:
+        bar = tqdm(desc=f"prepare {cfg.corpus}", unit=" lines", disable=not cfg.progress)
+        log = ReadLog(strict=cfg.strict, progress=bar)
+        try:
+            examples = read_examples(cfg, log)
+            stats = write_pairs(examples, cfg.options, cfg.source, staging.new, fp)
+            bar.update(log.lines % 8192)
+        finally:
+            bar.close()
+        total = sum(s.pairs for s in stats.values())
+        seconds = time.perf_counter() - t0
+        if total == 0:
+            summary = log.summary()
+            raise CorpusError(
+                f"no pairs produced from {log.lines} {_read_unit(cfg)} read; skipped: "
+                f"{summary['skipped']['by_reason'] or 'none'}, filtered: "
+                f"{summary['filtered'] or 'none'}",
+                str(cfg.source if cfg.source is not None else cfg.corpus),
+            )
+        report = _pairs_report(cfg, output, fp, stats, log, seconds)
+        (staging.new / REPORT).write_text(json.dumps(report, indent=2), encoding="utf-8")
+        # The old report goes first and the new one last: a crash in between
+        # leaves no report, so the next run rebuilds instead of trusting a mix.
+        staging.retire(REPORT)
+        staging.retire(TOKENIZED)  # built from the old pairs
+        staging.swap([*PAIRS_ENTRIES, REPORT])
+    finally:
+        staging.remove()
+    return report
+
+
+def _add_tokenized(
+    cfg: PrepareConfig, output: Path, fp: str, tokenizer: Any, report: dict[str, Any]
+) -> None:
+    """Build (or reuse) `output/tokenized/`, record it in `report` and rewrite report.json."""
+    tok_fp = digest(
+        {
+            "pairs": fp,
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "max_source_tokens": cfg.max_source_tokens,
+            "max_target_tokens": cfg.max_target_tokens,
+            "format_version": FORMAT_VERSION,
+        }
+    )
+    done = report.get("tokenized") or {}
+    if (
+        cfg.force
+        or done.get("fingerprint") != tok_fp
+        or not (output / TOKENIZED / "dataset_dict.json").is_file()
+    ):
+        tokenized = write_tokenized(
+            output,
+            tokenizer,
+            tok_fp,
+            cfg.max_source_tokens,
+            cfg.max_target_tokens,
+            cfg.num_proc,
+        )
+        report["tokenized"] = {**tokenized, "cached": False}
+    else:
+        report["tokenized"] = {**done, "cached": True}
+    report["fingerprint"]["tokenized"] = tok_fp
+    stored = {k: v for k, v in report.items() if k != "cached"}
+    stored["cached"] = False
+    write_report(output, stored)
 
 
 def _read_unit(cfg: PrepareConfig) -> str:

@@ -25,6 +25,9 @@ Formats (see `data/<corpus>/README.md` for sources and licences):
   "sender", "timestamp"}, ...], ...]}}`.
 - JSON Lines: `{"context": [str, ...], "response": str}` per line, optionally
   `"conversation_id": str` (yields `Pair`s directly).
+
+One module per corpus (`cornell`, `opensubtitles`, `chitchat`, `jsonl`);
+`common` holds `Turn`, `Pair` and the file handling the readers share.
 """
 
 from ndm_seq.data.readers.chitchat import chitchat_default_path, read_chitchat
