@@ -16,14 +16,23 @@ SECTION = r"(\d+(?:\.\d+)?[a-z]?)"
 #: ``docs/design.md §2, §3, §7``, ``docs/design.md §8.4``.
 REFERENCE = re.compile(rf"docs/design\.md §{SECTION}(?:(?:, |-| and )§{SECTION})*")
 HEADING = re.compile(rf"^#{{2,4}} {SECTION}\.? ", re.M)
-#: Files that may cite the design: code, tests, and the other docs.
+#: Files that may cite the design: code, tests, and the docs (named folders only: a
+#: virtual environment or a raw corpus under data/ is not walked).
+PATTERNS = (
+    "ndm_seq/**/*.py",
+    "tests/**/*.py",
+    "*.md",
+    "docs/**/*.md",
+    "recipes/**/*.md",
+    "data/*.md",
+    "data/*/README.md",
+    "benchmarks/**/*.md",
+    "pyproject.toml",
+    "Makefile",
+)
 SOURCES = sorted(
-    p
-    for pattern in ("ndm_seq/**/*.py", "tests/**/*.py", "**/*.md", "pyproject.toml", "Makefile")
-    for p in ROOT.glob(pattern)
-    if p.is_file()
-    and p != Path(__file__).resolve()
-    and not {".venv", ".venv-latest", "runs", "build"} & set(p.relative_to(ROOT).parts)
+    {p for pattern in PATTERNS for p in ROOT.glob(pattern) if p.is_file()}
+    - {Path(__file__).resolve()}
 )
 
 
