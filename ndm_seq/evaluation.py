@@ -1,4 +1,4 @@
-"""Evaluation of trained models (DESIGN §5): model-side scores, sampled responses, reports.
+"""Evaluation of trained models (docs/design.md §5): model-side scores, sampled responses, reports.
 
 One module, used by ``ndm-seq evaluate`` / ``sample`` / ``chat`` and by the
 trainer's validation, so every number means the same thing everywhere.
@@ -105,7 +105,7 @@ __all__ = [
     "stream_samples",
 ]
 
-#: Model-side keys of every variant, in the order of DESIGN §7.
+#: Model-side keys of every variant, in the order of docs/design.md §7.
 MODEL_METRIC_KEYS: tuple[str, ...] = ("kl", "nll", "ppl", "active_units")
 #: Extra keys of the ndm variant.
 NDM_METRIC_KEYS: tuple[str, ...] = ("latent_recon_error", "slot_weight_entropy")
@@ -504,7 +504,7 @@ def generate_samples(
     seed: int | None = 0,
     progress: bool = False,
 ) -> GeneratedResponses:
-    """Sample responses per context, as DESIGN §5 evaluates them.
+    """Sample responses per context, as docs/design.md §5 evaluates them.
 
     * Latent variants (cvae, vmed, ndm): ``num_samples`` responses per context,
       each from its own draw of the prior (``z ~ p(z|c)``; vmed: the per-step
@@ -676,7 +676,7 @@ def evaluate_pairs(
     seed: int | None = 0,
     progress: bool = False,
 ) -> tuple[dict[str, float | int], GeneratedResponses]:
-    """Every metric of DESIGN §5 over (context, reference) pairs, in memory.
+    """Every metric of docs/design.md §5 over (context, reference) pairs, in memory.
 
     :func:`score_model` + :func:`generate_samples` + :func:`text_metrics`
     (+ :func:`ndm_seq.metrics.embedding_similarity` of the first responses);
@@ -788,7 +788,7 @@ def evaluate(
 
     Writes into ``output_dir`` (default ``MODEL_DIR/eval-SPLIT``):
 
-    * ``metrics.json``: the flat keys of :func:`metric_keys` (DESIGN §7); a
+    * ``metrics.json``: the flat keys of :func:`metric_keys` (docs/design.md §7); a
       value that is not finite (``self_bleu`` with one sample) is ``null``;
     * ``samples.jsonl``: one object per context, ``{"context": [...],
       "reference": str, "samples": [S strings]}`` (seq2seq adds ``"greedy"``);
@@ -802,7 +802,7 @@ def evaluate(
         data_dir: a prepared dataset (``ndm-seq prepare``), split columns
             ``context`` (list of str) and ``response`` (str).
         split: the split to evaluate.
-        samples: S, samples per context (>= 1; 10 as in DESIGN §5).
+        samples: S, samples per context (>= 1; 10 as in docs/design.md §5).
         max_contexts: evaluate a subset of this many contexts, drawn with
             ``seed`` and kept in split order (None: all).
         output_dir: where to write: a new or empty folder (created and marked as

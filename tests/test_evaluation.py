@@ -1,4 +1,4 @@
-"""Evaluation (DESIGN §5, §7): model-side scores, sampling, reports, comparison, chat."""
+"""Evaluation (docs/design.md §5, §7): model-side scores, sampling, reports, comparison, chat."""
 
 from __future__ import annotations
 

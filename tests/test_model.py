@@ -1,4 +1,4 @@
-"""The model family: every variant x backbone on the tiny preset (DESIGN §2-§3)."""
+"""The model family: every variant x backbone on the tiny preset (docs/design.md §2-§3)."""
 
 import itertools
 import os

@@ -372,7 +372,7 @@ def test_registration_with_ndm_config(tok, tmp_path):
     expected = f"ndm_seq.tokenization_ndm.NDMTokenizer {tok.encode('hello there')}"
     # register_tokenizer() without arguments maps NDMConfig to NDMTokenizer.
     assert results["registered"] == expected, out.stdout
-    # DESIGN §7: `import ndm_seq` registers the Auto classes. Checked once the package
+    # docs/design.md §7: `import ndm_seq` registers the Auto classes. Checked once the package
     # exposes NDMConfig (until then __init__ is not wired up).
     exposes_config, import_only = results["import_only"].split(" ", 1)
     if exposes_config == "True":

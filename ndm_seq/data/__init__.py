@@ -1,4 +1,4 @@
-"""Dialogue corpora in, context-response pairs out (DESIGN §4).
+"""Dialogue corpora in, context-response pairs out (docs/design.md §4).
 
 - `readers`: streaming readers for Cornell Movie-Dialogs, OpenSubtitles (OPUS
   text and XML), chitchat_dataset's JSON and JSON Lines (one module each);

@@ -1,13 +1,13 @@
 """Neural Decompositional Memory (NDM): decompose a latent into slots, compose it back.
 
-The notes (``shared/seeds``) view a latent-variable dialogue model as holding
+The research notes (docs/design.md §8) view a latent-variable dialogue model as holding
 an inner encode/decode process ``z -> M -> z'``:
 
-* **Decompose** (write, notes §3): ``N`` slots ``m_t = W_t z`` are written by
+* **Decompose** (write, docs/design.md §8.3): ``N`` slots ``m_t = W_t z`` are written by
   projections ``W_t`` that a Neural Stored-program Memory generates as soft
   mixtures of ``P`` stored programs (:class:`ProgramMemory`), chosen step by
   step by a recurrent controller. ``M = [m_1; ...; m_N]`` is ``N x D``.
-* **Compose** (read, notes §4): least-squares attention reads the slots with
+* **Compose** (read, docs/design.md §8.4): least-squares attention reads the slots with
   the weights of the best linear reconstruction,
   ``w = (M M^T + lam I)^-1 M z`` (:func:`least_squares_attention`), and
   ``z' = M^T w``; with ``R > 1`` recurrent reads the memory is updated between

@@ -1,4 +1,4 @@
-"""Least-squares attention: read a memory by solving a ridge regression (notes §4).
+"""Least-squares attention: read a memory by solving a ridge regression (docs/design.md §8.4).
 
 Given slots ``M`` (N x D) and a query ``q`` (D), the read weights are the
 coefficients of the best linear reconstruction of ``q`` from the slots::
@@ -51,7 +51,7 @@ def least_squares_attention(
     *,
     eps: float = RIDGE_EPS,
 ) -> torch.Tensor:
-    """Least-squares attention weights ``w = (M M^T + lam I)^-1 M q`` (notes §4, DESIGN §2.3).
+    """Least-squares attention weights ``w = (M M^T + lam I)^-1 M q`` (docs/design.md §8.4, §2.3).
 
     Args:
         memory: ``(B, N, D)`` slots ``M``, one row per slot.

@@ -1,4 +1,4 @@
-"""The Neural Decompositional Memory: ``z -> M -> z'`` (notes §2-§4, DESIGN §2.2-§2.3)."""
+"""The Neural Decompositional Memory: ``z -> M -> z'`` (docs/design.md §8.2-§8.4, §2.2-§2.3)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def check_memory_args(
 
     Also warns (``UserWarning``) when the slots can span the whole latent
     space: then any ``z`` is reconstructed exactly, ``z' = z``, and nothing is
-    decomposed (DESIGN §2.3). Every slot ``m_t = sum_p a_tp Theta_p z`` lies in
+    decomposed (docs/design.md §2.3). Every slot ``m_t = sum_p a_tp Theta_p z`` lies in
     the span of the ``P`` vectors ``Theta_p z``, so ``rank(M) <= min(N, P)``
     and the warning fires when ``min(num_slots, num_programs) >= latent_dim``.
     """
@@ -101,7 +101,7 @@ class ReadOutput(NamedTuple):
 
 @dataclass
 class NDMMemoryOutput:
-    """Everything one decompose + compose pass produces (DESIGN §2.2-§2.4)."""
+    """Everything one decompose + compose pass produces (docs/design.md §2.2-§2.4)."""
 
     slots: torch.Tensor
     """``(B, N, D)`` the memory ``M`` written by decomposition."""
@@ -124,14 +124,14 @@ class NDMMemoryOutput:
 class NeuralDecompositionalMemory(nn.Module):
     """Decompose a latent into memory slots and compose it back.
 
-    **Write (decompose, notes §3).** A controller GRU cell starts from
+    **Write (decompose, docs/design.md §8.3).** A controller GRU cell starts from
     ``s_0 = tanh(W0 [z; h_c])`` and for ``t = 1..N`` runs
     ``s_t = GRU([z; m_{t-1}], s_{t-1})``, emits a query ``q_t = Wq s_t`` and a
     strength ``b_t = 1 + softplus(wb . s_t)``, attends over the programs
     ``a_t = softmax_p(b_t cos(q_t, k_p))`` and writes the slot
     ``m_t = W_t z = sum_p a_tp (Theta_p z)`` (:class:`ProgramMemory`).
 
-    **Read (compose, notes §4).** ``q_1 = z``; for ``r = 1..R``:
+    **Read (compose, docs/design.md §8.4).** ``q_1 = z``; for ``r = 1..R``:
     ``w_r = (M_r M_r^T + lam I)^-1 M_r q_r`` (:func:`least_squares_attention`),
     ``u_r = M_r^T w_r``, ``g_r = GRU(u_r, g_{r-1})``; between reads the memory
     is updated by an erase/add write addressed by the normalised magnitudes of

@@ -1,4 +1,4 @@
-"""Neural Stored-program Memory (NSM, Le et al. ICLR 2020) as a weight generator (notes §3).
+"""Neural Stored-program Memory (NSM, Le et al. ICLR 2020) as a weight generator (docs/design.md §8.3).
 
 The program memory stores ``P`` programs ``Theta_p`` (``D x D`` linear maps,
 optionally low rank ``U_p V_p^T``) under keys ``k_p``. A query ``q`` with

@@ -1,4 +1,4 @@
-"""NDMConfig: one config for the whole model family (DESIGN §2, §3, §7)."""
+"""NDMConfig: one config for the whole model family (docs/design.md §2, §3, §7)."""
 
 from typing import Literal
 
@@ -29,7 +29,7 @@ _PRESETS: dict[str, dict] = {
         max_position_embeddings=64,
         dropout=0.0,
     ),
-    # Trains on 2 CPU cores in minutes; the defaults the design notes measured
+    # Trains on 2 CPU cores in minutes; the defaults docs/design.md §2.3 explains
     # (GRU, d_z 64, N 4, P 4, R 1, relative ridge 1e-3, free bits 0.1, word dropout 0.25).
     "small": dict(
         vocab_size=8000,

@@ -1,6 +1,6 @@
 """The conversational model family: seq2seq, CVAE, VMED and NDM on GRU and transformer backbones.
 
-One forward-pass file (DESIGN §2): an encoder maps the context to states ``H``
+One forward-pass file (docs/design.md §2): an encoder maps the context to states ``H``
 and a summary ``h_c`` (and, for latent variants, the prior's parameters); the
 decoder generates the response conditioned on attention over ``H`` and, by
 variant, on:
@@ -11,7 +11,7 @@ variant, on:
   back into ``z'`` (``ndm_read="latent"``), and/or read by the decoder at every
   step with least-squares attention (``"step"``, ``"both"``);
 * ``vmed``: a latent per decoding step with a mixture-of-Gaussians prior read
-  from a memory of the context (DESIGN §2.1b, simplifications documented in
+  from a memory of the context (docs/design.md §2.1b, simplifications documented in
   :class:`VMEDLatent`).
 
 Generation goes through transformers' ``GenerationMixin``. The encoder output
@@ -83,7 +83,7 @@ class NDMEncoderOutput(ModelOutput):
 
 @dataclass
 class NDMSeq2SeqOutput(ModelOutput):
-    """Forward output: the total loss and every term separately (DESIGN §2.4).
+    """Forward output: the total loss and every term separately (docs/design.md §2.4).
 
     Per-response terms (``nll``, ``kl``, ``bow``, ``recon``) are batch means of
     sums over tokens / latent dimensions, in nats.
@@ -577,7 +577,7 @@ class VMEDLatent(nn.Module):
 
 
 class NDMForConversation(PreTrainedModel, GenerationMixin):
-    """Conversational encoder-decoder with an optional latent (DESIGN §2): see the module docstring.
+    """Conversational encoder-decoder with an optional latent (docs/design.md §2): see the module docstring.
 
     ``forward(input_ids, attention_mask, labels=...)`` returns
     :class:`NDMSeq2SeqOutput` with the total loss and each term;
@@ -1140,7 +1140,7 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
     def _reorder_cache(self, cache: DecoderState, beam_idx: torch.Tensor) -> DecoderState:
         return cache.reorder(beam_idx)
 
-    # ------------------------------------------------------------------ decomposition API (DESIGN §2.5)
+    # ------------------------------------------------------------------ decomposition API (docs/design.md §2.5)
 
     @torch.no_grad()
     def decompose(self, input_ids, attention_mask=None, labels=None) -> Decomposition:

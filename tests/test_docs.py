@@ -1,0 +1,112 @@
+"""docs/design.md is the design a user can open: every "§" reference resolves to one of its
+numbered headings, the paths it names exist, and its Python example runs."""
+
+import re
+import runpy
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DESIGN = ROOT / "docs" / "design.md"
+
+#: A section number: ``2``, ``2.3``, ``2.1b``.
+SECTION = r"(\d+(?:\.\d+)?[a-z]?)"
+#: A reference from outside the design page: ``docs/design.md §2.2-§2.3``,
+#: ``docs/design.md §2, §3, §7``, ``docs/design.md §8.4``.
+REFERENCE = re.compile(rf"docs/design\.md §{SECTION}(?:(?:, |-| and )§{SECTION})*")
+HEADING = re.compile(rf"^#{{2,4}} {SECTION}\.? ", re.M)
+#: Files that may cite the design: code, tests, and the docs (named folders only: a
+#: virtual environment or a raw corpus under data/ is not walked).
+PATTERNS = (
+    "ndm_seq/**/*.py",
+    "tests/**/*.py",
+    "*.md",
+    "docs/**/*.md",
+    "recipes/**/*.md",
+    "data/*.md",
+    "data/*/README.md",
+    "benchmarks/**/*.md",
+    "pyproject.toml",
+    "Makefile",
+)
+SOURCES = sorted(
+    {p for pattern in PATTERNS for p in ROOT.glob(pattern) if p.is_file()}
+    - {Path(__file__).resolve()}
+)
+
+
+def headings(text: str) -> set[str]:
+    """The section numbers of a page's numbered headings (``## 2. ...``, ``### 2.3 ...``)."""
+    return set(HEADING.findall(text))
+
+
+def unresolved(text: str, sections: set[str], own_page: bool = False) -> list[str]:
+    """``line N: ...`` for every "§" that does not name one of ``sections``.
+
+    Outside the design page a reference must read ``docs/design.md §X`` (lists and
+    ranges allowed); on the page itself a bare ``§X`` refers to its own section X.
+    """
+    problems = []
+    covered: set[int] = set()
+    pattern = re.compile(rf"§{SECTION}") if own_page else REFERENCE
+    for match in pattern.finditer(text):
+        covered.update(range(match.start(), match.end()))
+        for number in re.findall(rf"§{SECTION}", match.group(0)):
+            if number not in sections:
+                line = text.count("\n", 0, match.start()) + 1
+                problems.append(f"line {line}: {match.group(0)!r} names no heading §{number}")
+    for i, ch in enumerate(text):
+        if ch == "§" and i not in covered:
+            line = text.count("\n", 0, i) + 1
+            context = text[max(0, i - 30) : i + 10].replace("\n", " ")
+            problems.append(f"line {line}: '...{context}...' is not a docs/design.md reference")
+    return problems
+
+
+def test_design_page_numbers_its_sections():
+    found = headings(DESIGN.read_text(encoding="utf-8"))
+    # The sections the code cites, and the research notes' summary.
+    assert {"2", "2.1", "2.1b", "2.2", "2.3", "2.4", "2.5", "4", "5", "7", "8.2", "8.3"} <= found
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=[str(p.relative_to(ROOT)) for p in SOURCES])
+def test_every_section_reference_resolves(path):
+    text = path.read_text(encoding="utf-8")
+    if "§" not in text:
+        return
+    problems = unresolved(text, headings(DESIGN.read_text(encoding="utf-8")), path == DESIGN)
+    assert not problems, f"{path.relative_to(ROOT)}:\n" + "\n".join(problems)
+
+
+def test_the_check_catches_a_removed_heading_and_an_old_reference():
+    page = "## 2. Model\n### 2.3 Read\n## 8. Notes\n### 8.4 Least squares\n"
+    code = '"""Read (docs/design.md §8.4, §2.3)."""\n'
+    assert unresolved(code, headings(page)) == []
+    without = headings(page.replace("### 2.3 Read\n", ""))
+    assert unresolved(code, without) == [
+        "line 1: 'docs/design.md §8.4, §2.3' names no heading §2.3"
+    ]
+    assert len(unresolved('"""(notes §4, DESIGN §2.3)"""', headings(page))) == 2
+
+
+def test_paths_named_by_the_design_page_exist():
+    """A module may become a package of the same name (``metrics.py`` -> ``metrics/``)."""
+    text = DESIGN.read_text(encoding="utf-8")
+    named = set(re.findall(r"`((?:ndm_seq|tests|recipes|docs)/[\w/.]*\w)`", text))
+    missing = [
+        p
+        for p in sorted(named)
+        if not (ROOT / p).exists() and not (ROOT / p.removesuffix(".py")).is_dir()
+    ]
+    assert not missing, missing
+
+
+def test_design_python_examples_run(tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", DESIGN.read_text(encoding="utf-8"), flags=re.S)
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    for i, block in enumerate(blocks):
+        script = tmp_path / f"block{i}.py"
+        script.write_text(block, encoding="utf-8")
+        runpy.run_path(str(script), run_name="__main__")
