@@ -1,4 +1,4 @@
-"""Evaluation metrics for sampled dialogue responses (DESIGN §5).
+"""Evaluation metrics for sampled dialogue responses (docs/design.md §5).
 
 One package, shared by ``ndm-seq evaluate`` and training-time validation, so a
 number in ``metrics.json`` and a number in a validation log mean the same thing.
@@ -87,7 +87,7 @@ __all__ = [
     "vmed_bleu",
 ]
 
-#: The keys of :func:`score_responses`, in the order of DESIGN §7.
+#: The keys of :func:`score_responses`, in the order of docs/design.md §7.
 TEXT_METRIC_KEYS: tuple[str, ...] = (
     "bleu_1",
     "bleu_2",
@@ -115,7 +115,7 @@ TEXT_METRIC_KEYS: tuple[str, ...] = (
 def score_responses(
     samples: Sequence[Sequence[str]], references: Sequence[str]
 ) -> dict[str, float]:
-    """All text metrics of DESIGN §5 for sampled responses (the code ``evaluate`` uses).
+    """All text metrics of docs/design.md §5 for sampled responses (the code ``evaluate`` uses).
 
     Every string is :func:`normalize`d and whitespace-split. The first sample
     of each context is "the" response for the single-response metrics

@@ -1,5 +1,5 @@
 """The BLEU family: VMED sentence BLEU, sacreBLEU corpus BLEU, multi-sample
-precision/recall and self-BLEU (DESIGN §5).
+precision/recall and self-BLEU (docs/design.md §5).
 
 NLTK is pinned exactly in ``pyproject.toml``: how ``sentence_bleu`` treats zero
 n-gram matches (and what ``method7`` does with them) has changed between NLTK

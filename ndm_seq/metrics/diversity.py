@@ -1,4 +1,4 @@
-"""Diversity metrics: distinct-n, DialogWAE's intra/inter distinct, n-gram entropy (DESIGN §5).
+"""Diversity metrics: distinct-n, DialogWAE's intra/inter distinct, n-gram entropy (docs/design.md §5).
 
 n-grams are taken within each response (never across response boundaries) from
 the tokens of :func:`ndm_seq.metrics.text.tokenize`.

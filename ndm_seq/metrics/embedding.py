@@ -1,5 +1,5 @@
 """Embedding similarity (VMED's A-glove, embedding average / extrema / greedy) and
-the GloVe-format word-vector loader it needs (DESIGN §5).
+the GloVe-format word-vector loader it needs (docs/design.md §5).
 
 Optional: ``evaluate`` adds these keys only when word vectors are given.
 """

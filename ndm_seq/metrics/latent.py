@@ -27,7 +27,7 @@ def _as_2d_float64(x, name: str) -> np.ndarray:
 
 
 def unit_activity(posterior_means) -> np.ndarray:
-    """Activity of each latent dimension (Burda et al. 2016, §5.1).
+    """Activity of each latent dimension (Burda et al. 2016, section 5.1).
 
     ``A_d = Var_x( E_{q(z|x)}[z_d] )``: the variance over the data of the
     posterior mean, estimated with the unbiased (``n - 1``) estimator as in

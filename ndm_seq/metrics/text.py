@@ -1,4 +1,4 @@
-"""Normalisation, tokenisation and input checks shared by every metric (DESIGN §5).
+"""Normalisation, tokenisation and input checks shared by every metric (docs/design.md §5).
 
 Every string a metric sees (hypotheses and references alike) goes through
 :func:`normalize` and is whitespace-split by :func:`tokenize`, so every model
