@@ -73,30 +73,13 @@ def _print_report(report: dict, output: Path) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    """Exit codes: 0 done, 2 bad options or output folder (nothing written), 1 a corpus error."""
     from ndm_seq.data.download import fetch
-    from ndm_seq.data.pairs import PairOptions
     from ndm_seq.data.prepare import PrepareConfig, prepare
     from ndm_seq.folders import FolderError
 
-    options = PairOptions.vmed() if args.vmed else PairOptions()
-    overrides = {
-        "max_context_turns": args.max_context_turns,
-        "max_context_words": args.max_context_words,
-        "max_response_words": args.max_response_words,
-        "truncate": args.truncate,
-        "max_utterance_chars": args.max_utterance_chars,
-        "lowercase": args.lowercase,
-        "dedup": args.dedup,
-        "seed": args.seed,
-        "validation_fraction": args.validation_fraction,
-        "test_fraction": args.test_fraction,
-        "split_mode": args.split,
-        "vmed_validation_pairs": args.vmed_validation_pairs,
-        "vmed_test_pairs": args.vmed_test_pairs,
-        "vocab_size": args.vocab_size,
-    }
     try:
-        options = replace(options, **{k: v for k, v in overrides.items() if v is not None})
+        options = _pair_options(args)
     except ValueError as e:
         print(f"ndm-seq prepare: error: {e}", file=sys.stderr)
         return 2
@@ -128,13 +111,7 @@ def _prepare(args: argparse.Namespace) -> int:
             )
             return 2
         output = Path(args.output) if args.output else Path("data") / corpus / "prepared"
-        tokenizer = None
-        if args.tokenizer:
-            from transformers import AutoTokenizer
-
-            import ndm_seq  # noqa: F401 - registers the project's tokenizer with AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else None
         cfg = PrepareConfig(
             corpus=corpus,
             source=source,
@@ -165,6 +142,42 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pair_options(args: argparse.Namespace):
+    """The `PairOptions` of the command line: VMED's or the defaults, then every option given.
+
+    Raises ``ValueError`` for an impossible combination (reported with exit code 2).
+    """
+    from ndm_seq.data.pairs import PairOptions
+
+    options = PairOptions.vmed() if args.vmed else PairOptions()
+    overrides = {
+        "max_context_turns": args.max_context_turns,
+        "max_context_words": args.max_context_words,
+        "max_response_words": args.max_response_words,
+        "truncate": args.truncate,
+        "max_utterance_chars": args.max_utterance_chars,
+        "lowercase": args.lowercase,
+        "dedup": args.dedup,
+        "seed": args.seed,
+        "validation_fraction": args.validation_fraction,
+        "test_fraction": args.test_fraction,
+        "split_mode": args.split,
+        "vmed_validation_pairs": args.vmed_validation_pairs,
+        "vmed_test_pairs": args.vmed_test_pairs,
+        "vocab_size": args.vocab_size,
+    }
+    return replace(options, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _load_tokenizer(name: str):
+    """``--tokenizer``: a folder or name for AutoTokenizer (transformers imported only then)."""
+    from transformers import AutoTokenizer
+
+    import ndm_seq  # noqa: F401 - registers the project's tokenizer with AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name)
+
+
 def add_prepare(sub: argparse._SubParsersAction) -> None:
     """Register `ndm-seq prepare`."""
     p = sub.add_parser(
@@ -188,6 +201,16 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
     from ndm_seq.data.prepare import CORPORA
 
     p.add_argument("corpus", choices=CORPORA, help="corpus format of the input")
+    _add_input_output_options(p)
+    _add_pair_options(p)
+    _add_split_options(p)
+    _add_tokenisation_options(p)
+    _add_behaviour_options(p)
+    p.set_defaults(func=_prepare)
+
+
+def _add_input_output_options(p: argparse.ArgumentParser) -> None:
+    """`prepare`'s "input and output" group: where the raw corpus comes from, where pairs go."""
     g = p.add_argument_group("input and output")
     g.add_argument(
         "--source",
@@ -217,6 +240,10 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="OpenSubtitles input format (auto: xml for .xml, .xml.gz, .zip or folders of .xml)",
     )
+
+
+def _add_pair_options(p: argparse.ArgumentParser) -> None:
+    """`prepare`'s "pairs" group: how contexts and responses are cut, cleaned and filtered."""
     g = p.add_argument_group("pairs")
     g.add_argument("--max-context-turns", type=int, help="K previous turns per context (default 3)")
     g.add_argument(
@@ -252,6 +279,10 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
         default=1000,
         help="OpenSubtitles text: consecutive lines per split unit (the text has no film boundaries)",
     )
+
+
+def _add_split_options(p: argparse.ArgumentParser) -> None:
+    """`prepare`'s "splits" group: how pairs are divided into train, validation and test."""
     g = p.add_argument_group("splits")
     g.add_argument("--seed", type=int, help="split seed (default 0)")
     g.add_argument(
@@ -277,6 +308,10 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--vocab-size", type=int, help="vocabulary size for the coverage report (default 20000)"
     )
+
+
+def _add_tokenisation_options(p: argparse.ArgumentParser) -> None:
+    """`prepare`'s "tokenisation" group: the optional OUTPUT/tokenized/ dataset."""
     g = p.add_argument_group("tokenisation")
     g.add_argument(
         "--tokenizer",
@@ -290,6 +325,10 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--max-target-tokens", type=int, default=64, help="response tokens kept (eos included)"
     )
+
+
+def _add_behaviour_options(p: argparse.ArgumentParser) -> None:
+    """`prepare`'s "behaviour" group: strictness, rebuilding and what is printed."""
     g = p.add_argument_group("behaviour")
     g.add_argument(
         "--strict",
@@ -304,4 +343,3 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--json", action="store_true", help="print the full report as JSON")
-    p.set_defaults(func=_prepare)
