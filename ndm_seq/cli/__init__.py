@@ -1,0 +1,45 @@
+"""The `ndm-seq` console script: one subcommand per step of a recipe.
+
+Each subcommand registers itself in `build_parser` with an `add_<name>` function
+that adds its arguments and sets `func`, the function `main` calls with the
+parsed arguments.
+
+One module per subcommand: `prepare`, `train`, `evaluate`, `session` (`sample` and
+`chat`, which share their options), `compare`; `common` holds what they share. The
+modules import torch, transformers and datasets only inside the functions that run a
+subcommand, so that `--help` stays quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ndm_seq.cli.compare import add_compare
+from ndm_seq.cli.evaluate import add_evaluate
+from ndm_seq.cli.prepare import add_prepare
+from ndm_seq.cli.session import add_chat, add_sample
+from ndm_seq.cli.train import add_train
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `ndm-seq` parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="ndm-seq",
+        description="Dialogue sequence modeling with Neural Decompositional Memory.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_prepare(sub)
+    add_train(sub)
+    add_evaluate(sub)
+    add_sample(sub)
+    add_chat(sub)
+    add_compare(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `ndm-seq` with `argv` (default: the command line); returns the exit status."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,95 @@
+"""What the `ndm-seq` subcommands share: the help formatter, one-line error reports and
+exit codes, and the decoding options of `evaluate`, `sample` and `chat`.
+
+Nothing heavy at module level: `ndm-seq --help` must not import torch or transformers
+beyond what importing `ndm_seq` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to help, except for None/False defaults or help that names its own."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def _model_error(cmd: str, err: Exception | str, code: int = 1) -> int:
+    """Print ``ndm-seq CMD: error: ...`` as one line on stderr; return ``code``.
+
+    Messages from transformers or huggingface_hub (e.g. a strict config's) may span
+    several lines; they are joined so that the error stays one line.
+    """
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    print(f"ndm-seq {cmd}: error: {' '.join(lines)}", file=sys.stderr)
+    return code
+
+
+def _load_errors() -> tuple[type[Exception], ...]:
+    """What loading a model folder raises for bad files or arguments (reported, not traced).
+
+    ``StrictDataclassError`` (huggingface_hub) is a config.json with a wrong type or an
+    impossible value; it is not a ``ValueError``.
+    """
+    from huggingface_hub.errors import StrictDataclassError
+
+    return (OSError, KeyError, TypeError, ValueError, StrictDataclassError)
+
+
+def _load_message(err: Exception, model_dir: str) -> object:
+    """The message of a :func:`_load_errors` error, naming config.json when it is the culprit."""
+    if isinstance(err, KeyError):
+        return err.args[0]
+    if not isinstance(err, (OSError, TypeError, ValueError)):  # StrictDataclassError
+        return f"{Path(model_dir) / 'config.json'}: {err}"
+    return err
+
+
+def _interrupted(cmd: str) -> int:
+    """Ctrl-C: a short note instead of a traceback, and the shell's usual status 130."""
+    print(f"\nndm-seq {cmd}: interrupted", file=sys.stderr)
+    return 130
+
+
+def _training_exit(cmd: str, err: Exception) -> int:
+    """Report a documented failure of training (``train``, or ``compare`` training a run)
+    in one line; returns its exit code: 1 no space left on device, 143 stopped by SIGTERM
+    (checkpoint saved), 2 otherwise (a bad config or folder: nothing written)."""
+    from ndm_seq.training import DiskFullError, TrainingInterrupted
+
+    print(f"ndm-seq {cmd}: {err}", file=sys.stderr)
+    if isinstance(err, DiskFullError):
+        return 1
+    if isinstance(err, TrainingInterrupted):
+        return TrainingInterrupted.exit_code
+    return 2
+
+
+def _add_decoding_options(p: argparse.ArgumentParser, top_p: float) -> None:
+    g = p.add_argument_group("decoding")
+    g.add_argument(
+        "--temperature", type=float, default=1.0, help="softmax temperature when sampling tokens"
+    )
+    g.add_argument(
+        "--top-p", type=float, default=top_p, help="nucleus sampling threshold (1 = off)"
+    )
+    g.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
+    g.add_argument(
+        "--max-new-tokens", type=int, default=30, help="longest generated response in tokens"
+    )
+    g.add_argument(
+        "--max-context-tokens",
+        type=int,
+        default=None,
+        help="context tokens kept, the latest (default 128; at most the transformer's "
+        "max_position_embeddings)",
+    )
+    g.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda if available)")

@@ -1,0 +1,122 @@
+"""`ndm-seq evaluate`: score a trained model on a prepared split."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ndm_seq.cli.common import (
+    _add_decoding_options,
+    _DefaultsHelp,
+    _interrupted,
+    _load_errors,
+    _load_message,
+    _model_error,
+)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from ndm_seq.evaluation import evaluate
+    from ndm_seq.folders import FolderError
+
+    output = Path(args.output) if args.output else Path(args.model_dir) / f"eval-{args.split}"
+    try:
+        metrics = evaluate(
+            args.model_dir,
+            args.data,
+            split=args.split,
+            samples=args.samples,
+            max_contexts=args.max_contexts,
+            output_dir=output,
+            word_vectors=args.word_vectors,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            max_context_tokens=args.max_context_tokens,
+            max_response_tokens=args.max_response_tokens,
+            max_new_tokens=args.max_new_tokens,
+            decoding=args.decoding,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            device=args.device,
+            name=args.name,
+            progress=not args.no_progress,
+        )
+    except FolderError as err:  # a usage error: the output folder is not evaluate's
+        return _model_error("evaluate", err, code=2)
+    except KeyboardInterrupt:
+        return _interrupted("evaluate")
+    except _load_errors() as err:
+        return _model_error("evaluate", _load_message(err, args.model_dir))
+    print((output / "results.md").read_text(), end="")
+    print(f"\nwrote {output / 'metrics.json'}, {output / 'samples.jsonl'}, {output / 'results.md'}")
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def add_evaluate(sub: argparse._SubParsersAction) -> None:
+    """Register `ndm-seq evaluate`."""
+    p = sub.add_parser(
+        "evaluate",
+        help="score a trained model on a prepared split: metrics.json, samples.jsonl, results.md",
+        description=(
+            "Evaluate MODEL_DIR (config.json, model.safetensors and the tokenizer files "
+            "spiece.model, tokenizer_config.json) on a split of a prepared dataset "
+            "(`ndm-seq prepare`). Latent variants get S responses per context, each from its "
+            "own prior draw; seq2seq gets its greedy response plus S token samples. Writes "
+            "metrics.json (BLEU-1..4, corpus BLEU, BLEU precision/recall, distinct, "
+            "intra/inter distinct, entropy-4, self-BLEU, KL, NLL, perplexity bound, active "
+            "units, NDM diagnostics; definitions in ndm_seq.metrics and ndm_seq.evaluation), "
+            "samples.jsonl and results.md. Deterministic given --seed."
+        ),
+        formatter_class=_DefaultsHelp,
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="trained model directory")
+    p.add_argument(
+        "--data", required=True, metavar="DIR", help="prepared dataset folder (ndm-seq prepare)"
+    )
+    p.add_argument("--split", default="test", help="split to evaluate")
+    p.add_argument("--samples", type=int, default=10, help="S, sampled responses per context")
+    p.add_argument(
+        "--max-contexts",
+        type=int,
+        default=None,
+        metavar="N",
+        help="evaluate N contexts drawn with --seed (default: the whole split)",
+    )
+    p.add_argument(
+        "--output",
+        metavar="DIR",
+        help="output folder: new, empty or written by an earlier evaluate; any other is "
+        "refused, untouched (default: MODEL_DIR/eval-SPLIT)",
+    )
+    p.add_argument(
+        "--word-vectors",
+        metavar="FILE",
+        help="GloVe-format word vectors (.txt or .txt.gz) for the embedding metrics "
+        "(A-glove, average, extrema, greedy)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for the subset and the sampling")
+    p.add_argument(
+        "--decoding",
+        choices=("greedy", "sample"),
+        default="greedy",
+        help="latent variants: decode each prior draw greedily, or also sample tokens "
+        "(seq2seq always samples its S responses)",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="contexts per forward/generate call")
+    p.add_argument(
+        "--max-response-tokens",
+        type=int,
+        default=64,
+        help="reference tokens scored for NLL/KL (eos included), as prepare's --max-target-tokens",
+    )
+    p.add_argument(
+        "--name", help="row name in results.md (default: VARIANT-BACKBONE, e.g. ndm-gru)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="also print metrics.json")
+    _add_decoding_options(p, top_p=1.0)
+    p.set_defaults(func=_evaluate)
