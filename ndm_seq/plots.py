@@ -1,4 +1,4 @@
-"""Plots people would rather look at than read: training curves (and slot weights)."""
+"""Plots people would rather look at than read: training curves (a slot-weight plot is planned)."""
 
 from __future__ import annotations
 
