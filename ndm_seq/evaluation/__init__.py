@@ -1,21 +1,27 @@
 """Evaluation of trained models (docs/design.md §5): model-side scores, sampled responses, reports.
 
-One module, used by ``ndm-seq evaluate`` / ``sample`` / ``chat`` and by the
-trainer's validation, so every number means the same thing everywhere.
+One package, used by ``ndm-seq evaluate`` / ``sample`` / ``chat`` and by the
+trainer's validation, so every number means the same thing everywhere. Every
+name below is importable from ``ndm_seq.evaluation``; the module that holds it
+is in brackets.
 
 * :func:`score_model` — teacher-forced numbers over (context, response) pairs:
-  NLL, KL, the perplexity bound, active units, NDM diagnostics.
+  NLL, KL, the perplexity bound, active units, NDM diagnostics (``scoring``,
+  with :func:`metric_keys`).
 * :func:`generate_samples` — S responses per context (latent variants: one
-  prior draw per response; seq2seq: greedy plus S temperature samples).
+  prior draw per response; seq2seq: greedy plus S temperature samples)
+  (``sampling``, with :func:`stream_samples`).
 * :func:`evaluate_pairs` — both of the above plus the text metrics of
   :func:`ndm_seq.metrics.score_responses`: the whole ``metrics.json`` in memory
-  (what training-time validation calls).
+  (what training-time validation calls) (``pairs``).
 * :func:`evaluate` — loads a model directory and a prepared dataset, and writes
-  ``metrics.json``, ``samples.jsonl`` and ``results.md``.
+  ``metrics.json``, ``samples.jsonl`` and ``results.md`` (this file; loading in
+  ``loading``, the files in ``reports``).
 * :func:`comparison_table` / :func:`comparison_chart` — several runs side by
-  side (Markdown table, bar-chart PNG), for the recipes' compare step.
+  side (Markdown table, bar-chart PNG), for the recipes' compare step (``reports``).
 * :class:`ChatSession` — a bounded-history dialogue with a model, used by
-  ``ndm-seq chat`` and drivable from code.
+  ``ndm-seq chat`` and drivable from code (``chat``).
+* :func:`check_text` and the length limits shared by all of them (``inputs``).
 
 Definitions (per response = per (context, reference) pair, natural logs):
 
