@@ -1,0 +1,254 @@
+"""Evaluation of trained models (docs/design.md §5): model-side scores, sampled responses, reports.
+
+One package, used by ``ndm-seq evaluate`` / ``sample`` / ``chat`` and by the
+trainer's validation, so every number means the same thing everywhere. Every
+name below is importable from ``ndm_seq.evaluation``; the module that holds it
+is in brackets.
+
+* :func:`score_model` — teacher-forced numbers over (context, response) pairs:
+  NLL, KL, the perplexity bound, active units, NDM diagnostics (``scoring``,
+  with :func:`metric_keys`).
+* :func:`generate_samples` — S responses per context (latent variants: one
+  prior draw per response; seq2seq: greedy plus S temperature samples)
+  (``sampling``, with :func:`stream_samples`).
+* :func:`evaluate_pairs` — both of the above plus the text metrics of
+  :func:`ndm_seq.metrics.score_responses`: the whole ``metrics.json`` in memory
+  (what training-time validation calls) (``pairs``).
+* :func:`evaluate` — loads a model directory and a prepared dataset, and writes
+  ``metrics.json``, ``samples.jsonl`` and ``results.md`` (this file; loading in
+  ``loading``, the files in ``reports``).
+* :func:`comparison_table` / :func:`comparison_chart` — several runs side by
+  side (Markdown table, bar-chart PNG), for the recipes' compare step (``reports``).
+* :class:`ChatSession` — a bounded-history dialogue with a model, used by
+  ``ndm-seq chat`` and drivable from code (``chat``).
+* :func:`check_text` and the length limits shared by all of them (``inputs``).
+
+Definitions (per response = per (context, reference) pair, natural logs):
+
+================  ==========================================================================
+key               definition
+================  ==========================================================================
+``nll``           ``-log p(x | z, c)`` summed over the response's tokens (``</s>``
+                  included), mean over responses. Latent variants score with ``z`` the
+                  posterior mean ``E[q(z|c,x)]`` (the model in eval mode; VMED: the
+                  per-step posterior means); seq2seq has no latent.
+``kl``            ``KL(q(z|c,x) || p(z|c))`` per response, closed form (cvae, ndm); VMED's
+                  mixture approximation summed over steps (vmed); 0 for seq2seq (no latent).
+``ppl``           ``exp((sum NLL + sum KL) / number of target tokens)``: the ELBO turned
+                  into a per-token perplexity, an upper bound on the true perplexity for
+                  cvae/ndm up to the one-point (posterior-mean) estimate of the
+                  reconstruction term. The KL belongs in it: the reconstruction NLL alone
+                  lets the posterior see the response, which seq2seq cannot. For vmed the
+                  KL is an approximation, so its value is not a guaranteed bound; for
+                  seq2seq it is the exact perplexity.
+``active_units``  ``#{d : Var_x(E_q[z_d]) > 0.01}`` over the scored responses
+                  (:func:`ndm_seq.metrics.active_units`); 0 for seq2seq.
+``latent_recon_`` ndm only: ``||z - z'||_2`` (Euclidean norm, *not* squared; the training
+``error``         objective uses the square) between the posterior mean ``z`` and its
+                  composition ``z'``, mean over responses.
+``slot_weight_``  ndm only: with ``w`` the ``N`` least-squares weights composing ``z'`` (the
+``entropy``       last read) and ``p_n = |w_n| / sum_m |w_m|``, ``H = -sum_n p_n ln p_n``
+                  (``0 ln 0 = 0``; an all-zero ``w`` counts as uniform, ``ln N``), mean over
+                  responses. In ``[0, ln N]``: 0 when one slot carries ``z'``, ``ln N`` when
+                  all slots weigh the same.
+================  ==========================================================================
+
+Text metrics (``bleu_*``, ``distinct_*``, ...) are defined in
+:mod:`ndm_seq.metrics`; the "first" response they score is the first latent
+draw for latent variants and the greedy response for seq2seq, and the
+multi-sample metrics use the S samples.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ndm_seq import folders
+from ndm_seq.evaluation.chat import (
+    CHAT_HELP,  # noqa: F401 (public, not in __all__)
+    ChatSession,
+    chat_loop,
+    one_line,
+)
+from ndm_seq.evaluation.inputs import (
+    DEFAULT_MAX_CONTEXT_TOKENS,  # noqa: F401 (public, not in __all__)
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_MAX_RESPONSE_TOKENS,
+    check_text,
+)
+from ndm_seq.evaluation.loading import (
+    MODEL_FILES,  # noqa: F401 (public, not in __all__)
+    TOKENIZER_FILES,  # noqa: F401 (public, not in __all__)
+    _load_split,
+    _select,
+    load_model,
+)
+from ndm_seq.evaluation.pairs import (
+    _embedding_metrics,
+    evaluate_pairs,
+    text_metrics,  # noqa: F401 (public, not in __all__)
+)
+from ndm_seq.evaluation.reports import (
+    CHART_PANELS,  # noqa: F401 (public, not in __all__)
+    EVALUATION_FILES,  # noqa: F401 (public, not in __all__)
+    MAIN_COLUMNS,
+    _describe_samples,
+    _earlier_evaluation,
+    _finite_or_none,
+    _write_metrics,
+    _write_samples,
+    comparison_chart,
+    comparison_table,
+    read_metrics,
+)
+from ndm_seq.evaluation.sampling import (
+    Decoding,
+    GeneratedResponses,
+    generate_samples,
+    stream_samples,
+)
+from ndm_seq.evaluation.scoring import (
+    EMBEDDING_METRIC_KEYS,
+    MODEL_METRIC_KEYS,
+    NDM_METRIC_KEYS,
+    metric_keys,
+    score_model,
+    slot_weight_entropy,
+)
+
+__all__ = [
+    "EMBEDDING_METRIC_KEYS",
+    "MAIN_COLUMNS",
+    "MODEL_METRIC_KEYS",
+    "NDM_METRIC_KEYS",
+    "ChatSession",
+    "GeneratedResponses",
+    "chat_loop",
+    "check_text",
+    "comparison_chart",
+    "comparison_table",
+    "evaluate",
+    "evaluate_pairs",
+    "generate_samples",
+    "load_model",
+    "metric_keys",
+    "one_line",
+    "read_metrics",
+    "score_model",
+    "slot_weight_entropy",
+    "stream_samples",
+]
+
+
+def evaluate(
+    model_dir: str | Path,
+    data_dir: str | Path,
+    split: str = "test",
+    samples: int = 10,
+    max_contexts: int | None = None,
+    output_dir: str | Path | None = None,
+    word_vectors: str | Path | None = None,
+    seed: int = 0,
+    *,
+    batch_size: int = 32,
+    max_context_tokens: int | None = None,
+    max_response_tokens: int = DEFAULT_MAX_RESPONSE_TOKENS,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    decoding: Decoding = "greedy",
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    device: str | None = None,
+    name: str | None = None,
+    progress: bool = True,
+) -> dict[str, float | int | None]:
+    """Evaluate a model directory on a prepared split and write the reports.
+
+    Writes into ``output_dir`` (default ``MODEL_DIR/eval-SPLIT``):
+
+    * ``metrics.json``: the flat keys of :func:`metric_keys` (docs/design.md §7); a
+      value that is not finite (``self_bleu`` with one sample) is ``null``;
+    * ``samples.jsonl``: one object per context, ``{"context": [...],
+      "reference": str, "samples": [S strings]}`` (seq2seq adds ``"greedy"``);
+    * ``results.md``: the metrics as a one-row Markdown table
+      (:func:`comparison_table` with every key), with the settings above it.
+
+    Deterministic given ``seed`` (and the same device and batch size).
+
+    Args:
+        model_dir: directory with the model and tokenizer (:func:`load_model`).
+        data_dir: a prepared dataset (``ndm-seq prepare``), split columns
+            ``context`` (list of str) and ``response`` (str).
+        split: the split to evaluate.
+        samples: S, samples per context (>= 1; 10 as in docs/design.md §5).
+        max_contexts: evaluate a subset of this many contexts, drawn with
+            ``seed`` and kept in split order (None: all).
+        output_dir: where to write: a new or empty folder (created and marked as
+            ``ndm-seq evaluate``'s, :mod:`ndm_seq.folders`) or one evaluate wrote before;
+            any other folder is refused before anything is generated.
+        word_vectors: a GloVe-format file for the embedding metrics.
+        seed: seed for the subset and for sampling.
+        batch_size: contexts per forward / generate call.
+        max_context_tokens: context length limit (default 128).
+        max_response_tokens: reference length limit when scoring.
+        max_new_tokens: longest generated response.
+        decoding: latent variants: ``"greedy"`` per prior draw (default) or
+            ``"sample"`` (see :func:`generate_samples`).
+        temperature: token sampling temperature.
+        top_p: nucleus threshold (1 = off).
+        top_k: top-k (0 = off).
+        device: torch device (default: cuda if available, else cpu).
+        name: row name in ``results.md`` (default: ``VARIANT-BACKBONE``, e.g. ``ndm-gru``).
+        progress: show tqdm bars.
+
+    Returns:
+        The metrics as written to ``metrics.json``.
+
+    Raises:
+        FileNotFoundError: missing model files or data directory.
+        KeyError: the dataset has no such split.
+        ValueError: bad arguments, an empty split.
+        ndm_seq.folders.FolderError: ``output_dir`` is a file, a user's folder or another
+            command's output (a ``ValueError``); ``FolderBusy`` while another launch
+            writes it.
+    """
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    if max_contexts is not None and max_contexts < 1:
+        raise ValueError(f"max_contexts must be >= 1, got {max_contexts}")
+    if word_vectors is not None and not Path(word_vectors).is_file():
+        raise FileNotFoundError(f"word-vector file {str(word_vectors)!r} does not exist")
+    ds = _load_split(data_dir, split)  # before the model: a wrong split fails fast
+    model, tokenizer = load_model(model_dir, device)
+    out = Path(output_dir) if output_dir is not None else Path(model_dir) / f"eval-{split}"
+    # Refused before the (long) generation if the folder is a user's or another command's.
+    folders.claim(out, "evaluate", adopt=_earlier_evaluation)
+    with folders.exclusive(out, "evaluate"):
+        contexts, references = _select(ds, max_contexts, seed)
+        metrics, generated = evaluate_pairs(
+            model, tokenizer, contexts, references, num_samples=samples, batch_size=batch_size,
+            max_context_tokens=max_context_tokens, max_response_tokens=max_response_tokens,
+            max_new_tokens=max_new_tokens, decoding=decoding, temperature=temperature,
+            top_p=top_p, top_k=top_k, seed=seed, progress=progress,
+        )  # fmt: skip
+        if word_vectors is not None:
+            metrics.update(_embedding_metrics(word_vectors, references, generated.first))
+        metrics = {k: _finite_or_none(v) for k, v in metrics.items()}
+
+        _write_metrics(out / "metrics.json", metrics)
+        _write_samples(out / "samples.jsonl", contexts, references, generated)
+        cfg = model.config
+        label = name or f"{cfg.variant}-{cfg.backbone}"
+        first = "greedy" if generated.greedy is not None else "the first latent draw"
+        how = _describe_samples(cfg.is_latent, samples, decoding, temperature, top_p, top_k)
+        header = (
+            f"# Evaluation of `{label}`\n\n"
+            f"- model: `{model_dir}` ({cfg.variant}, {cfg.backbone})\n"
+            f"- data: `{data_dir}`, split `{split}`, {len(contexts)} of {len(ds)} contexts"
+            f"{'' if len(contexts) == len(ds) else f' (a subset drawn with seed {seed})'}\n"
+            f"- samples: {how}; BLEU-1..4 and corpus BLEU score {first}\n"
+            f"- seed {seed}; definitions: `ndm_seq.metrics`, `ndm_seq.evaluation`\n\n"
+        )
+        table = comparison_table({label: metrics}, columns=list(metrics))
+        (out / "results.md").write_text(header + table)
+        return metrics

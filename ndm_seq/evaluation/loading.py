@@ -1,0 +1,124 @@
+"""Loading what evaluation reads: a model directory and a prepared split, and the model's device.
+
+A model directory is the trainer's contract (:data:`MODEL_FILES` and
+:data:`TOKENIZER_FILES`); a prepared split is what ``ndm-seq prepare`` writes.
+Both are checked here, so a wrong path fails with a message that says what
+was expected before any model runs.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+#: Files a model directory must hold (the trainer's contract).
+MODEL_FILES: tuple[str, ...] = ("config.json", "model.safetensors")
+TOKENIZER_FILES: tuple[str, ...] = ("spiece.model", "tokenizer_config.json")
+
+
+def load_model(model_dir: str | Path, device: str | torch.device | None = None):
+    """Load a model directory written by the trainer (or ``save_pretrained`` of both parts).
+
+    The directory must hold ``config.json`` and ``model.safetensors`` (the
+    model) and ``spiece.model`` and ``tokenizer_config.json`` (the tokenizer);
+    ``generation_config.json`` is used when present.
+
+    Args:
+        model_dir: the directory.
+        device: where to put the model (default: ``cuda`` if available, else ``cpu``).
+
+    Returns:
+        ``(model, tokenizer)``: an :class:`~ndm_seq.NDMForConversation` in eval
+        mode and an :class:`~ndm_seq.NDMTokenizer`.
+
+    Raises:
+        FileNotFoundError: the directory or any of the four files is missing
+            (all missing files are named).
+        TypeError: the directory holds another model or tokenizer class.
+        ValueError: the tokenizer has more ids than the model's vocabulary.
+    """
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    import ndm_seq  # registers the Auto classes
+
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
+    missing = [name for name in MODEL_FILES + TOKENIZER_FILES if not (path / name).is_file()]
+    if missing:
+        found = sorted(p.name for p in path.iterdir())
+        hint = []
+        if any(m in TOKENIZER_FILES for m in missing):
+            hint.append("save the tokenizer into it with tokenizer.save_pretrained(MODEL_DIR)")
+        if any(m in MODEL_FILES for m in missing):
+            hint.append("save the model with model.save_pretrained(MODEL_DIR)")
+        raise FileNotFoundError(
+            f"model directory {str(path)!r} lacks {', '.join(missing)} (found: {found}); "
+            f"a model directory holds the model ({', '.join(MODEL_FILES)}) and its tokenizer "
+            f"({', '.join(TOKENIZER_FILES)}): " + "; ".join(hint)
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if not isinstance(tokenizer, ndm_seq.NDMTokenizer):
+        raise TypeError(
+            f"{path}: expected an NDMTokenizer, AutoTokenizer loaded {type(tokenizer).__name__}"
+        )
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(path))
+    if not isinstance(model, ndm_seq.NDMForConversation):
+        raise TypeError(
+            f"{path}: expected an NDMForConversation, AutoModelForSeq2SeqLM loaded "
+            f"{type(model).__name__}"
+        )
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(
+            f"{path}: the tokenizer has {len(tokenizer)} ids but the model's vocabulary has "
+            f"{model.config.vocab_size}; they were not trained together"
+        )
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval(), tokenizer
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _load_split(data_dir: str | Path, split: str):
+    import datasets
+
+    path = Path(data_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"data directory {str(path)!r} does not exist")
+    if not (path / "dataset_dict.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is not a prepared dataset (no dataset_dict.json); write one with "
+            "`ndm-seq prepare CORPUS --output DIR`"
+        )
+    dd = datasets.load_from_disk(str(path))
+    if split not in dd:
+        raise KeyError(f"{path} has no split {split!r}; its splits are {sorted(dd)}")
+    ds = dd[split]
+    missing = {"context", "response"} - set(ds.column_names)
+    if missing:
+        raise ValueError(
+            f"{path} split {split!r} lacks the column(s) {sorted(missing)}; "
+            f"it has {ds.column_names}"
+        )
+    if len(ds) == 0:
+        raise ValueError(f"{path} split {split!r} is empty: nothing to evaluate")
+    return ds
+
+
+def _select(ds, max_contexts: int | None, seed: int) -> tuple[list[list[str]], list[str]]:
+    """The contexts and references to evaluate: all, or ``max_contexts`` drawn with ``seed``.
+
+    A subset keeps the split's order, so it reads like the split.
+    """
+    indices = list(range(len(ds)))
+    if max_contexts is not None and max_contexts < len(ds):
+        indices = sorted(random.Random(seed).sample(indices, max_contexts))
+    rows = ds.select_columns(["context", "response"]).select(indices)
+    contexts = [list(c) for c in rows["context"]]
+    references = list(rows["response"])
+    return contexts, references

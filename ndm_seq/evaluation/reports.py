@@ -1,0 +1,225 @@
+"""Reports: the files :func:`ndm_seq.evaluation.evaluate` writes, and several runs side by side.
+
+``metrics.json``, ``samples.jsonl`` and ``results.md`` of one evaluation;
+:func:`read_metrics`, :func:`comparison_table` (Markdown) and
+:func:`comparison_chart` (bar-chart PNG) for the recipes' compare step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ndm_seq import folders
+from ndm_seq.evaluation.sampling import GeneratedResponses
+
+#: Default columns of :func:`comparison_table`.
+MAIN_COLUMNS: tuple[str, ...] = (
+    "bleu_1",
+    "bleu_2",
+    "bleu_3",
+    "bleu_4",
+    "corpus_bleu",
+    "bleu_precision",
+    "bleu_recall",
+    "distinct_1",
+    "distinct_2",
+    "inter_distinct_2",
+    "self_bleu",
+    "kl",
+    "nll",
+    "ppl",
+    "active_units",
+)
+
+
+def _finite_or_none(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+EVALUATION_FILES = ("metrics.json", "samples.jsonl", "results.md")
+"""What :func:`evaluate` writes into its output folder (besides the folder's marker)."""
+
+
+def _earlier_evaluation(path: Path) -> bool:
+    """Recognise, by content, a folder :func:`evaluate` wrote before markers existed.
+
+    It holds nothing but :data:`EVALUATION_FILES`, and its ``results.md`` starts with
+    the header :func:`evaluate` writes.
+    """
+    names = {p.name for p in path.iterdir()} - {folders.LOCK, folders.HOLDER}
+    if not names <= set(EVALUATION_FILES) or "results.md" not in names:
+        return False
+    try:
+        with open(path / "results.md", encoding="utf-8") as f:
+            return f.read(64).startswith("# Evaluation of `")
+    except (OSError, ValueError):
+        return False
+
+
+def _write_metrics(path: Path, metrics: Mapping[str, Any]) -> None:
+    """``metrics.json``: the flat metrics, indented; a non-finite value must be ``None`` by now."""
+    path.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+
+
+def _write_samples(
+    path: Path,
+    contexts: Sequence[Sequence[str]],
+    references: Sequence[str],
+    generated: GeneratedResponses,
+) -> None:
+    """``samples.jsonl``: one object per context, ``greedy`` before ``samples`` (seq2seq)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for i, (context, reference) in enumerate(zip(contexts, references, strict=True)):
+            row: dict[str, Any] = {"context": context, "reference": reference}
+            if generated.greedy is not None:
+                row["greedy"] = generated.greedy[i]
+            row["samples"] = generated.samples[i]
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _describe_samples(
+    is_latent: bool, samples: int, decoding: str, temperature: float, top_p: float, top_k: int
+) -> str:
+    """How the samples were drawn, for the header of ``results.md``."""
+    return (
+        f"{samples} per context, each from its own prior draw, decoded "
+        + ("greedily" if decoding == "greedy" else _describe_sampling(temperature, top_p, top_k))
+        if is_latent
+        else f"greedy + {samples} per context, {_describe_sampling(temperature, top_p, top_k)}"
+    )
+
+
+def _describe_sampling(temperature: float, top_p: float, top_k: int) -> str:
+    parts = [f"temperature {temperature:g}"]
+    if top_p < 1:
+        parts.append(f"top-p {top_p:g}")
+    if top_k > 0:
+        parts.append(f"top-k {top_k}")
+    return "token sampling (" + ", ".join(parts) + ")"
+
+
+# --------------------------------------------------------------------------- #
+# Comparison of several runs
+# --------------------------------------------------------------------------- #
+
+
+def read_metrics(path: str | Path) -> dict[str, Any]:
+    """Read a ``metrics.json`` (or the directory holding one).
+
+    Args:
+        path: the file or its directory.
+
+    Returns:
+        The metrics dict.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / "metrics.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"no metrics.json at {str(p)!r}; run `ndm-seq evaluate` first")
+    data = json.loads(p.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: expected a JSON object of metrics, got {type(data).__name__}")
+    return data
+
+
+_INT_KEYS = {"active_units", "embedding_empty_pairs"}
+_TWO_DECIMALS = {"corpus_bleu", "kl", "nll", "ppl"}
+
+
+def _format(key: str, value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if key in _INT_KEYS:
+        return str(int(value))
+    if isinstance(value, (int, float)):
+        value = value + 0.0  # -0.0 (e.g. entropy of one n-gram) prints as 0
+        text = f"{value:.2f}" if key in _TWO_DECIMALS else f"{value:.4f}"
+        return text[1:] if text.startswith("-") and float(text) == 0 else text
+    return str(value)
+
+
+def comparison_table(
+    named_metrics: Mapping[str, Mapping[str, Any]], columns: Sequence[str] | None = None
+) -> str:
+    """A Markdown table of several runs: one row per run, one column per metric.
+
+    Numbers are rounded for reading (4 decimals; ``corpus_bleu``, ``kl``,
+    ``nll``, ``ppl`` 2; counts as integers); a metric a run does not have (e.g.
+    ``latent_recon_error`` outside ndm) or a ``null`` shows as "–".
+
+    Args:
+        named_metrics: run name (e.g. ``"ndm-gru"``) -> its metrics
+            (:func:`read_metrics` of its ``metrics.json``), in row order.
+        columns: metric keys to show (default :data:`MAIN_COLUMNS`).
+
+    Returns:
+        The table, ending with a newline.
+    """
+    if not named_metrics:
+        raise ValueError("comparison_table needs at least one run")
+    cols = list(MAIN_COLUMNS if columns is None else columns)
+    lines = [
+        "| model | " + " | ".join(cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
+    for run, metrics in named_metrics.items():
+        cells = [_format(c, metrics.get(c)) for c in cols]
+        lines.append(f"| {run} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+#: Panels of :func:`comparison_chart`: (title, metric keys).
+CHART_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("BLEU (NLTK method7)", ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "bleu_recall")),
+    ("distinct", ("distinct_1", "distinct_2", "inter_distinct_1", "inter_distinct_2")),
+    ("KL (nats per response)", ("kl",)),
+)
+
+
+def comparison_chart(named_metrics: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:
+    """Draw a bar chart PNG of BLEU, distinct and KL by run (matplotlib, Agg, no display).
+
+    Three panels (:data:`CHART_PANELS`): BLEU-1..4 and BLEU recall, corpus and
+    inter distinct-1/2, KL; in each, one group of bars per metric and one bar
+    per run. Missing values are drawn as empty bars.
+
+    Args:
+        named_metrics: run name -> metrics, as for :func:`comparison_table`.
+        path: the PNG to write (parent folders are created).
+
+    Returns:
+        The path written.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not named_metrics:
+        raise ValueError("comparison_chart needs at least one run")
+    runs = list(named_metrics)
+    fig = Figure(figsize=(4.5 * len(CHART_PANELS), 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(CHART_PANELS))
+    width = 0.8 / len(runs)
+    for ax, (title, keys) in zip(axes, CHART_PANELS, strict=True):
+        x = np.arange(len(keys))
+        for i, run in enumerate(runs):
+            values = [named_metrics[run].get(k) for k in keys]
+            heights = [np.nan if v is None else float(v) for v in values]
+            ax.bar(x + (i - (len(runs) - 1) / 2) * width, heights, width, label=run)
+        ax.set_xticks(x, keys, rotation=30, ha="right")
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize="small")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    return out

@@ -1,0 +1,206 @@
+"""Model-side scores: teacher-forced NLL, KL, the perplexity bound, active units, NDM diagnostics.
+
+The keys and their definitions are in the docstring of :mod:`ndm_seq.evaluation`;
+:func:`metric_keys` gives the full, ordered key list of ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ndm_seq.evaluation.inputs import (
+    DEFAULT_MAX_RESPONSE_TOKENS,
+    _batches,
+    _check_contexts,
+    _length_limits,
+)
+from ndm_seq.evaluation.loading import _device
+from ndm_seq.metrics import TEXT_METRIC_KEYS, active_units
+
+#: Model-side keys of every variant, in the order of docs/design.md §7.
+MODEL_METRIC_KEYS: tuple[str, ...] = ("kl", "nll", "ppl", "active_units")
+#: Extra keys of the ndm variant.
+NDM_METRIC_KEYS: tuple[str, ...] = ("latent_recon_error", "slot_weight_entropy")
+#: Keys added when word vectors are given (:func:`ndm_seq.metrics.embedding_similarity`).
+EMBEDDING_METRIC_KEYS: tuple[str, ...] = (
+    "a_glove",
+    "embedding_average",
+    "embedding_extrema",
+    "embedding_greedy",
+    "embedding_empty_pairs",
+)
+
+
+def metric_keys(variant: str, word_vectors: bool = False) -> tuple[str, ...]:
+    """The keys of ``metrics.json`` for a variant, in order.
+
+    Args:
+        variant: ``"seq2seq"``, ``"cvae"``, ``"vmed"`` or ``"ndm"``.
+        word_vectors: whether embedding metrics were computed.
+
+    Returns:
+        :data:`~ndm_seq.metrics.TEXT_METRIC_KEYS` + :data:`MODEL_METRIC_KEYS`
+        (+ :data:`NDM_METRIC_KEYS` for ndm) (+ :data:`EMBEDDING_METRIC_KEYS`).
+    """
+    keys = TEXT_METRIC_KEYS + MODEL_METRIC_KEYS
+    if variant == "ndm":
+        keys += NDM_METRIC_KEYS
+    if word_vectors:
+        keys += EMBEDDING_METRIC_KEYS
+    return keys
+
+
+def slot_weight_entropy(weights: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of the normalised absolute slot weights, per example.
+
+    ``p_n = |w_n| / sum_m |w_m|``, ``H = -sum_n p_n ln p_n`` with ``0 ln 0 = 0``;
+    a row of zeros (no slot used; only ``z = 0`` gives it) counts as uniform.
+
+    Args:
+        weights: ``(B, N)`` least-squares weights.
+
+    Returns:
+        ``(B,)`` float64 entropies in ``[0, ln N]``.
+    """
+    if weights.dim() != 2:
+        raise ValueError(f"weights must be (B, N), got shape {tuple(weights.shape)}")
+    a = weights.detach().double().abs()  # (B, N)
+    total = a.sum(-1, keepdim=True)  # (B, 1)
+    uniform = torch.full_like(a, 1.0 / a.shape[1])
+    p = torch.where(total > 0, a / total.clamp_min(torch.finfo(a.dtype).tiny), uniform)
+    return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
+
+
+@torch.no_grad()
+def score_model(
+    model,
+    tokenizer,
+    contexts: Sequence[Sequence[str]],
+    responses: Sequence[str],
+    *,
+    batch_size: int = 64,
+    max_context_tokens: int | None = None,
+    max_response_tokens: int = DEFAULT_MAX_RESPONSE_TOKENS,
+    progress: bool = False,
+) -> dict[str, float | int]:
+    """Teacher-forced scores of a model over (context, response) pairs.
+
+    Pairs are tokenised exactly as ``ndm-seq prepare --tokenizer`` does for
+    training (:class:`ndm_seq.data.prepare.TokenizePairs`: the context keeps
+    its last ``max_context_tokens`` ids, the response its first
+    ``max_response_tokens - 1`` ids and ``</s>``). The model runs in eval mode
+    (its training flag is restored afterwards), so latent variants use the
+    posterior mean and nothing is random. Definitions: see the docstring of
+    :mod:`ndm_seq.evaluation`.
+
+    Args:
+        model: an :class:`~ndm_seq.NDMForConversation` (unwrapped from DDP).
+        tokenizer: its :class:`~ndm_seq.NDMTokenizer`.
+        contexts: P contexts, each a list of turns (oldest first).
+        responses: P reference responses.
+        batch_size: pairs per forward pass.
+        max_context_tokens: context length limit (default 128, and at most
+            ``max_position_embeddings`` for the transformer backbone).
+        max_response_tokens: response length limit, ``</s>`` included.
+        progress: show a tqdm bar.
+
+    Returns:
+        ``nll`` (nats per response), ``kl`` (nats per response), ``ppl``
+        (``exp((total NLL + total KL) / num_tokens)``), ``active_units`` (int),
+        for ndm ``latent_recon_error`` and ``slot_weight_entropy``, and the
+        counts ``num_responses`` and ``num_tokens``.
+
+    Raises:
+        ValueError: no pairs, unequal lengths, or fewer than 2 pairs for a
+            latent variant (active units need a variance).
+    """
+    from ndm_seq.data.prepare import TokenizePairs
+
+    _check_pairs(model, contexts, responses)
+    variant = model.config.variant
+    ctx_len, resp_len = _length_limits(
+        model, max_context_tokens, max_response_tokens, "max_response_tokens"
+    )
+    encode = TokenizePairs(tokenizer, ctx_len, resp_len)
+    pad = tokenizer.pad_token_id
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    total_nll = total_kl = 0.0
+    total_tokens = 0
+    means, recon, entropy = [], [], []
+    try:
+        bar = tqdm(total=len(contexts), desc="score", unit="pair", disable=not progress)
+        for start, end in _batches(len(contexts), batch_size):
+            enc = encode(
+                {
+                    "context": [list(c) for c in contexts[start:end]],
+                    "response": responses[start:end],
+                }
+            )
+            b = end - start
+            ids = _pad(enc["input_ids"], pad, device)  # (B, S)
+            mask = _pad([[1] * len(s) for s in enc["input_ids"]], 0, device)  # (B, S)
+            labels = _pad(enc["labels"], -100, device)  # (B, T)
+            out = model(input_ids=ids, attention_mask=mask, labels=labels, return_logits=False)
+            # out.nll and out.kl are batch means of per-response sums.
+            total_nll += float(out.nll) * b
+            total_kl += float(out.kl) * b
+            total_tokens += int(out.num_tokens)
+            if out.posterior_mean is not None:
+                means.append(out.posterior_mean.float().cpu())
+            if variant == "ndm":
+                # The same z as the forward pass (posterior mean), decomposed per example.
+                d = model.decompose(ids, mask, labels)
+                recon.append((d.z - d.composed).double().norm(dim=-1).cpu())  # (B,)
+                entropy.append(slot_weight_entropy(d.weights).cpu())
+            bar.update(b)
+        bar.close()
+    finally:
+        model.train(was_training)
+    n = len(contexts)
+    result: dict[str, float | int] = {
+        "kl": total_kl / n,
+        "nll": total_nll / n,
+        "ppl": _safe_exp((total_nll + total_kl) / total_tokens),
+        "active_units": active_units(torch.cat(means)) if means else 0,
+    }
+    if variant == "ndm":
+        result["latent_recon_error"] = float(torch.cat(recon).mean())
+        result["slot_weight_entropy"] = float(torch.cat(entropy).mean())
+    result["num_responses"] = n
+    result["num_tokens"] = total_tokens
+    return result
+
+
+def _check_pairs(model, contexts: Sequence[Sequence[str]], responses: Sequence[str]) -> None:
+    """Refuse what :func:`score_model` cannot score, before any forward pass."""
+    _check_contexts(contexts)
+    if len(contexts) != len(responses):
+        raise ValueError(
+            f"contexts has {len(contexts)} entries but responses has {len(responses)}: "
+            "need one response per context"
+        )
+    if not contexts:
+        raise ValueError("no (context, response) pairs to score")
+    if model.config.is_latent and len(contexts) < 2:
+        raise ValueError(
+            f"scoring a {model.config.variant} model needs at least 2 pairs (active units are a "
+            f"variance over responses), got {len(contexts)}"
+        )
+
+
+def _safe_exp(x: float) -> float:
+    return math.exp(x) if x < 700 else math.inf
+
+
+def _pad(rows: Sequence[Sequence[int]], value: int, device) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+    return out.to(device)
