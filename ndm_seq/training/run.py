@@ -208,18 +208,46 @@ def train(run: RunConfig) -> Path:
 
 
 def _train(run: RunConfig, stop: _StopOnSignal, stack: contextlib.ExitStack) -> Path:
-    import datasets
-    from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
-
-    from ndm_seq.models import NDMForConversation
-
     t = run.training
     out = Path(run.output_dir)
     if t.torch_threads:
         torch.set_num_threads(t.torch_threads)
+    args = _training_arguments(run, out)
+    run = _claim_and_share(run, args, out, stack)
+    tokenizer, tokenized, train_ds, eval_ds = _datasets(run, t, args, out)
+    trainer = _build_trainer(run, t, args, tokenizer, tokenized, train_ds, eval_ds, stop)
+    resume = _resume_point(t, trainer, out)
+    if stop.requested:
+        raise TrainingInterrupted(
+            f"stopped by SIGTERM before training started; nothing new saved in {out}"
+        )
+    trainer.train(resume_from_checkpoint=resume)
+    if stop.stopped_at is not None:
+        checkpoint = out / "checkpoints" / f"{PREFIX_CHECKPOINT_DIR}-{stop.stopped_at}"
+        logger.warning("stopped by SIGTERM at step %d; checkpoint %s", stop.stopped_at, checkpoint)
+        raise TrainingInterrupted(
+            f"stopped by SIGTERM at step {stop.stopped_at} of {t.max_steps}; checkpoint saved "
+            f"to {checkpoint}; run the same command again to resume",
+            checkpoint=str(checkpoint),
+        )
+
+    final = out / "model"
+    _publish_model(trainer, tokenizer, final)
+    if trainer.is_world_process_zero():
+        from ndm_seq.plots import plot_training_curves
+
+        plot_training_curves(trainer.state.log_history, out / "training_curves.png")
+    return final
+
+
+def _training_arguments(run: RunConfig, out: Path):
+    """The ``TrainingArguments`` of the run (checkpoints under ``out/checkpoints``)."""
+    from transformers import TrainingArguments
+
+    t = run.training
     # Built before the folder is touched (creating them writes nothing); it sets up the
     # process group the ranks use to wait for process 0's claim of the folder.
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(out / "checkpoints"),
         max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size,  # global: split across processes below
@@ -251,6 +279,10 @@ def _train(run: RunConfig, stop: _StopOnSignal, stack: contextlib.ExitStack) -> 
         dataloader_pin_memory=torch.cuda.is_available(),
         **_precision(t.precision),
     )
+
+
+def _claim_and_share(run: RunConfig, args, out: Path, stack: contextlib.ExitStack) -> RunConfig:
+    """Process 0 sets up the run folder; every process gets the config it recorded."""
     if args.process_index == 0:
         run = _setup_run_folder(run, out, stack)
     if args.world_size > 1:
@@ -264,6 +296,15 @@ def _train(run: RunConfig, stop: _StopOnSignal, stack: contextlib.ExitStack) -> 
         run = run_config_from_dict(payload[0])
     if args.process_index != 0:
         _file_log(out, stack)
+    return run
+
+
+def _datasets(run: RunConfig, t, args, out: Path):
+    """Prepared data and tokenizer (main process first): ``(tokenizer, tokenized splits,
+    train dataset, eval dataset or None)``; no eval data turns evaluation off in ``args``."""
+    import datasets
+    from transformers import set_seed
+
     set_seed(run.seed)
     with args.main_process_first(desc="prepare data and tokenizer"):
         prepare_data(run)
@@ -281,6 +322,14 @@ def _train(run: RunConfig, stop: _StopOnSignal, stack: contextlib.ExitStack) -> 
             eval_ds = eval_ds.select(range(min(run.data.max_eval_pairs, len(eval_ds))))
     elif t.eval_steps:
         args.eval_strategy = "no"
+    return tokenizer, tokenized, train_ds, eval_ds
+
+
+def _build_trainer(run: RunConfig, t, args, tokenizer, tokenized, train_ds, eval_ds, stop):
+    """The seeded model, its KL schedule and the trainer with every callback."""
+    from transformers import DataCollatorForSeq2Seq, set_seed
+
+    from ndm_seq.models import NDMForConversation
 
     config = build_model_config(run.model, vocab_size=len(tokenizer))
     # Seeded here, not only at the start: whether data and tokenizer were
@@ -320,6 +369,12 @@ def _train(run: RunConfig, stop: _StopOnSignal, stack: contextlib.ExitStack) -> 
         trainer.text_validation = (
             rows["context"], rows["response"], t.validation_samples, run.data.max_context_tokens,
         )  # fmt: skip
+    return trainer
+
+
+def _resume_point(t, trainer, out: Path) -> str | None:
+    """The checkpoint to resume from (None: a fresh run), with ``log_history.jsonl`` and
+    the earlier run's checkpoints made to match."""
     resume = None
     if t.resume in ("auto", "force"):
         resume = _latest_checkpoint(out / "checkpoints")
@@ -344,24 +399,4 @@ def _train(run: RunConfig, stop: _StopOnSignal, stack: contextlib.ExitStack) -> 
             for old in _checkpoints(out / "checkpoints") if (out / "checkpoints").is_dir() else []:
                 logger.info("training.resume=never: removing the earlier run's %s", old.name)
                 shutil.rmtree(old)
-    if stop.requested:
-        raise TrainingInterrupted(
-            f"stopped by SIGTERM before training started; nothing new saved in {out}"
-        )
-    trainer.train(resume_from_checkpoint=resume)
-    if stop.stopped_at is not None:
-        checkpoint = out / "checkpoints" / f"{PREFIX_CHECKPOINT_DIR}-{stop.stopped_at}"
-        logger.warning("stopped by SIGTERM at step %d; checkpoint %s", stop.stopped_at, checkpoint)
-        raise TrainingInterrupted(
-            f"stopped by SIGTERM at step {stop.stopped_at} of {t.max_steps}; checkpoint saved "
-            f"to {checkpoint}; run the same command again to resume",
-            checkpoint=str(checkpoint),
-        )
-
-    final = out / "model"
-    _publish_model(trainer, tokenizer, final)
-    if trainer.is_world_process_zero():
-        from ndm_seq.plots import plot_training_curves
-
-        plot_training_curves(trainer.state.log_history, out / "training_curves.png")
-    return final
+    return resume
