@@ -1,5 +1,7 @@
 """Atomic checkpoints: staging, manifest (size and sha256 of every file), publishing,
-validation (:func:`checkpoint_problem`), the newest valid one, rotation.
+validation (:func:`checkpoint_problem`), the newest valid one, rotation; and
+:class:`DiskFullError`, raised when a full disk stops a save (the newest complete
+checkpoint stays).
 """
 
 from __future__ import annotations
