@@ -15,6 +15,7 @@ from test_unpadded import padded_batch
 import ndm_seq.training as T
 from ndm_seq.memory import least_squares_attention
 from ndm_seq.models import NDMForConversation, generation, modeling_ndm
+from ndm_seq.training.trainer import _precision
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -149,7 +150,7 @@ def test_generate_on_cuda(variant, backbone):
 def test_training_run_on_cuda_uses_bf16_and_saves_a_loadable_model(tmp_path, prepared):  # noqa: F811
     run = _run_config(tmp_path, prepared, max_steps=6, save_steps=3)
     final = T.train(run)
-    assert T._precision("auto") == {"bf16": True}
+    assert _precision("auto") == {"bf16": True}
     losses = [
         json.loads(line)["loss"]
         for line in (tmp_path / "run" / "log_history.jsonl").read_text().splitlines()

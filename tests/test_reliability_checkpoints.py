@@ -16,6 +16,7 @@ from training_runs import jsonl_run_config, synthetic_corpus, train_in_subproces
 from transformers import Trainer
 
 import ndm_seq.training as T
+from ndm_seq.training.checkpoints import _latest_checkpoint, _rotate_checkpoints
 
 FILES = ["model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"]
 
@@ -142,7 +143,7 @@ def test_no_valid_checkpoint_starts_from_step_0(tmp_path, reference, prepared, c
     for step in (4, 8, 12):
         _cut(run_dir / f"checkpoints/checkpoint-{step}/rng_state.pth")
     with caplog.at_level(logging.WARNING, logger="ndm_seq.training"):
-        assert T._latest_checkpoint(run_dir / "checkpoints") is None
+        assert _latest_checkpoint(run_dir / "checkpoints") is None
     assert "no valid checkpoint in" in caplog.records[-1].getMessage()
     assert "(3 broken skipped); starting from step 0" in caplog.records[-1].getMessage()
 
@@ -165,7 +166,7 @@ def test_rotation_never_deletes_the_last_valid_checkpoint(
     for step in broken:
         _cut(folder / f"checkpoint-{step}/model.safetensors")
     newest_valid = max(s for s in (4, 8, 12) if s not in broken)
-    T._rotate_checkpoints(folder, limit, keep=folder / f"checkpoint-{newest_valid}")
+    _rotate_checkpoints(folder, limit, keep=folder / f"checkpoint-{newest_valid}")
     assert sorted(int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*")) == survivors
     valid = [p for p in folder.glob("checkpoint-*") if T.checkpoint_problem(p) is None]
     assert len(valid) >= min(limit, 3 - len(broken))

@@ -27,6 +27,8 @@ from training_runs import jsonl_run_config, synthetic_corpus, train_in_subproces
 
 import ndm_seq.training as T
 from ndm_seq import cli, folders
+from ndm_seq.training.checkpoints import _latest_checkpoint
+from ndm_seq.training.run_folder import _is_legacy_run_folder
 
 
 @pytest.fixture(scope="module")
@@ -120,19 +122,19 @@ def test_another_commands_folder_is_refused(tmp_path, prepared, capsys):
 def test_a_legacy_run_folder_is_adopted_by_its_config_content(tmp_path, reference):
     legacy = shutil.copytree(reference, tmp_path / "legacy")
     (legacy / folders.MARKER).unlink()
-    assert T._is_legacy_run_folder(legacy)
-    assert folders.claim(legacy, "train", adopt=T._is_legacy_run_folder) is True
+    assert _is_legacy_run_folder(legacy)
+    assert folders.claim(legacy, "train", adopt=_is_legacy_run_folder) is True
     assert folders.owner(legacy) == "ndm-seq train"
     # The same settings written by hand (a comment, another key order) are not train's.
     user = tmp_path / "user"
     user.mkdir()
     raw = yaml.safe_load((reference / "config.yaml").read_text())
     (user / "config.yaml").write_text("# mine\n" + yaml.safe_dump(raw, sort_keys=False))
-    assert not T._is_legacy_run_folder(user)
+    assert not _is_legacy_run_folder(user)
     (user / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=True))
-    assert not T._is_legacy_run_folder(user)
+    assert not _is_legacy_run_folder(user)
     with pytest.raises(folders.FolderError, match="is not empty"):
-        folders.claim(user, "train", adopt=T._is_legacy_run_folder)
+        folders.claim(user, "train", adopt=_is_legacy_run_folder)
 
 
 # ----------------------------------------------------------------------------- resume check
@@ -214,7 +216,7 @@ def test_resume_never_with_a_new_tokenizer_config_retrains_the_tokenizer(tmp_pat
     assert (run_dir / "checkpoints" / "checkpoint-4").is_dir()
     final = T.train(run)
     assert not (run_dir / "checkpoints" / "checkpoint-4").exists()
-    assert T._latest_checkpoint(run_dir / "checkpoints") in (
+    assert _latest_checkpoint(run_dir / "checkpoints") in (
         None,
         str(run_dir / "checkpoints" / "checkpoint-2"),
     )
@@ -231,7 +233,7 @@ _PAUSED = textwrap.dedent(
     import os, sys, time
     from pathlib import Path
     from transformers import TrainerCallback
-    import ndm_seq.training as T
+    import ndm_seq.training.run as R
     from ndm_seq import cli
 
     ready, go = Path(sys.argv[2]), Path(sys.argv[3])
@@ -244,8 +246,8 @@ _PAUSED = textwrap.dedent(
                 while not go.exists() and time.monotonic() < deadline:
                     time.sleep(0.05)
 
-    base = T._callbacks
-    T._callbacks = lambda run, sched: base(run, sched) + [Pause()]
+    base = R._callbacks
+    R._callbacks = lambda run, sched: base(run, sched) + [Pause()]
     sys.exit(cli.main(["train", sys.argv[1]]))
     """
 )
@@ -296,7 +298,7 @@ _TERM = textwrap.dedent(
     """
     import os, signal, sys
     from transformers import TrainerCallback
-    import ndm_seq.training as T
+    import ndm_seq.training.run as R
     from ndm_seq import cli
 
     term_at = int(sys.argv[2])
@@ -306,8 +308,8 @@ _TERM = textwrap.dedent(
             if state.global_step == term_at:
                 os.kill(os.getpid(), signal.SIGTERM)
 
-    base = T._callbacks
-    T._callbacks = lambda run, sched: [Term()] + base(run, sched)
+    base = R._callbacks
+    R._callbacks = lambda run, sched: [Term()] + base(run, sched)
     sys.exit(cli.main(["train", sys.argv[1]]))
     """
 )

@@ -15,7 +15,9 @@ from training_runs import jsonl_run_config, synthetic_corpus
 from transformers import TrainerCallback
 
 import ndm_seq.training as T
+import ndm_seq.training.run as run_module
 from ndm_seq.models import NDMForConversation
+from ndm_seq.training.trainer import _make_trainer_class
 
 NAN_LOSS, INF_LOSS, NAN_GRAD = "nan_loss", "inf_loss", "nan_grad"
 
@@ -79,8 +81,8 @@ def prepared(tmp_path_factory):
 
 def _train_with_snapshots(monkeypatch, run) -> _Snapshots:
     snaps = _Snapshots()
-    base = T._callbacks
-    monkeypatch.setattr(T, "_callbacks", lambda r, s: [*base(r, s), snaps])
+    base = run_module._callbacks
+    monkeypatch.setattr(run_module, "_callbacks", lambda r, s: [*base(r, s), snaps])
     return snaps
 
 
@@ -155,7 +157,7 @@ def test_save_model_refuses_nonfinite_weights(tmp_path):
     from transformers import TrainingArguments
 
     args = TrainingArguments(output_dir=str(tmp_path / "ck"), report_to="none", use_cpu=True)
-    trainer = T._make_trainer_class()(model=model, args=args)
+    trainer = _make_trainer_class()(model=model, args=args)
     with pytest.raises(T.NonFiniteTrainingError, match="refusing to save non-finite weights"):
         trainer.save_model(str(tmp_path / "out"))
     assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -68,6 +68,7 @@ _CHILD = textwrap.dedent(
     import hashlib, json, os, signal, sys
     from transformers import Trainer, TrainerCallback
     import ndm_seq.training as T
+    import ndm_seq.training.run as R
 
     hooks = json.loads(sys.argv[2])
 
@@ -80,8 +81,8 @@ _CHILD = textwrap.dedent(
             if state.global_step == hooks["kill_after_save"]:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    base_callbacks = T._callbacks
-    T._callbacks = lambda run, sched: base_callbacks(run, sched) + [Kill()]
+    base_callbacks = R._callbacks
+    R._callbacks = lambda run, sched: base_callbacks(run, sched) + [Kill()]
 
     save_rng = Trainer._save_rng_state
 
@@ -93,7 +94,7 @@ _CHILD = textwrap.dedent(
     Trainer._save_rng_state = save_rng_or_die
 
     if hooks["batches_log"]:
-        base_class = T._make_trainer_class
+        base_class = R._make_trainer_class
 
         def recording_class():
             cls = base_class()
@@ -108,7 +109,7 @@ _CHILD = textwrap.dedent(
 
             return Recording
 
-        T._make_trainer_class = recording_class
+        R._make_trainer_class = recording_class
 
     T.train(T.load_run_config(sys.argv[1]))
     """

@@ -1,0 +1,402 @@
+"""``train()``: a run config -> prepared data, tokenizer, ``Trainer`` run, final model.
+
+Also the SIGTERM handling (:class:`TrainingInterrupted`) and the full-disk error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import shutil
+import signal
+import threading
+from pathlib import Path
+
+import torch
+
+from ndm_seq.training.checkpoints import (
+    PREFIX_CHECKPOINT_DIR,
+    DiskFullError,
+    _checkpoints,
+    _latest_checkpoint,
+    checkpoint_problem,
+)
+from ndm_seq.training.config import ConfigError, RunConfig, build_model_config, run_config_from_dict
+from ndm_seq.training.run_folder import (
+    _file_log,
+    _publish_model,
+    _setup_run_folder,
+    _trim_log_history,
+)
+from ndm_seq.training.schedule import KLSchedule
+from ndm_seq.training.trainer import _callbacks, _make_trainer_class, _precision, _world_size
+
+logger = logging.getLogger("ndm_seq.training")
+
+
+class TrainingInterrupted(RuntimeError):
+    """The run stopped on SIGTERM after saving a checkpoint; the same command resumes it."""
+
+    exit_code = 143
+    """``ndm-seq train``'s exit status then: 128 + SIGTERM, as a shell reports a process
+    ended by that signal (not finished; distinct from 0 so ``train && evaluate`` stops)."""
+
+    def __init__(self, message: str, checkpoint: str | None = None):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+class _StopOnSignal:
+    """SIGTERM (a scheduler's notice before preemption) -> save a checkpoint and stop.
+
+    The handler only sets a flag; at the next step end the callback asks the Trainer to
+    save and stop (``control.should_save``, ``should_training_stop``), so the checkpoint
+    is written by the ordinary atomic path. Across processes the flag is reduced, so all
+    ranks stop at the same step. A second SIGTERM gets the previous handler (the default
+    kills at once).
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.stopped_at: int | None = None
+        self.previous = None
+        self.installed = False
+        self.reduce = None
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        self.installed = True
+
+    def uninstall(self) -> None:
+        if self.installed:
+            self._restore()
+
+    def _restore(self) -> None:
+        # None: the previous handler was not set from Python; the default is the best guess.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if self.previous is None else self.previous)
+        self.installed = False
+
+    def _handle(self, signum, frame) -> None:
+        # Only a flag (and the old handler back): the callback logs and stops at the step end.
+        self.requested = True
+        self._restore()
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        stop = self
+
+        class StopOnSignal(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                flag = stop.requested
+                if stop.reduce is not None:
+                    flag = stop.reduce(flag)
+                if flag and state.global_step < state.max_steps:
+                    logger.warning(
+                        "SIGTERM received: saving a checkpoint at step %d, then stopping",
+                        state.global_step,
+                    )
+                    stop.stopped_at = state.global_step
+                    control.should_save = True
+                    control.should_training_stop = True
+
+        return StopOnSignal()
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def prepare_data(run: RunConfig, tokenizer=None) -> dict:
+    """Run ``ndm_seq.data.prepare`` for the run's data section (cached by fingerprint)."""
+    from ndm_seq.data.pairs import PairOptions
+    from ndm_seq.data.prepare import PrepareConfig, prepare
+
+    d = run.data
+    options = PairOptions.vmed(**d.options) if d.vmed_preprocessing else PairOptions(**d.options)
+    source = d.source
+    if source is None and d.download:
+        from ndm_seq.data.download import fetch
+
+        source = fetch(
+            d.corpus,
+            Path("data") / d.corpus / "raw",
+            lang=d.download_lang,
+            release=d.download_release,
+            fmt="xml" if d.opensubtitles_format == "xml" else "text",
+            progress=run.training.progress,
+        )
+    cfg = PrepareConfig(
+        corpus=d.corpus,
+        source=source,
+        opensubtitles_format=d.opensubtitles_format,
+        output=d.prepared_dir,
+        options=options,
+        max_source_tokens=d.max_context_tokens,
+        max_target_tokens=d.max_response_tokens,
+        progress=run.training.progress,
+    )
+    return prepare(cfg, tokenizer)
+
+
+def train_tokenizer(run: RunConfig, folder: Path):
+    """Train (or reload) the run's SentencePiece tokenizer on the training split."""
+    import datasets
+
+    from ndm_seq.tokenization_ndm import NDMTokenizer
+
+    if (folder / "tokenizer_config.json").is_file():
+        return NDMTokenizer.from_pretrained(folder)
+    train_split = datasets.load_from_disk(run.data.prepared_dir)["train"]
+    limit = run.tokenizer.max_texts
+
+    def texts():
+        n = 0
+        for row in train_split.select_columns(["context", "response"]):
+            for text in [*row["context"], row["response"]]:
+                if n >= limit:
+                    return
+                n += 1
+                yield text
+
+    tok = NDMTokenizer.train(
+        texts(),
+        vocab_size=run.tokenizer.vocab_size,
+        lowercase=run.tokenizer.lowercase,
+        seed=run.seed,
+    )
+    tok.save_pretrained(folder)
+    return tok
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def train(run: RunConfig) -> Path:
+    """Train one model; returns the final model directory (``<output_dir>/model``).
+
+    Works unchanged under ``torchrun`` / ``accelerate launch``: the main process claims
+    and locks the run folder, checks the stored config and records the new one first;
+    data preparation and tokenizer training run on the main process first, the others
+    reuse the cached results.
+
+    Raises:
+        ConfigError: the stored config differs in a key that may not change on resume.
+        ndm_seq.folders.FolderError: ``output_dir`` is not a run folder (a user's folder,
+            another command's output); ``FolderBusy``: another launch holds it.
+        TrainingInterrupted: SIGTERM: a checkpoint was saved, no final model written.
+        DiskFullError: a write failed with ENOSPC (the newest complete checkpoint is kept).
+    """
+    stop = _StopOnSignal()
+    stop.install()
+    try:
+        with contextlib.ExitStack() as stack:
+            return _train(run, stop, stack)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise DiskFullError(
+                f"no space left on device while writing {e.filename or run.output_dir}; "
+                "the newest complete checkpoint is kept: free some space and run the same "
+                "command again"
+            ) from None
+        raise
+    finally:
+        stop.uninstall()
+
+
+def _train(run: RunConfig, stop: _StopOnSignal, stack: contextlib.ExitStack) -> Path:
+    t = run.training
+    out = Path(run.output_dir)
+    if t.torch_threads:
+        torch.set_num_threads(t.torch_threads)
+    args = _training_arguments(run, out)
+    run = _claim_and_share(run, args, out, stack)
+    tokenizer, tokenized, train_ds, eval_ds = _datasets(run, t, args, out)
+    trainer = _build_trainer(run, t, args, tokenizer, tokenized, train_ds, eval_ds, stop)
+    resume = _resume_point(t, trainer, out)
+    if stop.requested:
+        raise TrainingInterrupted(
+            f"stopped by SIGTERM before training started; nothing new saved in {out}"
+        )
+    trainer.train(resume_from_checkpoint=resume)
+    if stop.stopped_at is not None:
+        checkpoint = out / "checkpoints" / f"{PREFIX_CHECKPOINT_DIR}-{stop.stopped_at}"
+        logger.warning("stopped by SIGTERM at step %d; checkpoint %s", stop.stopped_at, checkpoint)
+        raise TrainingInterrupted(
+            f"stopped by SIGTERM at step {stop.stopped_at} of {t.max_steps}; checkpoint saved "
+            f"to {checkpoint}; run the same command again to resume",
+            checkpoint=str(checkpoint),
+        )
+
+    final = out / "model"
+    _publish_model(trainer, tokenizer, final)
+    if trainer.is_world_process_zero():
+        from ndm_seq.plots import plot_training_curves
+
+        plot_training_curves(trainer.state.log_history, out / "training_curves.png")
+    return final
+
+
+def _training_arguments(run: RunConfig, out: Path):
+    """The ``TrainingArguments`` of the run (checkpoints under ``out/checkpoints``)."""
+    from transformers import TrainingArguments
+
+    t = run.training
+    # Built before the folder is touched (creating them writes nothing); it sets up the
+    # process group the ranks use to wait for process 0's claim of the folder.
+    return TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,  # global: split across processes below
+        per_device_eval_batch_size=t.batch_size,
+        learning_rate=t.learning_rate,
+        warmup_steps=t.warmup_steps,
+        lr_scheduler_type=t.lr_scheduler,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=run.seed,
+        data_seed=run.seed,
+        report_to="none",
+        disable_tqdm=not t.progress,
+        dataloader_num_workers=t.dataloader_workers,
+        prediction_loss_only=True,
+        remove_unused_columns=False,
+        accelerator_config={"split_batches": True},
+        ddp_find_unused_parameters=False,
+        # Without a GPU: say so (else accelerate does not treat a torchrun
+        # launch as distributed on CPU) and use gloo across processes.
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend="gloo" if _world_size() > 1 and not torch.cuda.is_available() else None,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        **_precision(t.precision),
+    )
+
+
+def _claim_and_share(run: RunConfig, args, out: Path, stack: contextlib.ExitStack) -> RunConfig:
+    """Process 0 sets up the run folder; every process gets the config it recorded."""
+    if args.process_index == 0:
+        run = _setup_run_folder(run, out, stack)
+    if args.world_size > 1:
+        # The other ranks wait here until process 0 has claimed the folder and checked the
+        # config, then take the config it recorded (force may have changed it). If process
+        # 0 failed, they wait until the launcher stops them: never on a stale config.
+        from accelerate.utils import broadcast_object_list
+
+        payload = [run.to_dict() if args.process_index == 0 else None]
+        broadcast_object_list(payload, from_process=0)
+        run = run_config_from_dict(payload[0])
+    if args.process_index != 0:
+        _file_log(out, stack)
+    return run
+
+
+def _datasets(run: RunConfig, t, args, out: Path):
+    """Prepared data and tokenizer (main process first): ``(tokenizer, tokenized splits,
+    train dataset, eval dataset or None)``; no eval data turns evaluation off in ``args``."""
+    import datasets
+    from transformers import set_seed
+
+    set_seed(run.seed)
+    with args.main_process_first(desc="prepare data and tokenizer"):
+        prepare_data(run)
+        tokenizer = train_tokenizer(run, out / "tokenizer")
+        report = prepare_data(run, tokenizer)
+    tokenized = datasets.load_from_disk(report["tokenized"]["path"])
+    columns = ["input_ids", "attention_mask", "labels"]
+    train_ds = tokenized["train"].select_columns(columns)
+    if run.data.max_train_pairs:
+        train_ds = train_ds.select(range(min(run.data.max_train_pairs, len(train_ds))))
+    eval_ds = None
+    if t.eval_steps and len(tokenized["validation"]):
+        eval_ds = tokenized["validation"].select_columns(columns)
+        if run.data.max_eval_pairs:
+            eval_ds = eval_ds.select(range(min(run.data.max_eval_pairs, len(eval_ds))))
+    elif t.eval_steps:
+        args.eval_strategy = "no"
+    return tokenizer, tokenized, train_ds, eval_ds
+
+
+def _build_trainer(run: RunConfig, t, args, tokenizer, tokenized, train_ds, eval_ds, stop):
+    """The seeded model, its KL schedule and the trainer with every callback."""
+    from transformers import DataCollatorForSeq2Seq, set_seed
+
+    from ndm_seq.models import NDMForConversation
+
+    config = build_model_config(run.model, vocab_size=len(tokenizer))
+    # Seeded here, not only at the start: whether data and tokenizer were
+    # built or reused from the cache must not change the initial weights.
+    set_seed(run.seed)
+    model = NDMForConversation(config)
+    schedule = KLSchedule(
+        kind=t.kl_schedule,
+        warmup_steps=t.kl_warmup_steps,
+        cycles=t.kl_cycles,
+        ratio=t.kl_ratio,
+        total_steps=t.max_steps,
+        constant=config.kl_weight,
+    )
+    trainer = _make_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),
+        processing_class=tokenizer,
+        callbacks=_callbacks(run, schedule),
+        max_nonfinite_steps=t.max_nonfinite_steps,
+    )
+    if _world_size() > 1:  # every rank stops at the same step when any got SIGTERM
+
+        def any_rank(flag: bool) -> bool:
+            value = torch.tensor([float(flag)], device=args.device)
+            return trainer.accelerator.reduce(value, reduction="sum").item() > 0
+
+        stop.reduce = any_rank
+    trainer.add_callback(stop.callback())
+    if eval_ds is not None and t.validation_contexts:
+        val = tokenized["validation"]
+        n = min(t.validation_contexts, len(val))
+        rows = val.select(range(n)).select_columns(["context", "response"])
+        trainer.text_validation = (
+            rows["context"], rows["response"], t.validation_samples, run.data.max_context_tokens,
+        )  # fmt: skip
+    return trainer
+
+
+def _resume_point(t, trainer, out: Path) -> str | None:
+    """The checkpoint to resume from (None: a fresh run), with ``log_history.jsonl`` and
+    the earlier run's checkpoints made to match."""
+    resume = None
+    if t.resume in ("auto", "force"):
+        resume = _latest_checkpoint(out / "checkpoints")
+    elif t.resume != "never":
+        resume = t.resume
+        problem = checkpoint_problem(resume)
+        if problem is not None:
+            raise ConfigError(f"training.resume={resume!r} cannot be resumed from: {problem}")
+    history = out / "log_history.jsonl"
+    if resume:
+        logger.info("resuming from %s", resume)
+        if trainer.is_world_process_zero():
+            state = json.loads((Path(resume) / "trainer_state.json").read_text(encoding="utf-8"))
+            _trim_log_history(history, int(state["global_step"]))
+    elif trainer.is_world_process_zero():
+        # A fresh run starts a fresh history (a resumed one appends to it).
+        history.unlink(missing_ok=True)
+        if t.resume == "never":
+            # The checkpoints of the run this one replaces (train's own, in its own
+            # folder): left in place, a later `resume: auto` after a kill before this
+            # run's first save would continue the old run's weights.
+            for old in _checkpoints(out / "checkpoints") if (out / "checkpoints").is_dir() else []:
+                logger.info("training.resume=never: removing the earlier run's %s", old.name)
+                shutil.rmtree(old)
+    return resume

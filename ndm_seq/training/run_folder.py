@@ -1,0 +1,268 @@
+"""The run folder: claim and lock, the resume config check, ``config.yaml``, ``train.log``,
+``log_history.jsonl`` and the final ``model/`` directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ndm_seq.training.checkpoints import DiskFullError
+from ndm_seq.training.config import (
+    _SECTIONS,
+    RESUME_MAY_CHANGE,
+    ConfigError,
+    RunConfig,
+    _one_line,
+    build_model_config,
+    model_keys,
+    run_config_from_dict,
+    section_fields,
+)
+
+logger = logging.getLogger("ndm_seq.training")
+
+
+def _file_log(out: Path, stack: contextlib.ExitStack) -> None:
+    """Log to ``out/train.log`` until ``stack`` closes."""
+    handler = _setup_file_log(out / "train.log")
+
+    def remove_handler():
+        for name in ("ndm_seq", "transformers"):
+            logging.getLogger(name).removeHandler(handler)
+        handler.close()
+
+    stack.callback(remove_handler)
+
+
+def _setup_file_log(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # Our own records at INFO; transformers' at its own level (warnings by
+    # default), so the console is not flooded.
+    for name in ("ndm_seq", "transformers"):
+        logging.getLogger(name).addHandler(handler)
+    ours = logging.getLogger("ndm_seq")
+    if ours.level == logging.NOTSET or ours.level > logging.INFO:
+        ours.setLevel(logging.INFO)
+    return handler
+
+
+def _is_legacy_run_folder(path: Path) -> bool:
+    """A run folder written before markers existed, recognised by content, not by names.
+
+    Its ``config.yaml`` must be exactly what :func:`train` writes: a mapping with every
+    top-level key of :class:`RunConfig` that passes :func:`run_config_from_dict`, keys in
+    the dataclasses' field order, and text that is byte for byte ``yaml.safe_dump`` of
+    itself (no comments, train's formatting). A user's hand-written ``config.yaml`` fails.
+    """
+    try:
+        text = (path / "config.yaml").read_text(encoding="utf-8")
+        raw = yaml.safe_load(text)
+        if not isinstance(raw, dict) or set(raw) != set(section_fields("")):
+            return False
+        run_config_from_dict(raw)
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+
+    def in_field_order(keys, order) -> bool:
+        return list(keys) == [k for k in order if k in keys]
+
+    sections_ordered = all(in_field_order(raw[name], section_fields(name)) for name in _SECTIONS)
+    return (
+        in_field_order(raw, section_fields(""))
+        and sections_ordered
+        and yaml.safe_dump(raw, sort_keys=False) == text
+    )
+
+
+def _resolved(run: RunConfig) -> dict[str, Any]:
+    """The run config as dotted keys, with ``model`` and ``data.options`` resolved (the
+    preset's values, ``PairOptions`` defaults), so equal settings compare equal."""
+    from ndm_seq.data.pairs import PairOptions
+
+    d = run.to_dict()
+    model = build_model_config(run.model).to_dict()
+    d["model"] = {k: model[k] for k in model_keys() if k in model}
+    opts = run.data.options
+    options = PairOptions.vmed(**opts) if run.data.vmed_preprocessing else PairOptions(**opts)
+    d["data"]["options"] = asdict(options)
+
+    def flat(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    return dict(flat(d))
+
+
+def _may_change(key: str) -> bool:
+    return any(
+        key == allowed or (allowed.endswith(".*") and key.startswith(allowed[:-1]))
+        for allowed in RESUME_MAY_CHANGE
+    )
+
+
+def config_changes(stored: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (stored value, new value)}`` for every setting that differs."""
+    old, cur = _resolved(stored), _resolved(new)
+    missing = object()
+    return {
+        k: (old.get(k), cur.get(k))
+        for k in sorted(set(old) | set(cur))
+        if old.get(k, missing) != cur.get(k, missing)
+    }
+
+
+def _listing(changes: dict[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+
+
+def check_resume_config(run: RunConfig, out: Path) -> RunConfig:
+    """The config to run with in ``out``, after comparing ``run`` with the stored one.
+
+    Nothing is written here except, with ``training.resume=never`` and changed
+    ``seed``/``tokenizer``/``data``, the removal of the stored ``tokenizer/`` (so it is
+    trained again). Raises :class:`ConfigError` for a change outside
+    ``RESUME_MAY_CHANGE`` unless ``training.resume=force`` (then the stored ``model``,
+    ``tokenizer`` and ``data`` sections are kept and a warning says so).
+    """
+    stored_path = out / "config.yaml"
+    if not stored_path.is_file():
+        return run
+    mode = run.training.resume
+    try:
+        raw = yaml.safe_load(stored_path.read_text(encoding="utf-8"))
+        stored = run_config_from_dict(raw, where=str(stored_path))
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        if mode == "never":
+            shutil.rmtree(out / "tokenizer", ignore_errors=True)
+            return run
+        raise ConfigError(
+            f"{out} holds a run whose stored config.yaml cannot be read ({_one_line(e)}); "
+            "set training.resume=never to start again in this folder, or choose another output_dir"
+        ) from None
+    changes = config_changes(stored, run)
+    if mode == "never":
+        if any(k == "seed" or k.startswith(("tokenizer.", "data.")) for k in changes):
+            logger.info(
+                "training.resume=never with a new data/tokenizer config: retraining the tokenizer"
+            )
+            shutil.rmtree(out / "tokenizer", ignore_errors=True)
+        return run
+    refused = {k: v for k, v in changes.items() if not _may_change(k)}
+    if changes and not refused:
+        logger.info("resuming with changed settings: %s", _listing(changes))
+    if not refused:
+        return run
+    if mode != "force":
+        raise ConfigError(
+            f"{out} holds a run with a different config: {_listing(refused)}. Only "
+            f"{', '.join(RESUME_MAY_CHANGE)} may change on resume; set training.resume=force "
+            "to continue with the stored model, tokenizer and data config, "
+            "training.resume=never to start again in this folder, or choose another output_dir"
+        )
+    kept = {k: v for k, v in refused.items() if k.split(".")[0] in ("model", "tokenizer", "data")}
+    taken = {k: v for k, v in refused.items() if k not in kept}
+    message = "training.resume=force: "
+    if kept:
+        message += (
+            f"keeping the stored model, tokenizer and data config (ignoring {_listing(kept)})"
+        )
+    if taken:
+        message += ("; " if kept else "") + f"using the changed {_listing(taken)}"
+    logger.warning(message)
+    print(f"ndm-seq train: {message}", file=sys.stderr, flush=True)
+    return RunConfig(
+        output_dir=run.output_dir,
+        seed=run.seed,
+        data=stored.data,
+        tokenizer=stored.tokenizer,
+        model=stored.model,
+        training=run.training,
+        evaluation=run.evaluation,
+    )
+
+
+def _write_run_config(out: Path, run: RunConfig) -> None:
+    """``config.yaml``, replaced atomically (a kill or full disk leaves the old one)."""
+    tmp = out / f".config.yaml.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(yaml.safe_dump(run.to_dict(), sort_keys=False), encoding="utf-8")
+        os.replace(tmp, out / "config.yaml")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _setup_run_folder(run: RunConfig, out: Path, stack: contextlib.ExitStack) -> RunConfig:
+    """Main process: claim ``out``, lock it for the run, check the stored config, record it."""
+    from ndm_seq import folders
+
+    folders.claim(out, "train", adopt=_is_legacy_run_folder)
+    stack.enter_context(folders.exclusive(out, "train"))
+    _file_log(out, stack)  # the resume check's messages go to train.log too
+    run = check_resume_config(run, out)
+    _write_run_config(out, run)
+    return run
+
+
+def _trim_log_history(path: Path, step: int) -> None:
+    """Keep the records up to ``step`` (the checkpoint resumed from): the interrupted
+    session logged the steps after it, and the resumed session logs them again."""
+    if not path.is_file():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+                continue
+        except (ValueError, KeyError, TypeError):
+            pass  # a record cut by a kill mid-write
+        dropped += 1
+    if dropped:
+        logger.info("log_history.jsonl: dropped %d record(s) after step %d", dropped, step)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def _publish_model(trainer, tokenizer, final: Path) -> None:
+    """Write the final model directory under a temporary name, then rename it into place."""
+    staged = final.with_name(f".{final.name}.incomplete")
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staged, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    try:
+        trainer.save_model(str(staged))
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(staged)
+            # The Trainer pickles its arguments beside the weights; a model
+            # directory holds no pickle (loading never unpickles).
+            (staged / "training_args.bin").unlink(missing_ok=True)
+            old = final.with_name(f".{final.name}.replaced")
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            os.replace(staged, final)
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise DiskFullError(
+                f"no space left on device while writing the final model {final}; the "
+                "checkpoints are kept: free some space and run the same command again"
+            ) from None
+        raise

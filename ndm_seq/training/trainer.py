@@ -1,0 +1,109 @@
+"""Trainer pieces: the logged loss terms, the non-finite error, the callbacks (KL
+annealing, the wall-clock budget, the JSONL log) and the precision and world-size settings.
+
+The ``Trainer`` subclass itself is in :mod:`ndm_seq.training.ndm_trainer`, loaded
+through :func:`_make_trainer_class` when a run starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ndm_seq.training.config import RunConfig
+from ndm_seq.training.schedule import KLSchedule, kl_weight_at
+
+logger = logging.getLogger("ndm_seq.training")
+
+
+LOSS_TERMS = ("nll", "kl", "kl_loss", "bow", "recon", "orth", "key_reg")
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Raised after ``training.max_nonfinite_steps`` consecutive steps with a NaN/inf loss or gradient."""
+
+
+def _all_finite(tensors) -> torch.Tensor:
+    """A 0-dim bool tensor: every element of every tensor is finite (one device sync for all)."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return torch.stack(flags).all() if flags else torch.tensor(True)
+
+
+def _make_trainer_class():
+    """:class:`~ndm_seq.training.ndm_trainer.NDMTrainer`, imported when a run needs it (it
+    loads ``transformers.Trainer``); tests wrap or replace this to record batches."""
+    from ndm_seq.training.ndm_trainer import NDMTrainer
+
+    return NDMTrainer
+
+
+def _callbacks(run: RunConfig, schedule: KLSchedule):
+    from transformers import TrainerCallback
+
+    class KLAnneal(TrainerCallback):
+        """Set ``model.kl_weight`` from the global step before every step."""
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if model is not None and schedule.kind != "constant":
+                model.kl_weight = kl_weight_at(schedule, state.global_step)
+
+        on_train_begin = on_step_begin
+
+    class WallClockBudget(TrainerCallback):
+        """Stop and save once ``max_minutes`` of training have passed (this session)."""
+
+        def __init__(self, minutes):
+            self.seconds = minutes * 60
+            self.start = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if time.monotonic() - self.start >= self.seconds:
+                logger.info(
+                    "wall-clock budget of %.1f min reached at step %d",
+                    self.seconds / 60,
+                    state.global_step,
+                )
+                control.should_training_stop = True
+                control.should_save = True
+
+    class JsonlLog(TrainerCallback):
+        """Append every log record to ``log_history.jsonl`` and ``train.log`` (main process)."""
+
+        def __init__(self, folder: Path):
+            self.path = folder / "log_history.jsonl"
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                record = {"step": state.global_step, **logs}
+                with self.path.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                logger.info("step %d: %s", state.global_step, json.dumps(logs))
+
+    out = [KLAnneal(), JsonlLog(Path(run.output_dir))]
+    if run.training.max_minutes is not None:
+        out.append(WallClockBudget(run.training.max_minutes))
+    return out
+
+
+def _precision(choice: str) -> dict:
+    if choice == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return {"bf16": True}
+        return {}
+    if choice == "fp32":
+        return {}
+    if choice in ("bf16", "fp16"):
+        return {choice: True}
+    raise ValueError(f"training.precision must be auto, fp32, bf16 or fp16; got {choice!r}")
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
