@@ -42,7 +42,7 @@ import time
 import torch
 from torch import nn
 
-from ndm_seq.models import NDMConfig, NDMForConversation, modeling_ndm
+from ndm_seq.models import NDMConfig, NDMForConversation, layers
 
 VOCAB, D, LAYERS, HEADS, FFN = 8000, 256, 2, 4, 1024
 PAD, BOS, EOS = 0, 2, 3
@@ -109,12 +109,12 @@ def padding_path(model):
     if not getattr(model, "bench_padded", False):
         yield
         return
-    saved = modeling_ndm.UNPAD_MIN_PADDING
-    modeling_ndm.UNPAD_MIN_PADDING = 1.01  # more padding than any batch has: never pack
+    saved = layers.UNPAD_MIN_PADDING
+    layers.UNPAD_MIN_PADDING = 1.01  # more padding than any batch has: never pack
     try:
         yield
     finally:
-        modeling_ndm.UNPAD_MIN_PADDING = saved
+        layers.UNPAD_MIN_PADDING = saved
 
 
 PER_EXAMPLE = ("encoder.prior.", "posterior.", "ndm.", "bow.", "init_state.", "cond_proj.")

@@ -14,7 +14,8 @@ from test_unpadded import padded_batch
 
 import ndm_seq.training as T
 from ndm_seq.memory import least_squares_attention
-from ndm_seq.models import NDMForConversation, generation, modeling_ndm
+from ndm_seq.models import NDMForConversation, generation
+from ndm_seq.models.layers import Unpadded
 from ndm_seq.training.trainer import _precision
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -102,7 +103,7 @@ def test_least_squares_solve_stays_float32_under_bf16_autocast():
 def test_accelerator_defaults_are_padded_training_and_the_standard_loop(monkeypatch):
     """On CUDA the packed path and the fast loop are off unless asked for (launch-bound)."""
     mask = torch.tensor([[1, 1, 0, 0]], dtype=torch.bool)
-    assert modeling_ndm._unpads(mask) and not modeling_ndm._unpads(mask.to(CUDA))
+    assert Unpadded.pays(mask) and not Unpadded.pays(mask.to(CUDA))
     model = make_model("ndm", "transformer").double().to(CUDA).eval()  # exact tokens: float64
     ids, mask, _ = padded_batch()
     ids, mask = ids.to(CUDA), mask.to(CUDA)

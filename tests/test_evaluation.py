@@ -402,7 +402,7 @@ def test_chat_weights_are_those_of_the_draw_behind_the_kept_response(model_dirs)
     batch = tok.batch_encode_contexts([["hello, how was your weekend?"]], return_tensors="pt")
     ids = model.generate(**batch, latent=z[None], do_sample=False, max_new_tokens=8)
     assert tok.batch_decode(ids, skip_special_tokens=True)[0] == first
-    d = model.ndm(z[None], model.encoder(**batch).summary)
+    d = model.decompose(**batch, latent=z[None])
     assert torch.allclose(d.weights[0], w) and torch.allclose(d.composed[0], composed)
     text, keep = chat.command("/weights")
     assert keep and text.count("\n  slot ") == model.config.num_slots

@@ -23,7 +23,8 @@ from transformers.generation.logits_process import (
 )
 
 from ndm_seq.models import DecoderState, generation
-from ndm_seq.models.generation import SelfAttentionBuffer, sample_tokens, sample_top_k
+from ndm_seq.models.generation import sample_tokens, sample_top_k
+from ndm_seq.models.state import SelfAttentionBuffer
 
 TOL = dict(rtol=1e-10, atol=1e-10)  # float64 logits of two code paths (see above)
 
@@ -246,7 +247,7 @@ def test_preallocated_and_grouped_cache_equals_the_full_forward():
         full = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, latent=z).logits
         enc = model.get_encoder()(ids, mask)
         # Capacity 4 < 6 steps: the buffer grows once.
-        state = DecoderState({}, kv=SelfAttentionBuffer(4), group=2)
+        state = DecoderState(kv=SelfAttentionBuffer(4), group=2)
         steps, state = _stepwise(model, enc, mask, dec[:, :6], z, state)
         torch.testing.assert_close(steps, full[:, :6], **TOL)
         k, _v, ck, _cv = state.layers[0]
@@ -254,7 +255,8 @@ def test_preallocated_and_grouped_cache_equals_the_full_forward():
         assert k.shape[2] == 6 and k.data_ptr() == state.kv.keys[0].data_ptr()  # a buffer view
         # Beam search reorders a grouped state into a plain one that decodes on.
         index = torch.tensor([5, 0, 2, 2, 1, 4])
-        reordered = state.reorder(index)
+        reordered = state
+        reordered.reorder_cache(index)  # in place, as GenerationMixin's beam search calls it
         assert reordered.kv is None and reordered.group == 1
         enc_r = type(enc)(**{k: v.index_select(0, index) for k, v in enc.items()})
         nxt = model(encoder_outputs=enc_r, decoder_input_ids=dec[index, 6:7], cache=reordered)
@@ -270,7 +272,7 @@ def test_a_step_from_an_older_state_does_not_overwrite_the_newer_one():
     other[:, 2:] = torch.randint(5, 64, (3, 3))
     with torch.no_grad():
         enc = model.get_encoder()(ids, mask)
-        state = DecoderState({}, kv=SelfAttentionBuffer(8))
+        state = DecoderState(kv=SelfAttentionBuffer(8))
         _, after2 = _stepwise(model, enc, mask, dec[:, :2], None, state)
         a, after4 = _stepwise(model, enc, mask, dec[:, 2:4], None, after2)  # writes positions 2, 3
         b, _ = _stepwise(model, enc, mask, other[:, 2:4], None, after2)  # a branch from position 2

@@ -11,7 +11,8 @@ from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
 import ndm_seq
 from ndm_seq import NDMConfig, NDMForConversation
-from ndm_seq.models.modeling_ndm import VMEDLatent, gaussian_kl
+from ndm_seq.models.latents import VMEDLatent
+from ndm_seq.models.layers import gaussian_kl
 
 VARIANTS = ["seq2seq", "cvae", "vmed", "ndm"]
 BACKBONES = ["gru", "transformer"]
@@ -101,14 +102,14 @@ def _first_step_latents(model):
     """Record the latent each row of a generate call was conditioned on."""
     seen = []
     if model.config.variant == "vmed":
-        original = model.vmed.sample_prior
+        original = model.latent.sample_prior
 
         def record(*args, **kwargs):
             z = original(*args, **kwargs)
             seen.append(z[:, 0].clone())
             return z
 
-        model.vmed.sample_prior = record
+        model.latent.sample_prior = record
     else:
 
         def hook(module, args, kwargs, output):
@@ -116,7 +117,7 @@ def _first_step_latents(model):
             if (
                 cache is None or cache.length == 0
             ):  # the first step (the fast loop's state is empty)
-                seen.append(output.cache.tensors["cond"].clone())
+                seen.append(output.cache.latent.cond.clone())
 
         model.register_forward_hook(hook, with_kwargs=True)
     return seen

@@ -30,6 +30,13 @@ float32    eval / train loss   2.1e-7            1e-5
 float32    gradient norm       2.3e-6 (ndm-gru)  1e-4
 =========  ==================  ================  ==========
 
+Since issue 12 the weights are not re-drawn here but loaded from
+``tests/fixtures/layout_v1``: ``portable_init(make_model(...))`` saved by the
+code of commit f6458da, in the parameter layout before issue 12 (the
+restructured model registers its parameters in another order, so
+``portable_init`` would draw other weights). The same bits, through the key map
+of ``ndm_seq.models.weights``.
+
 The numbers were recorded from commit 69dcfcc (the code before any throughput
 work), with its loss made to honour float64 (``logits.float()`` ->
 ``logits.to(torch.promote_types(logits.dtype, torch.float32))`` and the zero
@@ -39,11 +46,17 @@ terms likewise, a dtype-only change). To regenerate::
     PYTHONPATH=/tmp/old python tests/test_model_regression.py
 """
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from test_model import batch, make_model
+
+from ndm_seq.models import NDMConfig, NDMForConversation
+from ndm_seq.models.configuration_ndm import FORMAT_VERSION
 
 # (variant, backbone): (eval loss, train loss after manual_seed(1), grad norm)
 RECORDED = {
@@ -92,9 +105,17 @@ def portable_init(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+FIXTURES = Path(__file__).parent / "fixtures" / "layout_v1"
+
+
 def seeded_losses(variant, backbone, dtype):
-    """The three recorded numbers for one model, computed in ``dtype``."""
-    model = portable_init(make_model(variant, backbone)).to(dtype)
+    """The three recorded numbers for one model, computed in ``dtype``.
+
+    The model is ``portable_init(make_model(variant, backbone))`` as saved by the
+    code before issue 12 (``tests/fixtures/layout_v1``, parameter layout 1): loading
+    it maps the old parameter names, so this also checks that key map.
+    """
+    model = NDMForConversation.from_pretrained(FIXTURES / f"{variant}-{backbone}").to(dtype)
     ids, mask, labels = batch()
     model.eval()
     with torch.no_grad():
@@ -133,3 +154,51 @@ if __name__ == "__main__":  # print the tables (see the module docstring)
                 values = seeded_losses(variant, backbone, dtype)
                 print(f'        ("{variant}", "{backbone}"): {values!r},')
         print("    },")
+
+
+@pytest.mark.parametrize("key", list(RECORDED[torch.float64]), ids=lambda k: "-".join(k))
+def test_old_layout_loads_and_saves_in_the_current_one(key, tmp_path):
+    """Every tensor of a layout-1 folder reaches the current model; saving writes the current layout."""
+    folder = FIXTURES / "-".join(key)
+    raw = json.loads((folder / "config.json").read_text())
+    assert "format_version" not in raw  # what makes it layout 1
+    old = NDMForConversation.from_pretrained(folder)
+    fresh = make_model(*key)
+    assert old.state_dict().keys() == fresh.state_dict().keys()
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    # The same tensors, each under its new name (a few spelled out; all by content).
+    renamed = {"posterior.net.0.weight": "latent.posterior.net.0.weight"}
+    renamed |= {
+        "decoder.weight_ih_l0": "decoder.rnn.weight_ih_l0",
+        "ln_f.weight": "decoder.ln_f.weight",
+    }
+    renamed |= {
+        "vmed.keys.weight": "latent.keys.weight",
+        "ndm.controller.weight_ih": "latent.memory.controller.weight_ih",
+    }
+    loaded = old.state_dict()
+    for before, after in renamed.items():
+        if before in stored:
+            assert torch.equal(stored[before], loaded[after]), before
+
+    def content(tensors):
+        return sorted((tuple(t.shape), t.double().sum().item()) for t in tensors)
+
+    assert content(stored.values()) == content(loaded.values())
+    old.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["format_version"] == FORMAT_VERSION
+    again = NDMForConversation.from_pretrained(tmp_path)
+    for name, tensor in old.state_dict().items():
+        assert torch.equal(tensor, again.state_dict()[name]), name
+
+
+def test_unknown_format_version_is_refused(tmp_path):
+    model = make_model("cvae", "gru")
+    model.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["format_version"] = FORMAT_VERSION + 1
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="format_version 3; this ndm-seq reads formats"):
+        NDMForConversation.from_pretrained(tmp_path)
+    assert NDMConfig().format_version == FORMAT_VERSION

@@ -2,7 +2,7 @@
 
 With enough padding the transformer runs its linear layers on the real tokens
 only (``Unpadded``); these tests force each path through
-``modeling_ndm.UNPAD_MIN_PADDING`` and compare losses, every term, logits at
+``ndm_seq.models.layers.UNPAD_MIN_PADDING`` and compare losses, every term, logits at
 the scored positions, encoder states at real positions, and all gradients.
 
 The claim is "the same computation", so the models run in float64 (issue 11):
@@ -19,8 +19,8 @@ import pytest
 import torch
 from test_model import COMBOS, IDS, make_model
 
-from ndm_seq.models import modeling_ndm
-from ndm_seq.models.modeling_ndm import Unpadded
+from ndm_seq.models import layers
+from ndm_seq.models.layers import Unpadded
 
 NEVER, ALWAYS = 1.01, 0.0  # UNPAD_MIN_PADDING values forcing either path
 TOL = dict(rtol=1e-10, atol=1e-10)  # float64; measured worst case 4e-14 (see above)
@@ -55,7 +55,7 @@ def count_packing(monkeypatch) -> list:
 
 
 def run(model, monkeypatch, setting, ids, mask, labels, train=False):
-    monkeypatch.setattr(modeling_ndm, "UNPAD_MIN_PADDING", setting)
+    monkeypatch.setattr(layers, "UNPAD_MIN_PADDING", setting)
     calls = count_packing(monkeypatch)
     model.zero_grad(set_to_none=True)
     model.train(train)
@@ -144,7 +144,7 @@ def test_heavy_padding_takes_the_packed_path_by_default(monkeypatch):
 
 @pytest.mark.parametrize("setting", [NEVER, ALWAYS], ids=["padded", "packed"])
 def test_return_logits_false_gives_the_same_loss_without_logits(setting, monkeypatch):
-    monkeypatch.setattr(modeling_ndm, "UNPAD_MIN_PADDING", setting)
+    monkeypatch.setattr(layers, "UNPAD_MIN_PADDING", setting)
     model = make_model("ndm", "transformer").eval()
     ids, mask, labels = padded_batch()
     with torch.no_grad():

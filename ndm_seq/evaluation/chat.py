@@ -104,13 +104,10 @@ class ChatSession:
         ).to(_device(model))
         ids, mask = batch["input_ids"], batch["attention_mask"]
         kw: dict[str, Any] = {"do_sample": False} if self.greedy else self._sampling
-        z = summary = None
+        z = None
         if cfg.variant in ("cvae", "ndm"):
             # Draw the k latents here so that the one behind the kept response is known.
-            enc = model.encoder(ids, mask)
-            std = (enc.prior_logvar / 2).exp()
-            z = enc.prior_mean + std * torch.randn(k, cfg.latent_dim, device=ids.device)  # (k, d_z)
-            summary = enc.summary
+            z = model.draw_latents(ids, mask, num_samples=k)  # (k, d_z)
             out = model.generate(
                 input_ids=ids.expand(k, -1), attention_mask=mask.expand(k, -1), latent=z,
                 max_new_tokens=self._max_new, num_beams=1, **kw,
@@ -123,7 +120,13 @@ class ChatSession:
         responses = self.tokenizer.batch_decode(out, skip_special_tokens=True)
         self.history.append(responses[0])
         del self.history[: -self.max_history]
-        self._last = {"context": context, "response": responses[0], "z": z, "summary": summary}
+        self._last = {
+            "context": context,
+            "response": responses[0],
+            "z": z,
+            "ids": ids,
+            "mask": mask,
+        }
         return responses
 
     @torch.no_grad()
@@ -146,8 +149,8 @@ class ChatSession:
         if self._last is None:
             raise ValueError("no response yet: say something first")
         z = self._last["z"][:1]  # (1, d_z): the draw of the kept response
-        mem = self.model.ndm(z, self._last["summary"])
-        return z[0], mem.weights[0], mem.composed[0]
+        d = self.model.decompose(self._last["ids"], self._last["mask"], latent=z)
+        return z[0], d.weights[0], d.composed[0]
 
     def command(self, line: str) -> tuple[str, bool]:
         """Handle one input line: a command or a turn.

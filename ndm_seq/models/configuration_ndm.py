@@ -7,7 +7,12 @@ from transformers import PreTrainedConfig
 
 from ndm_seq.memory import check_memory_args
 
-__all__ = ["NDMConfig"]
+__all__ = ["FORMAT_VERSION", "NDMConfig"]
+
+FORMAT_VERSION = 2
+"""Layout of the saved parameters: 1 before issue 12 (no ``format_version`` in
+``config.json``), 2 since (decoder and latent parameters in their own modules).
+``ndm_seq.models.weights.KEY_MAPPINGS`` maps older layouts on loading."""
 
 VARIANTS = ("seq2seq", "cvae", "vmed", "ndm")
 BACKBONES = ("gru", "transformer")
@@ -107,6 +112,8 @@ class NDMConfig(PreTrainedConfig):
         key_reg_weight: weight of NSM's key-diversity regulariser.
         vmed_heads: ``K``, VMED read heads = mixture components of its prior.
         vmed_memory_dim: width of VMED's memory slots.
+        format_version: the parameter layout the weights were saved in
+            (:data:`FORMAT_VERSION`; older folders load through a key map).
     """
 
     model_type = "ndm"
@@ -152,6 +159,7 @@ class NDMConfig(PreTrainedConfig):
     is_encoder_decoder: bool = True
     tie_word_embeddings: bool = True
     use_cache: bool = True
+    format_version: int = FORMAT_VERSION
 
     def validate_ndm_fields(self):
         """Reject impossible values with a message naming the field."""

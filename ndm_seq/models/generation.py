@@ -31,44 +31,12 @@ through the standard path: see :func:`applies`.
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.logits_process import LogitsProcessorList, TopKLogitsWarper
 
-__all__ = ["SelfAttentionBuffer", "applies", "decode", "sample_tokens", "sample_top_k"]
+from ndm_seq.models.state import DecoderState, SelfAttentionBuffer
 
-
-class SelfAttentionBuffer:
-    """Preallocated self-attention keys/values of every decoder layer, ``(B, heads, capacity, dh)``.
-
-    ``filled`` is the number of positions written. A decoder state owns the
-    buffer only while its length equals ``filled``: a step from an older state
-    (a branch) must not overwrite positions a newer state reads, so it falls
-    back to concatenation (see ``NDMForConversation._decode_transformer_fast``).
-    """
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        self.filled = 0
-
-    def write(self, layer: int, past: int, k: torch.Tensor, v: torch.Tensor):
-        """Store ``k, v (B, h, t, dh)`` at positions ``past .. past + t``; return the valid views."""
-        end = past + k.shape[2]
-        if layer == len(self.keys):  # first write of this layer
-            shape = (*k.shape[:2], max(self.capacity, end), k.shape[3])
-            self.keys.append(k.new_empty(shape))
-            self.values.append(v.new_empty(shape))
-        elif end > self.keys[layer].shape[2]:  # max_length unknown or exceeded: grow
-            grow = max(2 * self.keys[layer].shape[2], end)
-            for buf in (self.keys, self.values):
-                old = buf[layer]
-                buf[layer] = old.new_empty((*old.shape[:2], grow, old.shape[3]))
-                buf[layer][:, :, :past] = old[:, :, :past]
-        self.keys[layer][:, :, past:end] = k
-        self.values[layer][:, :, past:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+__all__ = ["applies", "decode", "sample_tokens", "sample_top_k"]
 
 
 def sample_tokens(scores: torch.Tensor, top_k: int | None = None) -> torch.Tensor:
@@ -144,6 +112,14 @@ def applies(model, generation_config, kwargs: dict) -> bool:
     return gc.prefill_chunk_size is None and not gc.is_assistant
 
 
+def _pad_token(gc) -> int | None:
+    """What finished rows are padded with: ``pad_token_id``, else the first ``eos_token_id`` (as ``generate``)."""
+    if gc.pad_token_id is not None:
+        return gc.pad_token_id
+    eos = gc.eos_token_id
+    return eos[0] if isinstance(eos, list) and eos else eos
+
+
 def _group_size(enc, group: int) -> int:
     """``group`` if the encoder rows come in runs of ``group`` identical rows (else 1)."""
     b = enc.last_hidden_state.shape[0]
@@ -173,10 +149,13 @@ def decode(
     ``num_return_sequences``. Grouping is verified (identical encoder rows)
     before the cross-attention keys/values are shared.
     """
-    from ndm_seq.models.modeling_ndm import DecoderState
-
     gc = generation_config
-    pad = gc._pad_token_tensor
+    if not applies(model, gc, model_kwargs):
+        raise ValueError(
+            "the fast decoding loop cannot run this generate call (beams, extra outputs, ...); "
+            "pass fast_generate=False"
+        )
+    pad = _pad_token(gc)
     has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
     if has_eos and pad is None:
         raise ValueError("pad_token_id must be set when an eos_token_id stops generation")
@@ -184,13 +163,13 @@ def decode(
     group = _group_size(enc, gc.num_return_sequences if group is None else group)
     # Decoder positions: at most max_length - 1 are fed back, never more than the model covers.
     capacity = min(gc.max_length or 1 << 30, model.config.max_position_embeddings)
-    state = DecoderState({}, kv=SelfAttentionBuffer(capacity), group=group)
+    state = DecoderState(kv=SelfAttentionBuffer(capacity), group=group)
     inputs = {k: model_kwargs.get(k) for k in ("attention_mask", "latent", "slots", "slot_weights")}
     top_k = gc.top_k if gc.do_sample else None
     fused = _trailing_top_k(logits_processor) if gc.do_sample else None
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
     if pad is not None:
-        pad = pad.to(input_ids.device)
+        pad = torch.tensor(pad, device=input_ids.device)
     while True:
         step = input_ids if state.length == 0 else input_ids[:, state.length :]
         out = model(decoder_input_ids=step, encoder_outputs=enc, cache=state, **inputs)
@@ -215,19 +194,3 @@ def decode(
         unfinished = unfinished & ~stopping_criteria(input_ids, None)
         if unfinished.max() == 0:
             return input_ids
-
-
-def grouped_attention(attn: nn.Module, x, k, v, mask, group: int):
-    """``attn(x, k, v, mask)`` where ``k, v, mask`` hold one row per ``group`` rows of ``x``.
-
-    ``x (B, t, H)``; ``k, v (B / group, h, S, dh)``; ``mask (B / group, 1, 1, S)``.
-    The ``group`` rows' queries of one context are one ``(group * t)``-long
-    query over that context's keys.
-    """
-    if group == 1:
-        return attn(x, k, v, attn_mask=mask)
-    b, t, d = x.shape
-    h = attn.heads
-    q = attn.q(x).view(b // group, group * t, h, d // h).transpose(1, 2)
-    y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return attn.out(y.transpose(1, 2).reshape(b, t, d))
