@@ -117,7 +117,9 @@ def padding_path(model):
         layers.UNPAD_MIN_PADDING = saved
 
 
-PER_EXAMPLE = ("encoder.prior.", "posterior.", "ndm.", "bow.", "init_state.", "cond_proj.")
+PER_EXAMPLE = ("encoder.prior.", "decoder.init_state.", "decoder.cond_proj.")
+# One z per response (cvae, ndm); VMED's latent module runs at every decoding step.
+PER_RESPONSE_LATENT = ("latent.posterior.", "latent.memory.", "latent.bow.")
 
 
 def matmul_params(model, name: str):
@@ -133,7 +135,8 @@ def matmul_params(model, name: str):
     for pname, p in model.named_parameters():
         if p.dim() < 2 or id(p) in lookups:
             continue
-        if pname.startswith(PER_EXAMPLE):
+        per_response = PER_EXAMPLE + (() if "vmed" in name else PER_RESPONSE_LATENT)
+        if pname.startswith(per_response):
             ex += p.numel()
         elif pname.startswith(("encoder.", "model.encoder.")) or re.search(
             r"(cross\.kv|encoder_attn\.[kv]_proj)\.", pname

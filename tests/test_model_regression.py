@@ -48,6 +48,7 @@ terms likewise, a dtype-only change). To regenerate::
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -202,3 +203,16 @@ def test_unknown_format_version_is_refused(tmp_path):
     with pytest.raises(ValueError, match="format_version 3; this ndm-seq reads formats"):
         NDMForConversation.from_pretrained(tmp_path)
     assert NDMConfig().format_version == FORMAT_VERSION
+
+
+def test_an_explicit_format_1_folder_is_saved_as_the_current_format(tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(FIXTURES / "ndm-transformer", old)
+    raw = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps(raw | {"format_version": 1}))
+    model = NDMForConversation.from_pretrained(old)
+    model.save_pretrained(tmp_path / "new")
+    saved = json.loads((tmp_path / "new" / "config.json").read_text())
+    assert saved["format_version"] == FORMAT_VERSION
+    with safe_open(str(tmp_path / "new" / "model.safetensors"), framework="pt") as f:
+        assert "latent.memory.query.weight" in f.keys() and "ndm.query.weight" not in f.keys()

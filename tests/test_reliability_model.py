@@ -70,13 +70,19 @@ def _poison(key, value):
 
 
 WEIGHT_CASES = {
-    "missing": (lambda sd: sd.pop("ndm.query.weight"), "missing tensors: ndm.query.weight"),
+    "missing": (
+        lambda sd: sd.pop("latent.memory.query.weight"),
+        "missing tensors: latent.memory.query.weight",
+    ),
     "unexpected": (_set("extra.weight", torch.zeros(2)), "unexpected tensors: extra.weight"),
     "shape": (
-        _set("ndm.query.weight", torch.zeros(3, 8)),
-        "wrong shapes: ndm.query.weight expected [8, 8] found [3, 8]",
+        _set("latent.memory.query.weight", torch.zeros(3, 8)),
+        "wrong shapes: latent.memory.query.weight expected [8, 8] found [3, 8]",
     ),
-    "nan": (_poison("out_proj.bias", float("nan")), "NaN or inf values in: out_proj.bias"),
+    "nan": (
+        _poison("decoder.out_proj.bias", float("nan")),
+        "NaN or inf values in: decoder.out_proj.bias",
+    ),
     "inf": (
         _poison("encoder.embed.weight", float("-inf")),
         "NaN or inf values in: encoder.embed.weight",
@@ -106,7 +112,12 @@ def test_weights_that_do_not_fit_the_config_are_refused(case, model_dir, tmp_pat
 
 
 def test_first_offending_tensors_are_named_and_the_rest_counted(model_dir, tmp_path):
-    dropped = ["ndm.query.weight", "ndm.query.bias", "out_proj.bias", "attn_query.weight"]
+    dropped = [
+        "latent.memory.query.weight",
+        "latent.memory.query.bias",
+        "decoder.out_proj.bias",
+        "decoder.attn_query.weight",
+    ]
     path = _edited(model_dir, tmp_path, lambda sd: [sd.pop(k) for k in dropped])
     with pytest.raises(ValueError, match=r"missing tensors: \S+, \S+, \S+ \(\+1 more\)$"):
         ndm_seq.NDMForConversation.from_pretrained(path)
@@ -119,11 +130,13 @@ def test_a_sharded_checkpoint_is_checked_shard_by_shard(model_dir, tmp_path):
     assert (path / "model.safetensors.index.json").is_file()
     assert ndm_seq.NDMForConversation.from_pretrained(path)  # intact shards load
     weight_map = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
-    shard = path / weight_map["out_proj.bias"]
+    shard = path / weight_map["decoder.out_proj.bias"]
     tensors = load_file(shard)
-    tensors["out_proj.bias"] = torch.full_like(tensors["out_proj.bias"], float("nan"))
+    tensors["decoder.out_proj.bias"] = torch.full_like(
+        tensors["decoder.out_proj.bias"], float("nan")
+    )
     save_file(tensors, shard, metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"NaN or inf values in: out_proj\.bias"):
+    with pytest.raises(ValueError, match=r"NaN or inf values in: decoder\.out_proj\.bias"):
         ndm_seq.NDMForConversation.from_pretrained(path)
 
 
@@ -137,7 +150,7 @@ def test_intact_weights_load_unchanged(model_dir):
 
 @pytest.mark.parametrize("command", ["sample", "chat", "evaluate"])
 def test_cli_reports_bad_weights_in_one_line(command, model_dir, tmp_path, capsys, monkeypatch):
-    path = _edited(model_dir, tmp_path, lambda sd: sd.pop("ndm.query.weight"))
+    path = _edited(model_dir, tmp_path, lambda sd: sd.pop("latent.memory.query.weight"))
     args = {"sample": ["--context", "hi"], "chat": [], "evaluate": ["--data", str(tmp_path)]}
     if command == "evaluate":  # the data is read first: give a (tiny) prepared split
         import datasets
@@ -152,7 +165,7 @@ def test_cli_reports_bad_weights_in_one_line(command, model_dir, tmp_path, capsy
     lines = captured.err.splitlines()
     assert len(lines) == 1, captured.err
     assert lines[0].startswith(f"ndm-seq {command}: error: {path / 'model.safetensors'}: ")
-    assert "missing tensors: ndm.query.weight" in lines[0]
+    assert "missing tensors: latent.memory.query.weight" in lines[0]
     assert captured.out == ""
     assert not (tmp_path / "ev").exists()  # evaluate wrote nothing
 

@@ -447,6 +447,7 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
         (transformers would otherwise write the names a ``key_mapping`` load started from.)
         """
         kwargs.setdefault("save_original_format", False)
+        self.config.format_version = FORMAT_VERSION  # what is written is the current layout
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 

@@ -47,10 +47,9 @@ def key_mapping(version: int) -> dict[str, str] | None:
 
 
 def _rename(key: str, mapping: dict[str, str] | None) -> str:
+    """``key`` after every rename of ``mapping`` in turn (as transformers applies ``key_mapping``)."""
     for pattern, replacement in (mapping or {}).items():
-        key, n = re.subn(pattern, replacement, key)
-        if n:
-            break
+        key = re.sub(pattern, replacement, key)
     return key
 
 
