@@ -61,25 +61,28 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+_DESCRIPTION = (
+    "Evaluate MODEL_DIR (config.json, model.safetensors and the tokenizer files "
+    "spiece.model, tokenizer_config.json) on a split of a prepared dataset "
+    "(`ndm-seq prepare`). Latent variants get S responses per context, each from its "
+    "own prior draw; seq2seq gets its greedy response plus S token samples. Writes "
+    "metrics.json (BLEU-1..4, corpus BLEU, BLEU precision/recall, distinct, "
+    "intra/inter distinct, entropy-4, self-BLEU, KL, NLL, perplexity bound, active "
+    "units, NDM diagnostics; definitions in ndm_seq.metrics and ndm_seq.evaluation), "
+    "samples.jsonl and results.md. NLL, KL and perplexity are scored with the token "
+    "limits the model was trained with (the data section of the config.yaml of the "
+    "run folder holding MODEL_DIR), unless --max-context-tokens or "
+    "--max-response-tokens is given; a model folder outside a run folder gets the "
+    "defaults (128 and 64), and results.md says which. Deterministic given --seed."
+)
+
+
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
     """Register `ndm-seq evaluate`."""
     p = sub.add_parser(
         "evaluate",
         help="score a trained model on a prepared split: metrics.json, samples.jsonl, results.md",
-        description=(
-            "Evaluate MODEL_DIR (config.json, model.safetensors and the tokenizer files "
-            "spiece.model, tokenizer_config.json) on a split of a prepared dataset "
-            "(`ndm-seq prepare`). Latent variants get S responses per context, each from its "
-            "own prior draw; seq2seq gets its greedy response plus S token samples. Writes "
-            "metrics.json (BLEU-1..4, corpus BLEU, BLEU precision/recall, distinct, "
-            "intra/inter distinct, entropy-4, self-BLEU, KL, NLL, perplexity bound, active "
-            "units, NDM diagnostics; definitions in ndm_seq.metrics and ndm_seq.evaluation), "
-            "samples.jsonl and results.md. NLL, KL and perplexity are scored with the token "
-            "limits the model was trained with (the data section of the config.yaml of the "
-            "run folder holding MODEL_DIR), unless --max-context-tokens or "
-            "--max-response-tokens is given; a model folder outside a run folder gets the "
-            "defaults (128 and 64), and results.md says which. Deterministic given --seed."
-        ),
+        description=_DESCRIPTION,
         formatter_class=_DefaultsHelp,
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="trained model directory")
