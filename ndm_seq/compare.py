@@ -4,9 +4,9 @@
 --output runs/chitchat/compare [key=value ...]`` trains each config (or reuses
 its finished model), evaluates it on the test split of its prepared data with
 the config's ``evaluation`` section and the token limits of its ``data`` section
-(those the model was trained with, as ``ndm-seq evaluate`` on the run's model), and writes ``comparison.md`` (a Markdown
-table, one row per config) and ``comparison.png`` (BLEU / distinct / KL bars)
-into the output folder.
+(those the model was trained with, as ``ndm-seq evaluate`` on the run's model),
+and writes ``comparison.md`` (a Markdown table, one row per config) and
+``comparison.png`` (BLEU / distinct / KL bars) into the output folder.
 
 The output folder is claimed for ``ndm-seq compare`` (:func:`ndm_seq.folders.claim`)
 before anything is trained: a new or empty folder, or one an earlier comparison
