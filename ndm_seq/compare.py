@@ -3,9 +3,10 @@
 ``ndm-seq compare recipes/chitchat/ndm_gru.yaml recipes/chitchat/cvae_gru.yaml
 --output runs/chitchat/compare [key=value ...]`` trains each config (or reuses
 its finished model), evaluates it on the test split of its prepared data with
-the config's ``evaluation`` section, and writes ``comparison.md`` (a Markdown
-table, one row per config) and ``comparison.png`` (BLEU / distinct / KL bars)
-into the output folder.
+the config's ``evaluation`` section and the token limits of its ``data`` section
+(those the model was trained with, as ``ndm-seq evaluate`` on the run's model),
+and writes ``comparison.md`` (a Markdown table, one row per config) and
+``comparison.png`` (BLEU / distinct / KL bars) into the output folder.
 
 The output folder is claimed for ``ndm-seq compare`` (:func:`ndm_seq.folders.claim`)
 before anything is trained: a new or empty folder, or one an earlier comparison
@@ -122,7 +123,8 @@ def _earlier_comparison(path: Path, run_dirs: list[Path]) -> bool:
 
 def _train_evaluate_write(runs, names, out: Path, retrain: bool, progress: bool) -> str:
     """Train (or reuse) and evaluate every run, then write the comparison into ``out``."""
-    from ndm_seq.evaluation import comparison_chart, comparison_table, evaluate
+    from ndm_seq.evaluation import SamplingConfig, comparison_chart, comparison_table, evaluate
+    from ndm_seq.evaluation.limits import run_folder_config
 
     results: dict[str, dict] = {}
     for (path, run), name in zip(runs, names, strict=True):
@@ -139,11 +141,13 @@ def _train_evaluate_write(runs, names, out: Path, retrain: bool, progress: bool)
             model_dir,
             run.data.prepared_dir,
             split="test",
-            samples=run.evaluation.samples,
+            sampling=SamplingConfig(num_samples=run.evaluation.samples),
             max_contexts=run.evaluation.max_contexts,
             output_dir=Path(run.output_dir) / "eval-test",
             seed=run.seed,
-            max_context_tokens=run.data.max_context_tokens,
+            # The token limits of the stored config.yaml, which train wrote (under
+            # `resume: force` its data section is the stored one, not this config's).
+            run_config=run_folder_config(model_dir) or run,
             name=name,
             progress=progress,
         )

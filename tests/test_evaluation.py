@@ -18,6 +18,7 @@ import ndm_seq
 from ndm_seq.evaluation import (
     MAIN_COLUMNS,
     ChatSession,
+    SamplingConfig,
     chat_loop,
     comparison_chart,
     comparison_table,
@@ -103,7 +104,12 @@ def _lines(path):
 def test_evaluate_writes_the_contract_files(name, model_dirs, data_dir, tmp_path):
     out = tmp_path / "eval"
     metrics = evaluate(
-        model_dirs[name], data_dir, samples=S, max_contexts=8, output_dir=out, progress=False
+        model_dirs[name],
+        data_dir,
+        sampling=SamplingConfig(num_samples=S),
+        max_contexts=8,
+        output_dir=out,
+        progress=False,
     )
     variant = name.split("-")[0]
     on_disk = json.loads((out / "metrics.json").read_text())
@@ -153,7 +159,7 @@ def test_evaluate_writes_the_contract_files(name, model_dirs, data_dir, tmp_path
 def test_evaluate_all_contexts_by_default_and_default_output(model_dirs, data_dir, tmp_path):
     model = tmp_path / "m"
     shutil.copytree(model_dirs["cvae"], model)
-    evaluate(model, data_dir, samples=2, progress=False)
+    evaluate(model, data_dir, sampling=SamplingConfig(num_samples=2), progress=False)
     rows = _lines(model / "eval-test" / "samples.jsonl")
     test = datasets.load_from_disk(str(data_dir))["test"]
     assert [r["context"] for r in rows] == [list(c) for c in test["context"]]
@@ -165,8 +171,8 @@ def test_same_seed_same_outputs_other_seed_other_samples(model_dirs, data_dir, t
     for tag, seed in (("a", 3), ("b", 3), ("c", 4)):
         out = tmp_path / tag
         evaluate(
-            model_dirs["ndm"], data_dir, samples=S, max_contexts=6, output_dir=out, seed=seed,
-            progress=False,
+            model_dirs["ndm"], data_dir, sampling=SamplingConfig(num_samples=S), max_contexts=6,
+            output_dir=out, seed=seed, progress=False,
         )  # fmt: skip
         runs[tag] = {f: (out / f).read_bytes() for f in ("metrics.json", "samples.jsonl")}
     assert runs["a"] == runs["b"]
@@ -176,8 +182,9 @@ def test_same_seed_same_outputs_other_seed_other_samples(model_dirs, data_dir, t
 def test_a_contexts_samples_do_not_depend_on_the_contexts_after_it(model_dirs, data_dir):
     model, tok = load_model(model_dirs["cvae"], "cpu")
     contexts = datasets.load_from_disk(str(data_dir))["test"]["context"][:4]
-    full = generate_samples(model, tok, contexts, S, batch_size=2, seed=7)
-    head = generate_samples(model, tok, contexts[:2], S, batch_size=2, seed=7)
+    sampling = SamplingConfig(num_samples=S)
+    full = generate_samples(model, tok, contexts, sampling, batch_size=2, seed=7)
+    head = generate_samples(model, tok, contexts[:2], sampling, batch_size=2, seed=7)
     assert head.samples == full.samples[:2]
     assert full.greedy is None and full.first == [s[0] for s in full.samples]
 
@@ -187,7 +194,8 @@ def test_latent_samples_come_from_different_draws(model_dirs, data_dir):
     for variant in ("cvae", "vmed", "ndm"):
         model, tok = load_model(model_dirs[variant], "cpu")
         contexts = datasets.load_from_disk(str(data_dir))["test"]["context"][:4]
-        out = generate_samples(model, tok, contexts, 4, seed=0, max_new_tokens=8)
+        sampling = SamplingConfig(num_samples=4, max_new_tokens=8)
+        out = generate_samples(model, tok, contexts, sampling, seed=0)
         assert all(len(s) == 4 for s in out.samples)
         assert any(len(set(s)) > 1 for s in out.samples), variant
 
@@ -196,7 +204,9 @@ def test_seq2seq_gets_greedy_plus_s_samples(model_dirs, data_dir):
     model, tok = load_model(model_dirs["seq2seq"], "cpu")
     test = datasets.load_from_disk(str(data_dir))["test"]
     contexts, refs = test["context"][:3], test["response"][:3]
-    out = generate_samples(model, tok, contexts, S, seed=0, max_new_tokens=10)
+    out = generate_samples(
+        model, tok, contexts, SamplingConfig(num_samples=S, max_new_tokens=10), seed=0
+    )
     assert len(out.greedy) == 3 and all(len(s) == S for s in out.samples)
     batch = tok.batch_encode_contexts([contexts[1]], max_length=128, return_tensors="pt")
     ids = model.generate(**batch, do_sample=False, max_new_tokens=10)
@@ -316,7 +326,7 @@ def test_data_errors_are_clear(model_dirs, data_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"data directory .* does not exist"):
         evaluate(model_dirs["cvae"], tmp_path / "missing", progress=False)
     with pytest.raises(ValueError, match="samples must be >= 1"):
-        evaluate(model_dirs["cvae"], data_dir, samples=0, progress=False)
+        evaluate(model_dirs["cvae"], data_dir, SamplingConfig(num_samples=0), progress=False)
 
 
 def test_vocabulary_mismatch_is_refused(model_dirs, tmp_path, eval_tokenizer):
@@ -363,7 +373,12 @@ def test_comparison_table_and_chart(tmp_path):
 def test_read_metrics_round_trip(model_dirs, data_dir, tmp_path):
     out = tmp_path / "e"
     written = evaluate(
-        model_dirs["vmed"], data_dir, samples=2, max_contexts=4, output_dir=out, progress=False
+        model_dirs["vmed"],
+        data_dir,
+        sampling=SamplingConfig(num_samples=2),
+        max_contexts=4,
+        output_dir=out,
+        progress=False,
     )
     assert read_metrics(out) == written == read_metrics(out / "metrics.json")
     with pytest.raises(FileNotFoundError, match="ndm-seq evaluate"):
@@ -375,7 +390,8 @@ def test_read_metrics_round_trip(model_dirs, data_dir, tmp_path):
 
 def test_chat_history_is_bounded_and_responses_counted(model_dirs):
     model, tok = load_model(model_dirs["cvae"], "cpu")
-    chat = ChatSession(model, tok, num_samples=3, max_history=2, max_new_tokens=6, seed=0)
+    sampling = ChatSession.DEFAULT_SAMPLING.replace(num_samples=3, max_new_tokens=6)
+    chat = ChatSession(model, tok, sampling, max_history=2, seed=0)
     said = ["hi there", "how are you?", "what do you do?", "cool"]
     previous = None
     for i, turn in enumerate(said):
@@ -394,7 +410,8 @@ def test_chat_history_is_bounded_and_responses_counted(model_dirs):
 def test_chat_weights_are_those_of_the_draw_behind_the_kept_response(model_dirs):
     model, tok = load_model(model_dirs["ndm"], "cpu")
     model.double()  # the session's draw and the direct call agree exactly in float64
-    chat = ChatSession(model, tok, num_samples=2, greedy=True, max_new_tokens=8, seed=1)
+    sampling = SamplingConfig(num_samples=2, greedy=True, top_p=0.9, max_new_tokens=8)
+    chat = ChatSession(model, tok, sampling, seed=1)
     assert "no response yet" in chat.command("/weights")[0]
     first = chat.respond("hello, how was your weekend?")[0]
     z, w, composed = chat.slot_weights()
@@ -412,19 +429,23 @@ def test_chat_weights_are_those_of_the_draw_behind_the_kept_response(model_dirs)
 def test_chat_weights_on_other_variants_and_commands(model_dirs):
     for variant in ("seq2seq", "cvae", "vmed"):
         model, tok = load_model(model_dirs[variant], "cpu")
-        chat = ChatSession(model, tok, num_samples=2, max_new_tokens=5, seed=0)
+        sampling = ChatSession.DEFAULT_SAMPLING.replace(num_samples=2, max_new_tokens=5)
+        chat = ChatSession(model, tok, sampling, seed=0)
         chat.respond("hi")
         text, keep = chat.command("/weights")
         assert keep and f"only for ndm models; this model is '{variant}'" in text
     assert "unknown command" in chat.command("/frobnicate")[0]
     assert chat.command("/quit") == ("bye", False)
     with pytest.raises(ValueError, match="greedy decoding of a seq2seq"):
-        ChatSession(*load_model(model_dirs["seq2seq"], "cpu"), num_samples=2, greedy=True)
+        ChatSession(
+            *load_model(model_dirs["seq2seq"], "cpu"), SamplingConfig(num_samples=2, greedy=True)
+        )
 
 
 def test_chat_loop_on_streams(model_dirs):
     model, tok = load_model(model_dirs["ndm"], "cpu")
-    chat = ChatSession(model, tok, num_samples=2, max_history=3, max_new_tokens=6, seed=0)
+    sampling = ChatSession.DEFAULT_SAMPLING.replace(num_samples=2, max_new_tokens=6)
+    chat = ChatSession(model, tok, sampling, max_history=3, seed=0)
     stdin = io.StringIO("hello\n\n/weights\nhow are you\n/history\n/quit\nnever read\n")
     stdout = io.StringIO()
     assert chat_loop(chat, stdin, stdout) == 0
@@ -447,8 +468,8 @@ def test_word_vectors_add_embedding_metrics_and_one_sample_gives_null_self_bleu(
     )
     out = tmp_path / "e"
     metrics = evaluate(
-        model_dirs["cvae"], data_dir, samples=1, max_contexts=4, output_dir=out,
-        word_vectors=glove, progress=False,
+        model_dirs["cvae"], data_dir, sampling=SamplingConfig(num_samples=1), max_contexts=4,
+        output_dir=out, word_vectors=glove, progress=False,
     )  # fmt: skip
     assert list(metrics) == list(metric_keys("cvae", word_vectors=True))
     assert list(metrics)[-5:] == [

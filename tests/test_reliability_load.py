@@ -83,7 +83,8 @@ _CHAT = textwrap.dedent(
                 return int(line.split()[1])
 
     model, tok = load_model(sys.argv[1])
-    chat = ChatSession(model, tok, num_samples=3, max_history=3, max_new_tokens=16, seed=0)
+    sampling = ChatSession.DEFAULT_SAMPLING.replace(num_samples=3, max_new_tokens=16)
+    chat = ChatSession(model, tok, sampling, max_history=3, seed=0)
     words = sys.argv[2].split()
     rng = random.Random(0)
     peaks, longest = {}, 0
@@ -118,7 +119,7 @@ def test_500_turn_chat_keeps_history_bounded_and_memory_flat(model_dir):
 
 
 def test_stream_samples_reads_one_batch_at_a_time_and_matches_generate_samples(model_dir):
-    from ndm_seq.evaluation import generate_samples, load_model, stream_samples
+    from ndm_seq.evaluation import SamplingConfig, generate_samples, load_model, stream_samples
 
     model, tok = load_model(model_dir)
     rng = random.Random(1)
@@ -130,11 +131,12 @@ def test_stream_samples_reads_one_batch_at_a_time_and_matches_generate_samples(m
             pulled.append(i)
             yield c
 
-    stream = stream_samples(model, tok, lazily(), 2, batch_size=3, seed=0, max_new_tokens=6)
+    sampling = SamplingConfig(num_samples=2, max_new_tokens=6)
+    stream = stream_samples(model, tok, lazily(), sampling, batch_size=3, seed=0)
     first = next(stream)
     assert len(pulled) == 3  # only the first batch was read before it was answered
     got = [first, *stream]
-    whole = generate_samples(model, tok, contexts, 2, batch_size=3, seed=0, max_new_tokens=6)
+    whole = generate_samples(model, tok, contexts, sampling, batch_size=3, seed=0)
     assert [c for c, _ in got] == contexts
     assert [s for _, s in got] == whole.samples
 

@@ -239,7 +239,8 @@ def test_sample_contexts_file_with_invalid_utf8_names_file_and_line(
 
 def test_chat_loop_skips_an_invalid_turn_and_goes_on(model_dir):
     model, tok = load_model(model_dir, "cpu")
-    session = ChatSession(model, tok, num_samples=1, max_history=4, max_new_tokens=3, seed=0)
+    sampling = ChatSession.DEFAULT_SAMPLING.replace(num_samples=1, max_new_tokens=3)
+    session = ChatSession(model, tok, sampling, max_history=4, seed=0)
     stdout, stderr = io.StringIO(), io.StringIO()
     stdin = io.StringIO("hello\ncaf\udcff au lait\n/history\n")
     assert chat_loop(session, stdin, stdout, stderr=stderr) == 0

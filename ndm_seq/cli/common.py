@@ -73,7 +73,46 @@ def _training_exit(cmd: str, err: Exception) -> int:
     return 2
 
 
-def _add_decoding_options(p: argparse.ArgumentParser, top_p: float) -> None:
+#: The option that sets each field of ``SamplingConfig`` (``num_samples``: per command).
+_SAMPLING_FLAGS = {
+    "greedy": "--greedy",
+    "temperature": "--temperature",
+    "top_p": "--top-p",
+    "top_k": "--top-k",
+    "max_new_tokens": "--max-new-tokens",
+}
+
+
+def _sampling_config(
+    args: argparse.Namespace, *, num_samples: int, greedy: bool, samples_flag: str
+):
+    """The ``SamplingConfig`` of the decoding options (:func:`_add_decoding_options`),
+    with ``num_samples`` and ``greedy`` from the command's own options (``samples_flag``
+    names the first).
+
+    Raises:
+        ValueError: one line naming the option, e.g. ``argument --temperature:
+            temperature must be > 0, got 0.0`` (the command reports it, exit status 2).
+    """
+    from ndm_seq.evaluation.sampling_config import SamplingConfig, SamplingConfigError
+
+    try:
+        return SamplingConfig(
+            num_samples=num_samples,
+            greedy=greedy,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            max_new_tokens=args.max_new_tokens,
+        )
+    except SamplingConfigError as err:
+        flag = samples_flag if err.field == "num_samples" else _SAMPLING_FLAGS[err.field]
+        raise ValueError(f"argument {flag}: {err}") from None
+
+
+def _add_decoding_options(
+    p: argparse.ArgumentParser, top_p: float, context_help: str | None = None
+) -> None:
     g = p.add_argument_group("decoding")
     g.add_argument(
         "--temperature", type=float, default=1.0, help="softmax temperature when sampling tokens"
@@ -89,7 +128,8 @@ def _add_decoding_options(p: argparse.ArgumentParser, top_p: float) -> None:
         "--max-context-tokens",
         type=int,
         default=None,
-        help="context tokens kept, the latest (default 128; at most the transformer's "
+        help=context_help
+        or "context tokens kept, the latest (default 128; at most the transformer's "
         "max_position_embeddings)",
     )
     g.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda if available)")

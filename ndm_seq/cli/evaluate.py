@@ -13,6 +13,7 @@ from ndm_seq.cli.common import (
     _load_errors,
     _load_message,
     _model_error,
+    _sampling_config,
 )
 
 
@@ -22,11 +23,20 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     output = Path(args.output) if args.output else Path(args.model_dir) / f"eval-{args.split}"
     try:
+        sampling = _sampling_config(
+            args,
+            num_samples=args.samples,
+            greedy=args.decoding == "greedy",
+            samples_flag="--samples",
+        )
+    except ValueError as err:  # a usage error, reported before the model loads
+        return _model_error("evaluate", err, code=2)
+    try:
         metrics = evaluate(
             args.model_dir,
             args.data,
             split=args.split,
-            samples=args.samples,
+            sampling=sampling,
             max_contexts=args.max_contexts,
             output_dir=output,
             word_vectors=args.word_vectors,
@@ -34,11 +44,6 @@ def _evaluate(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             max_context_tokens=args.max_context_tokens,
             max_response_tokens=args.max_response_tokens,
-            max_new_tokens=args.max_new_tokens,
-            decoding=args.decoding,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
             device=args.device,
             name=args.name,
             progress=not args.no_progress,
@@ -56,21 +61,28 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+_DESCRIPTION = (
+    "Evaluate MODEL_DIR (config.json, model.safetensors and the tokenizer files "
+    "spiece.model, tokenizer_config.json) on a split of a prepared dataset "
+    "(`ndm-seq prepare`). Latent variants get S responses per context, each from its "
+    "own prior draw; seq2seq gets its greedy response plus S token samples. Writes "
+    "metrics.json (BLEU-1..4, corpus BLEU, BLEU precision/recall, distinct, "
+    "intra/inter distinct, entropy-4, self-BLEU, KL, NLL, perplexity bound, active "
+    "units, NDM diagnostics; definitions in ndm_seq.metrics and ndm_seq.evaluation), "
+    "samples.jsonl and results.md. NLL, KL and perplexity are scored with the token "
+    "limits the model was trained with (the data section of the config.yaml of the "
+    "run folder holding MODEL_DIR), unless --max-context-tokens or "
+    "--max-response-tokens is given; a model folder outside a run folder gets the "
+    "defaults (128 and 64), and results.md says which. Deterministic given --seed."
+)
+
+
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
     """Register `ndm-seq evaluate`."""
     p = sub.add_parser(
         "evaluate",
         help="score a trained model on a prepared split: metrics.json, samples.jsonl, results.md",
-        description=(
-            "Evaluate MODEL_DIR (config.json, model.safetensors and the tokenizer files "
-            "spiece.model, tokenizer_config.json) on a split of a prepared dataset "
-            "(`ndm-seq prepare`). Latent variants get S responses per context, each from its "
-            "own prior draw; seq2seq gets its greedy response plus S token samples. Writes "
-            "metrics.json (BLEU-1..4, corpus BLEU, BLEU precision/recall, distinct, "
-            "intra/inter distinct, entropy-4, self-BLEU, KL, NLL, perplexity bound, active "
-            "units, NDM diagnostics; definitions in ndm_seq.metrics and ndm_seq.evaluation), "
-            "samples.jsonl and results.md. Deterministic given --seed."
-        ),
+        description=_DESCRIPTION,
         formatter_class=_DefaultsHelp,
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="trained model directory")
@@ -110,13 +122,21 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-response-tokens",
         type=int,
-        default=64,
-        help="reference tokens scored for NLL/KL (eos included), as prepare's --max-target-tokens",
+        default=None,
+        help="reference tokens scored for NLL/KL (eos included), as prepare's "
+        "--max-target-tokens (default: the run config's data.max_response_tokens; 64 "
+        "without one)",
     )
     p.add_argument(
         "--name", help="row name in results.md (default: VARIANT-BACKBONE, e.g. ndm-gru)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="also print metrics.json")
-    _add_decoding_options(p, top_p=1.0)
+    _add_decoding_options(
+        p,
+        top_p=1.0,
+        context_help="context tokens kept, the latest (default: the run config's "
+        "data.max_context_tokens; 128 without one; at most the transformer's "
+        "max_position_embeddings)",
+    )
     p.set_defaults(func=_evaluate)

@@ -17,23 +17,26 @@ from ndm_seq.cli.common import (
     _load_errors,
     _load_message,
     _model_error,
+    _sampling_config,
 )
 
 
-def _session(args: argparse.Namespace):
+def _sampling(args: argparse.Namespace):
+    """The options' ``SamplingConfig``; ``ValueError`` naming the option (exit status 2)."""
+    return _sampling_config(
+        args, num_samples=args.num_samples, greedy=args.greedy, samples_flag="-n/--num-samples"
+    )
+
+
+def _session(args: argparse.Namespace, sampling):
     from ndm_seq.evaluation import ChatSession, load_model
 
     model, tokenizer = load_model(args.model_dir, args.device)
     return ChatSession(
         model,
         tokenizer,
-        num_samples=args.num_samples,
+        sampling,
         max_history=args.max_history,
-        greedy=args.greedy,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        max_new_tokens=args.max_new_tokens,
         max_context_tokens=args.max_context_tokens,
         seed=args.seed,
     )
@@ -73,10 +76,8 @@ def _sample_file(args: argparse.Namespace, session) -> None:
         raise ValueError("--greedy with --contexts needs a latent variant (seq2seq samples tokens)")
     contexts = (turns[-args.max_history :] for turns in _read_contexts(args.contexts))
     stream = stream_samples(
-        session.model, session.tokenizer, contexts, args.num_samples,
-        batch_size=args.batch_size, seed=args.seed, decoding="greedy" if args.greedy else "sample",
-        include_greedy=False, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        max_new_tokens=args.max_new_tokens, max_context_tokens=args.max_context_tokens,
+        session.model, session.tokenizer, contexts, session.sampling, batch_size=args.batch_size,
+        seed=args.seed, include_greedy=False, max_context_tokens=args.max_context_tokens,
     )  # fmt: skip
     for context, samples in stream:
         # ASCII escapes: an untrained model's samples can hold U+2028, U+0085 and the
@@ -94,14 +95,15 @@ def _sample(args: argparse.Namespace) -> int:
 def _sample_run(args: argparse.Namespace) -> int:
     from ndm_seq.evaluation import check_text
 
-    for k, turn in enumerate(args.context or [], 1):
-        try:
+    try:
+        for k, turn in enumerate(args.context or [], 1):
             # Bytes of the command line that are not UTF-8 arrive as lone surrogates.
             check_text(turn, f"--context {k} ({turn!r})")
-        except ValueError as err:
-            return _model_error("sample", err, code=2)
+        sampling = _sampling(args)
+    except ValueError as err:
+        return _model_error("sample", err, code=2)
     try:
-        session = _session(args)
+        session = _session(args, sampling)
         if args.contexts:
             _sample_file(args, session)
             return 0
@@ -195,7 +197,11 @@ def _chat_run(args: argparse.Namespace) -> int:
     from ndm_seq.evaluation import CHAT_HELP, chat_loop
 
     try:
-        session = _session(args)
+        sampling = _sampling(args)
+    except ValueError as err:
+        return _model_error("chat", err, code=2)
+    try:
+        session = _session(args, sampling)
     except _load_errors() as err:
         return _model_error("chat", _load_message(err, args.model_dir))
     stdin = sys.stdin

@@ -21,6 +21,11 @@ is in brackets.
   side (Markdown table, bar-chart PNG), for the recipes' compare step (``reports``).
 * :class:`ChatSession` — a bounded-history dialogue with a model, used by
   ``ndm-seq chat`` and drivable from code (``chat``).
+* :class:`SamplingConfig` — how many responses per context and how (temperature,
+  top-p, top-k, greedy, longest response), passed whole to all of the above
+  (``sampling_config``).
+* :func:`scoring_limits` — the context and response token limits of a model's run
+  config, which :func:`evaluate` scores with unless given (``limits``).
 * :func:`check_text` and the length limits shared by all of them (``inputs``).
 
 Definitions (per response = per (context, reference) pair, natural logs):
@@ -72,10 +77,11 @@ from ndm_seq.evaluation.chat import (
 )
 from ndm_seq.evaluation.inputs import (
     DEFAULT_MAX_CONTEXT_TOKENS,  # noqa: F401 (public, not in __all__)
-    DEFAULT_MAX_NEW_TOKENS,
-    DEFAULT_MAX_RESPONSE_TOKENS,
+    DEFAULT_MAX_NEW_TOKENS,  # noqa: F401 (public, not in __all__)
+    DEFAULT_MAX_RESPONSE_TOKENS,  # noqa: F401 (public, not in __all__)
     check_text,
 )
+from ndm_seq.evaluation.limits import ScoringLimits, scoring_limits
 from ndm_seq.evaluation.loading import (
     MODEL_FILES,  # noqa: F401 (public, not in __all__)
     TOKENIZER_FILES,  # noqa: F401 (public, not in __all__)
@@ -92,7 +98,6 @@ from ndm_seq.evaluation.reports import (
     CHART_PANELS,  # noqa: F401 (public, not in __all__)
     EVALUATION_FILES,  # noqa: F401 (public, not in __all__)
     MAIN_COLUMNS,
-    _describe_samples,
     _earlier_evaluation,
     _finite_or_none,
     _write_metrics,
@@ -101,12 +106,8 @@ from ndm_seq.evaluation.reports import (
     comparison_table,
     read_metrics,
 )
-from ndm_seq.evaluation.sampling import (
-    Decoding,
-    GeneratedResponses,
-    generate_samples,
-    stream_samples,
-)
+from ndm_seq.evaluation.sampling import GeneratedResponses, generate_samples, stream_samples
+from ndm_seq.evaluation.sampling_config import SamplingConfig, SamplingConfigError, check_sampling
 from ndm_seq.evaluation.scoring import (
     EMBEDDING_METRIC_KEYS,
     MODEL_METRIC_KEYS,
@@ -123,6 +124,9 @@ __all__ = [
     "NDM_METRIC_KEYS",
     "ChatSession",
     "GeneratedResponses",
+    "SamplingConfig",
+    "SamplingConfigError",
+    "ScoringLimits",
     "chat_loop",
     "check_text",
     "comparison_chart",
@@ -135,6 +139,7 @@ __all__ = [
     "one_line",
     "read_metrics",
     "score_model",
+    "scoring_limits",
     "slot_weight_entropy",
     "stream_samples",
 ]
@@ -144,7 +149,7 @@ def evaluate(
     model_dir: str | Path,
     data_dir: str | Path,
     split: str = "test",
-    samples: int = 10,
+    sampling: SamplingConfig | None = None,
     max_contexts: int | None = None,
     output_dir: str | Path | None = None,
     word_vectors: str | Path | None = None,
@@ -152,12 +157,8 @@ def evaluate(
     *,
     batch_size: int = 32,
     max_context_tokens: int | None = None,
-    max_response_tokens: int = DEFAULT_MAX_RESPONSE_TOKENS,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    decoding: Decoding = "greedy",
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
+    max_response_tokens: int | None = None,
+    run_config=None,
     device: str | None = None,
     name: str | None = None,
     progress: bool = True,
@@ -171,16 +172,22 @@ def evaluate(
     * ``samples.jsonl``: one object per context, ``{"context": [...],
       "reference": str, "samples": [S strings]}`` (seq2seq adds ``"greedy"``);
     * ``results.md``: the metrics as a one-row Markdown table
-      (:func:`comparison_table` with every key), with the settings above it.
+      (:func:`comparison_table` with every key), with the settings above it (the
+      sampling, and the token limits and where they came from).
 
-    Deterministic given ``seed`` (and the same device and batch size).
+    The token limits are those the model was trained with: each one not given is the
+    ``data`` section's of the run config (``run_config``, by default the ``config.yaml``
+    of the run folder holding ``model_dir``: :func:`~ndm_seq.evaluation.limits.scoring_limits`);
+    a bare model folder, with no run config, is scored with the defaults (128 context,
+    64 response tokens). Deterministic given ``seed`` (and the same device and batch size).
 
     Args:
         model_dir: directory with the model and tokenizer (:func:`load_model`).
         data_dir: a prepared dataset (``ndm-seq prepare``), split columns
             ``context`` (list of str) and ``response`` (str).
         split: the split to evaluate.
-        samples: S, samples per context (>= 1; 10 as in docs/design.md §5).
+        sampling: responses per context and how (:class:`SamplingConfig`; None: its
+            defaults, S = 10 as in docs/design.md §5, each latent draw decoded greedily).
         max_contexts: evaluate a subset of this many contexts, drawn with
             ``seed`` and kept in split order (None: all).
         output_dir: where to write: a new or empty folder (created and marked as
@@ -189,14 +196,12 @@ def evaluate(
         word_vectors: a GloVe-format file for the embedding metrics.
         seed: seed for the subset and for sampling.
         batch_size: contexts per forward / generate call.
-        max_context_tokens: context length limit (default 128).
-        max_response_tokens: reference length limit when scoring.
-        max_new_tokens: longest generated response.
-        decoding: latent variants: ``"greedy"`` per prior draw (default) or
-            ``"sample"`` (see :func:`generate_samples`).
-        temperature: token sampling temperature.
-        top_p: nucleus threshold (1 = off).
-        top_k: top-k (0 = off).
+        max_context_tokens: context length limit (None: the run config's, else 128).
+        max_response_tokens: reference length limit when scoring, ``</s>`` included
+            (None: the run config's, else 64).
+        run_config: where the limits not given come from: a
+            :class:`~ndm_seq.training.RunConfig` or a YAML run config's path (None: the
+            run folder's ``config.yaml``, if ``model_dir`` is in one).
         device: torch device (default: cuda if available, else cpu).
         name: row name in ``results.md`` (default: ``VARIANT-BACKBONE``, e.g. ``ndm-gru``).
         progress: show tqdm bars.
@@ -207,17 +212,17 @@ def evaluate(
     Raises:
         FileNotFoundError: missing model files or data directory.
         KeyError: the dataset has no such split.
-        ValueError: bad arguments, an empty split.
+        ValueError: bad arguments, an empty split, a run config that cannot be read.
         ndm_seq.folders.FolderError: ``output_dir`` is a file, a user's folder or another
             command's output (a ``ValueError``); ``FolderBusy`` while another launch
             writes it.
     """
-    if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
+    sampling = check_sampling(sampling)
     if max_contexts is not None and max_contexts < 1:
         raise ValueError(f"max_contexts must be >= 1, got {max_contexts}")
     if word_vectors is not None and not Path(word_vectors).is_file():
         raise FileNotFoundError(f"word-vector file {str(word_vectors)!r} does not exist")
+    limits = scoring_limits(model_dir, max_context_tokens, max_response_tokens, run_config)
     ds = _load_split(data_dir, split)  # before the model: a wrong split fails fast
     model, tokenizer = load_model(model_dir, device)
     out = Path(output_dir) if output_dir is not None else Path(model_dir) / f"eval-{split}"
@@ -226,10 +231,9 @@ def evaluate(
     with folders.exclusive(out, "evaluate"):
         contexts, references = _select(ds, max_contexts, seed)
         metrics, generated = evaluate_pairs(
-            model, tokenizer, contexts, references, num_samples=samples, batch_size=batch_size,
-            max_context_tokens=max_context_tokens, max_response_tokens=max_response_tokens,
-            max_new_tokens=max_new_tokens, decoding=decoding, temperature=temperature,
-            top_p=top_p, top_k=top_k, seed=seed, progress=progress,
+            model, tokenizer, contexts, references, sampling, batch_size=batch_size,
+            max_context_tokens=limits.max_context_tokens,
+            max_response_tokens=limits.max_response_tokens, seed=seed, progress=progress,
         )  # fmt: skip
         if word_vectors is not None:
             metrics.update(_embedding_metrics(word_vectors, references, generated.first))
@@ -240,13 +244,15 @@ def evaluate(
         cfg = model.config
         label = name or f"{cfg.variant}-{cfg.backbone}"
         first = "greedy" if generated.greedy is not None else "the first latent draw"
-        how = _describe_samples(cfg.is_latent, samples, decoding, temperature, top_p, top_k)
+        subset = "" if len(contexts) == len(ds) else f" (a subset drawn with seed {seed})"
         header = (
             f"# Evaluation of `{label}`\n\n"
             f"- model: `{model_dir}` ({cfg.variant}, {cfg.backbone})\n"
             f"- data: `{data_dir}`, split `{split}`, {len(contexts)} of {len(ds)} contexts"
-            f"{'' if len(contexts) == len(ds) else f' (a subset drawn with seed {seed})'}\n"
-            f"- samples: {how}; BLEU-1..4 and corpus BLEU score {first}\n"
+            f"{subset}\n"
+            f"- samples: {sampling.describe(cfg.is_latent)}; BLEU-1..4 and corpus BLEU score "
+            f"{first}\n"
+            f"- token limits: {limits.describe()}\n"
             f"- seed {seed}; definitions: `ndm_seq.metrics`, `ndm_seq.evaluation`\n\n"
         )
         table = comparison_table({label: metrics}, columns=list(metrics))

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from ndm_seq.evaluation.inputs import DEFAULT_MAX_NEW_TOKENS, _length_limits, check_text
+from ndm_seq.evaluation.inputs import _length_limits, check_text
 from ndm_seq.evaluation.loading import _device
-from ndm_seq.evaluation.sampling import _sampling_kwargs
+from ndm_seq.evaluation.sampling_config import SamplingConfig, check_sampling
 from ndm_seq.evaluation.scoring import slot_weight_entropy
 
 
@@ -19,7 +19,7 @@ class ChatSession:
     """A dialogue with a model: bounded history, several sampled responses per turn.
 
     Each :meth:`respond` appends the user's turn to the history, samples
-    ``num_samples`` responses to the last ``max_history`` turns (each from its
+    ``sampling.num_samples`` responses to the last ``max_history`` turns (each from its
     own prior draw for latent variants), appends the first response to the
     history and trims the history to its last ``max_history`` turns (user and
     model turns alike). The default of 3 turns matches the contexts
@@ -32,27 +32,24 @@ class ChatSession:
     Args:
         model: an :class:`~ndm_seq.NDMForConversation`.
         tokenizer: its :class:`~ndm_seq.NDMTokenizer`.
-        num_samples: responses per turn.
-        max_history: turns kept as context (>= 1).
-        greedy: decode each latent draw greedily instead of sampling tokens
+        sampling: responses per turn and how (:class:`SamplingConfig`; default
+            :attr:`DEFAULT_SAMPLING`, 3 responses, tokens sampled with top-p 0.9).
+            ``greedy`` decodes each latent draw greedily instead of sampling tokens
             (latent variants; seq2seq needs ``num_samples == 1`` then).
-        temperature: token sampling temperature.
-        top_p: nucleus threshold (1 = off).
-        top_k: top-k (0 = off).
-        max_new_tokens: longest response.
+        max_history: turns kept as context (>= 1).
         max_context_tokens: context token limit (default 128).
         seed: seeds torch once at the start (None: leave the RNG alone).
     """
 
+    DEFAULT_SAMPLING: ClassVar[SamplingConfig] = SamplingConfig(
+        num_samples=3, greedy=False, top_p=0.9
+    )
+    """What ``ndm-seq chat`` samples by default (``sample`` too, with 5 responses)."""
+
     model: Any = field(repr=False)
     tokenizer: Any = field(repr=False)
-    num_samples: int = 3
+    sampling: SamplingConfig = DEFAULT_SAMPLING
     max_history: int = 3
-    greedy: bool = False
-    temperature: float = 1.0
-    top_p: float = 0.9
-    top_k: int = 0
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     max_context_tokens: int | None = None
     seed: int | None = None
     history: list[str] = field(default_factory=list)
@@ -60,19 +57,20 @@ class ChatSession:
     _last: dict[str, Any] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.sampling is None:
+            self.sampling = self.DEFAULT_SAMPLING
+        sampling = self.sampling = check_sampling(self.sampling)
         if self.max_history < 1:
             raise ValueError(f"max_history must be >= 1, got {self.max_history}")
-        if self.greedy and not self.model.config.is_latent and self.num_samples > 1:
+        if sampling.greedy and not self.model.config.is_latent and sampling.num_samples > 1:
             raise ValueError(
                 "greedy decoding of a seq2seq model gives one response: use num_samples=1 "
                 "or sample tokens"
             )
-        self._sampling = _sampling_kwargs(self.temperature, self.top_p, self.top_k)
-        self._ctx_len, self._max_new = _length_limits(
-            self.model, self.max_context_tokens, self.max_new_tokens, "max_new_tokens"
+        self._ctx_len, max_new = _length_limits(
+            self.model, self.max_context_tokens, sampling.max_new_tokens, "max_new_tokens"
         )
+        self._generate = sampling.generate_kwargs(max_new_tokens=max_new)
         if self.seed is not None:
             torch.manual_seed(self.seed)
         self.model.eval()
@@ -84,7 +82,8 @@ class ChatSession:
 
     @torch.no_grad()
     def respond(self, text: str) -> list[str]:
-        """Add a user turn and return ``num_samples`` responses; the first joins the history.
+        """Add a user turn and return ``sampling.num_samples`` responses; the first joins the
+        history.
 
         Args:
             text: the user's turn.
@@ -98,25 +97,21 @@ class ChatSession:
         check_text(text, "the turn")  # before the history: a refused turn leaves no trace
         self.history.append(text)
         context = self.history[-self.max_history :]
-        model, cfg, k = self.model, self.model.config, self.num_samples
+        model, cfg, k = self.model, self.model.config, self.sampling.num_samples
         batch = self.tokenizer.batch_encode_contexts(
             [context], max_length=self._ctx_len, return_tensors="pt"
         ).to(_device(model))
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        kw: dict[str, Any] = {"do_sample": False} if self.greedy else self._sampling
+        kw = self._generate
         z = None
         if cfg.variant in ("cvae", "ndm"):
             # Draw the k latents here so that the one behind the kept response is known.
             z = model.draw_latents(ids, mask, num_samples=k)  # (k, d_z)
             out = model.generate(
-                input_ids=ids.expand(k, -1), attention_mask=mask.expand(k, -1), latent=z,
-                max_new_tokens=self._max_new, num_beams=1, **kw,
-            )  # fmt: skip
+                input_ids=ids.expand(k, -1), attention_mask=mask.expand(k, -1), latent=z, **kw
+            )
         else:
-            out = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=self._max_new, num_beams=1,
-                num_return_sequences=k, **kw,
-            )  # fmt: skip
+            out = model.generate(input_ids=ids, attention_mask=mask, num_return_sequences=k, **kw)
         responses = self.tokenizer.batch_decode(out, skip_special_tokens=True)
         self.history.append(responses[0])
         del self.history[: -self.max_history]

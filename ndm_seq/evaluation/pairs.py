@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from ndm_seq.evaluation.inputs import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_RESPONSE_TOKENS
-from ndm_seq.evaluation.sampling import Decoding, GeneratedResponses, generate_samples
+from ndm_seq.evaluation.inputs import DEFAULT_MAX_RESPONSE_TOKENS
+from ndm_seq.evaluation.sampling import GeneratedResponses, generate_samples
+from ndm_seq.evaluation.sampling_config import SamplingConfig, check_sampling
 from ndm_seq.evaluation.scoring import metric_keys, score_model
 from ndm_seq.metrics import (
     corpus_bleu,
@@ -54,16 +55,11 @@ def evaluate_pairs(
     tokenizer,
     contexts: Sequence[Sequence[str]],
     references: Sequence[str],
+    sampling: SamplingConfig | None = None,
     *,
-    num_samples: int = 10,
     batch_size: int = 32,
     max_context_tokens: int | None = None,
     max_response_tokens: int = DEFAULT_MAX_RESPONSE_TOKENS,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    decoding: Decoding = "greedy",
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
     word_vectors=None,
     seed: int | None = 0,
     progress: bool = False,
@@ -80,15 +76,13 @@ def evaluate_pairs(
         tokenizer: its :class:`~ndm_seq.NDMTokenizer`.
         contexts: the contexts, each a list of turns.
         references: one reference response per context.
-        num_samples: S, samples per context (see :func:`generate_samples`).
+        sampling: how many responses per context and how (:class:`SamplingConfig`;
+            None: its defaults; see :func:`generate_samples`).
         batch_size: contexts per forward / generate call.
-        max_context_tokens: context length limit (default 128).
-        max_response_tokens: reference length limit when scoring.
-        max_new_tokens: longest generated response.
-        decoding: latent variants: ``"greedy"`` per draw or ``"sample"``.
-        temperature: token sampling temperature.
-        top_p: nucleus threshold (1 = off).
-        top_k: top-k (0 = off).
+        max_context_tokens: context length limit (default 128; the trainer passes
+            its run's ``data.max_context_tokens``).
+        max_response_tokens: reference length limit when scoring, ``</s>`` included
+            (default 64; the trainer passes its run's ``data.max_response_tokens``).
         word_vectors: a :class:`ndm_seq.metrics.WordVectors` for the embedding
             metrics, or None.
         seed: RNG seed for sampling (None: current RNG state).
@@ -99,6 +93,7 @@ def evaluate_pairs(
         (values are floats, ``active_units`` and ``embedding_empty_pairs``
         ints; ``self_bleu`` is nan when S = 1), and the responses.
     """
+    sampling = check_sampling(sampling)
     if len(contexts) != len(references):
         raise ValueError(
             f"contexts has {len(contexts)} entries but references has {len(references)}"
@@ -109,9 +104,8 @@ def evaluate_pairs(
         progress=progress,
     )  # fmt: skip
     generated = generate_samples(
-        model, tokenizer, contexts, num_samples, batch_size=batch_size,
-        max_new_tokens=max_new_tokens, max_context_tokens=max_context_tokens, decoding=decoding,
-        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, progress=progress,
+        model, tokenizer, contexts, sampling, batch_size=batch_size,
+        max_context_tokens=max_context_tokens, seed=seed, progress=progress,
     )  # fmt: skip
     merged: dict[str, float | int] = {**text_metrics(generated, references), **scores}
     if word_vectors is not None:

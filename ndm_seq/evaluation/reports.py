@@ -85,27 +85,6 @@ def _write_samples(
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _describe_samples(
-    is_latent: bool, samples: int, decoding: str, temperature: float, top_p: float, top_k: int
-) -> str:
-    """How the samples were drawn, for the header of ``results.md``."""
-    return (
-        f"{samples} per context, each from its own prior draw, decoded "
-        + ("greedily" if decoding == "greedy" else _describe_sampling(temperature, top_p, top_k))
-        if is_latent
-        else f"greedy + {samples} per context, {_describe_sampling(temperature, top_p, top_k)}"
-    )
-
-
-def _describe_sampling(temperature: float, top_p: float, top_k: int) -> str:
-    parts = [f"temperature {temperature:g}"]
-    if top_p < 1:
-        parts.append(f"top-p {top_p:g}")
-    if top_k > 0:
-        parts.append(f"top-k {top_k}")
-    return "token sampling (" + ", ".join(parts) + ")"
-
-
 # --------------------------------------------------------------------------- #
 # Comparison of several runs
 # --------------------------------------------------------------------------- #

@@ -10,20 +10,14 @@ import hashlib
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ndm_seq.evaluation.inputs import (
-    DEFAULT_MAX_NEW_TOKENS,
-    _batches,
-    _check_contexts,
-    _length_limits,
-)
+from ndm_seq.evaluation.inputs import _batches, _check_contexts, _length_limits
 from ndm_seq.evaluation.loading import _device
-
-Decoding = Literal["greedy", "sample"]
+from ndm_seq.evaluation.sampling_config import SamplingConfig, check_sampling
 
 
 @dataclass
@@ -51,69 +45,46 @@ def _batch_seed(seed: int, start: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def _sampling_kwargs(temperature: float, top_p: float, top_k: int) -> dict[str, Any]:
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    # Every value explicit, so a generation_config.json cannot change the decoding.
-    return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
-
-
 @torch.no_grad()
 def generate_samples(
     model,
     tokenizer,
     contexts: Sequence[Sequence[str]],
-    num_samples: int = 10,
+    sampling: SamplingConfig | None = None,
     *,
     batch_size: int = 32,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     max_context_tokens: int | None = None,
-    decoding: Decoding = "greedy",
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
     include_greedy: bool = True,
     seed: int | None = 0,
     progress: bool = False,
 ) -> GeneratedResponses:
     """Sample responses per context, as docs/design.md §5 evaluates them.
 
-    * Latent variants (cvae, vmed, ndm): ``num_samples`` responses per context,
-      each from its own draw of the prior (``z ~ p(z|c)``; vmed: the per-step
-      mixture prior). ``decoding="greedy"`` (default) decodes each draw
+    * Latent variants (cvae, vmed, ndm): ``sampling.num_samples`` responses per
+      context, each from its own draw of the prior (``z ~ p(z|c)``; vmed: the
+      per-step mixture prior). ``sampling.greedy`` (default) decodes each draw
       greedily, so every difference between the samples of a context comes
-      from the latent (as VMED and the CVAE papers evaluate); ``"sample"``
-      also samples tokens (``temperature``, ``top_p``, ``top_k``).
+      from the latent (as VMED and the CVAE papers evaluate); otherwise tokens
+      are sampled too (``temperature``, ``top_p``, ``top_k``).
     * seq2seq: ``num_samples`` token samples (ancestral sampling with
-      ``temperature`` / ``top_p`` / ``top_k``; ``decoding`` is ignored, greedy
+      ``temperature`` / ``top_p`` / ``top_k``; ``greedy`` is ignored, greedy
       decoding of a deterministic model would repeat one response), plus the
       greedy response in :attr:`GeneratedResponses.greedy` when
       ``include_greedy``.
 
-    Decoding defaults are explicit (``temperature=1``, ``top_p=1``,
-    ``top_k=0``: the model's own distribution, not a generation_config's
-    top-k 50). With ``seed`` set, each batch re-seeds torch from
-    ``(seed, index of its first context)``: the same call gives the same
-    responses, and a context's responses do not depend on the contexts after it.
+    With ``seed`` set, each batch re-seeds torch from ``(seed, index of its first
+    context)``: the same call gives the same responses, and a context's responses
+    do not depend on the contexts after it.
 
     Args:
         model: an :class:`~ndm_seq.NDMForConversation`.
         tokenizer: its :class:`~ndm_seq.NDMTokenizer`.
         contexts: the contexts, each a list of turns (oldest first).
-        num_samples: S >= 1, responses per context.
+        sampling: how many responses and how (:class:`SamplingConfig`; None: its
+            defaults, 10 per context).
         batch_size: contexts per ``generate`` call (each expands to S rows).
-        max_new_tokens: longest response in tokens (transformer: at most
-            ``max_position_embeddings - 1``).
         max_context_tokens: context length limit, latest tokens kept (default
             128, at most ``max_position_embeddings`` for the transformer).
-        decoding: ``"greedy"`` or ``"sample"``, latent variants only.
-        temperature: softmax temperature when sampling tokens.
-        top_p: nucleus sampling threshold (1 = off).
-        top_k: top-k sampling (0 = off).
         include_greedy: seq2seq only, also return the greedy responses.
         seed: RNG seed (None: use the current torch RNG state as it is).
         progress: show a tqdm bar.
@@ -123,19 +94,19 @@ def generate_samples(
         context, special tokens removed) and ``greedy`` (seq2seq).
     """
     _check_contexts(contexts)
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if decoding not in ("greedy", "sample"):
-        raise ValueError(f"decoding must be 'greedy' or 'sample', got {decoding!r}")
+    sampling = check_sampling(sampling)
     latent = model.config.is_latent
-    sampling = _sampling_kwargs(temperature, top_p, top_k)
-    ctx_len, max_new = _length_limits(model, max_context_tokens, max_new_tokens, "max_new_tokens")
+    n = sampling.num_samples
+    ctx_len, max_new = _length_limits(
+        model, max_context_tokens, sampling.max_new_tokens, "max_new_tokens"
+    )
+    # Latent variants follow `greedy`; seq2seq always samples its S responses.
+    kw = sampling.generate_kwargs(sample=None if latent else True, max_new_tokens=max_new)
     device = _device(model)
     was_training = model.training
     model.eval()
     samples: list[list[str]] = []
     greedy: list[str] | None = None if latent or not include_greedy else []
-    common = {"max_new_tokens": max_new, "num_beams": 1}
     try:
         bar = tqdm(total=len(contexts), desc="generate", unit="context", disable=not progress)
         for start, end in _batches(len(contexts), batch_size):
@@ -145,17 +116,13 @@ def generate_samples(
                 [list(c) for c in contexts[start:end]], max_length=ctx_len, return_tensors="pt"
             ).to(device)
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            if latent and decoding == "greedy":
-                kw = {"do_sample": False}
-            else:
-                kw = sampling
-            out = model.generate(**inputs, **common, **kw, num_return_sequences=num_samples)
+            out = model.generate(**inputs, **kw, num_return_sequences=n)
             text = tokenizer.batch_decode(out, skip_special_tokens=True)  # (B * S)
-            samples.extend(
-                text[i * num_samples : (i + 1) * num_samples] for i in range(end - start)
-            )
+            samples.extend(text[i * n : (i + 1) * n] for i in range(end - start))
             if greedy is not None:
-                out = model.generate(**inputs, **common, do_sample=False)
+                out = model.generate(
+                    **inputs, **sampling.generate_kwargs(sample=False, max_new_tokens=max_new)
+                )
                 greedy.extend(tokenizer.batch_decode(out, skip_special_tokens=True))
             bar.update(end - start)
         bar.close()
@@ -168,7 +135,7 @@ def stream_samples(
     model,
     tokenizer,
     contexts: Iterable[Sequence[str]],
-    num_samples: int = 10,
+    sampling: SamplingConfig | None = None,
     *,
     batch_size: int = 32,
     seed: int | None = 0,
@@ -182,13 +149,14 @@ def stream_samples(
     :func:`generate_samples` on the whole list with the same ``batch_size``.
 
     Args:
-        model, tokenizer, num_samples, batch_size, seed: as :func:`generate_samples`.
+        model, tokenizer, sampling, batch_size, seed: as :func:`generate_samples`.
         contexts: contexts (each a list of turns, oldest first), read lazily.
         **kwargs: the other keyword arguments of :func:`generate_samples`.
 
     Yields:
-        ``(context, samples)``: the context's turns and its ``num_samples`` responses.
+        ``(context, samples)``: the context's turns and its ``sampling.num_samples`` responses.
     """
+    sampling = check_sampling(sampling)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     it = iter(contexts)
@@ -197,7 +165,7 @@ def stream_samples(
         if seed is not None:
             torch.manual_seed(_batch_seed(seed, start))
         out = generate_samples(
-            model, tokenizer, chunk, num_samples, batch_size=batch_size, seed=None, **kwargs
+            model, tokenizer, chunk, sampling, batch_size=batch_size, seed=None, **kwargs
         )
         yield from zip(chunk, out.samples, strict=True)
         start += len(chunk)

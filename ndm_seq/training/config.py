@@ -41,9 +41,10 @@ class DataSection:
     vmed_preprocessing: bool = False
     """Start from VMED's preprocessing (``PairOptions.vmed()``) before ``options``."""
     max_context_tokens: int = 64
-    """Tokenised context length (left-truncated)."""
+    """Tokenised context length (left-truncated); validation, ``evaluate`` and ``compare``
+    score with it too (:func:`ndm_seq.evaluation.scoring_limits`)."""
     max_response_tokens: int = 32
-    """Tokenised response length (``</s>`` kept)."""
+    """Tokenised response length (``</s>`` kept); the scorers' response limit too."""
     max_train_pairs: int | None = None
     """Use only the first this-many training pairs (smoke runs)."""
     max_eval_pairs: int | None = 2000

@@ -13,7 +13,9 @@ import logging
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -29,6 +31,20 @@ from ndm_seq.training.checkpoints import (
 from ndm_seq.training.trainer import LOSS_TERMS, NonFiniteTrainingError, _all_finite
 
 logger = logging.getLogger("ndm_seq.training")
+
+
+@dataclass(frozen=True)
+class TextValidation:
+    """What :meth:`NDMTrainer.evaluate` samples and scores besides the validation loss:
+    a few validation pairs, with the run's token limits (``data.max_context_tokens``,
+    ``data.max_response_tokens``: scored as the model was trained)."""
+
+    contexts: list
+    references: list
+    sampling: Any
+    """A :class:`~ndm_seq.evaluation.SamplingConfig` (``training.validation_samples``)."""
+    max_context_tokens: int
+    max_response_tokens: int
 
 
 class NonFiniteGuard(TrainerCallback):
@@ -180,14 +196,14 @@ class NDMTrainer(Trainer):
         if pairs is not None and self.is_world_process_zero():
             from ndm_seq.evaluation import evaluate_pairs
 
-            contexts, references, samples, max_context_tokens = pairs
             model = self.accelerator.unwrap_model(self.model)
             # Seeded sampling must not reseed training: fork the RNG state.
             devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
             with torch.random.fork_rng(devices=devices):
                 text, _ = evaluate_pairs(
-                    model, self.processing_class, contexts, references, num_samples=samples,
-                    max_context_tokens=max_context_tokens, seed=self.args.seed,
+                    model, self.processing_class, pairs.contexts, pairs.references,
+                    pairs.sampling, max_context_tokens=pairs.max_context_tokens,
+                    max_response_tokens=pairs.max_response_tokens, seed=self.args.seed,
                 )  # fmt: skip
             model.train()
             extra = {

@@ -366,10 +366,22 @@ def _build_trainer(run: RunConfig, t, args, tokenizer, tokenized, train_ds, eval
         val = tokenized["validation"]
         n = min(t.validation_contexts, len(val))
         rows = val.select(range(n)).select_columns(["context", "response"])
-        trainer.text_validation = (
-            rows["context"], rows["response"], t.validation_samples, run.data.max_context_tokens,
-        )  # fmt: skip
+        trainer.text_validation = _text_validation(run, rows)
     return trainer
+
+
+def _text_validation(run: RunConfig, rows):
+    """The validation pairs the trainer samples and scores, with the run's token limits."""
+    from ndm_seq.evaluation import SamplingConfig
+    from ndm_seq.training.ndm_trainer import TextValidation
+
+    return TextValidation(
+        contexts=rows["context"],
+        references=rows["response"],
+        sampling=SamplingConfig(num_samples=run.training.validation_samples),
+        max_context_tokens=run.data.max_context_tokens,
+        max_response_tokens=run.data.max_response_tokens,
+    )
 
 
 def _resume_point(t, trainer, out: Path) -> str | None:

@@ -1,0 +1,155 @@
+"""`SamplingConfig`: its checks, the `generate` arguments it gives, and the CLI options
+that build it (`evaluate`, `sample`, `chat`)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+import ndm_seq.cli.session
+import ndm_seq.evaluation
+from ndm_seq.cli import main
+from ndm_seq.evaluation import ChatSession, SamplingConfig, SamplingConfigError, evaluate
+
+
+def test_defaults_are_the_evaluation_protocol_and_the_config_is_frozen():
+    cfg = SamplingConfig()
+    assert dataclasses.astuple(cfg) == (10, True, 1.0, 1.0, 0, 30)
+    assert ChatSession.DEFAULT_SAMPLING == SamplingConfig(num_samples=3, greedy=False, top_p=0.9)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.temperature = 2.0
+    assert cfg.replace(num_samples=2).num_samples == 2 and cfg.num_samples == 10
+    assert hash(cfg) == hash(SamplingConfig())
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("num_samples", 0, "num_samples must be >= 1, got 0"),
+        ("num_samples", 2.0, "num_samples must be an integer, got 2.0"),
+        ("num_samples", True, "num_samples must be an integer, got True"),
+        ("greedy", "yes", "greedy must be True or False, got 'yes'"),
+        ("temperature", 0.0, "temperature must be > 0, got 0.0"),
+        ("temperature", float("inf"), "temperature must be a finite number, got inf"),
+        ("temperature", "1", "temperature must be a finite number, got '1'"),
+        ("top_p", 0, "top_p must be in (0, 1], got 0"),
+        ("top_p", 1.5, "top_p must be in (0, 1], got 1.5"),
+        ("top_k", -1, "top_k must be >= 0 (0 = off), got -1"),
+        ("max_new_tokens", 0, "max_new_tokens must be >= 1, got 0"),
+    ],
+)
+def test_a_bad_value_is_one_line_naming_the_field(field, value, message):
+    with pytest.raises(SamplingConfigError) as info:
+        SamplingConfig(**{field: value})
+    assert isinstance(info.value, ValueError)
+    assert str(info.value) == message and info.value.field == field
+    with pytest.raises(SamplingConfigError, match=field):  # replace() checks too
+        SamplingConfig().replace(**{field: value})
+
+
+def test_edge_values_are_accepted():
+    cfg = SamplingConfig(num_samples=1, temperature=1e-3, top_p=1, top_k=0, max_new_tokens=1)
+    assert cfg.top_p == 1 and cfg.num_samples == 1
+
+
+def test_generate_kwargs_are_explicit():
+    greedy = SamplingConfig(max_new_tokens=12)
+    assert greedy.generate_kwargs() == {"max_new_tokens": 12, "num_beams": 1, "do_sample": False}
+    sample = SamplingConfig(greedy=False, temperature=0.7, top_p=0.9, top_k=40)
+    assert sample.generate_kwargs(max_new_tokens=5) == {
+        "max_new_tokens": 5, "num_beams": 1, "do_sample": True,
+        "temperature": 0.7, "top_p": 0.9, "top_k": 40,
+    }  # fmt: skip
+    # seq2seq samples even when latent draws are decoded greedily, and vice versa.
+    assert greedy.generate_kwargs(sample=True)["do_sample"] is True
+    assert "temperature" not in sample.generate_kwargs(sample=False)
+
+
+def test_describe():
+    cfg = SamplingConfig(num_samples=4, greedy=False, top_p=0.9, top_k=5, max_new_tokens=20)
+    assert cfg.describe(latent=True) == (
+        "4 per context, each from its own prior draw, decoded token sampling "
+        "(temperature 1, top-p 0.9, top-k 5); at most 20 new tokens"
+    )
+    assert SamplingConfig(num_samples=2).describe(latent=False) == (
+        "greedy + 2 per context, token sampling (temperature 1); at most 30 new tokens"
+    )
+
+
+def test_a_sample_count_where_the_config_goes_is_refused(tmp_path):
+    # `samples` was the fourth positional argument of evaluate before SamplingConfig.
+    with pytest.raises(TypeError, match=r"sampling must be a SamplingConfig, got int 3"):
+        evaluate(tmp_path, tmp_path, "test", 3)
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+class _Stop(OSError):
+    """Raised by the stand-ins below once the CLI's arguments are recorded."""
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Record what `evaluate` and the `sample`/`chat` session get, then stop (exit 1)."""
+    got = {}
+
+    def fake_evaluate(model_dir, data_dir, **kwargs):
+        got.update(kwargs)
+        raise _Stop("recorded")
+
+    def fake_session(args, sampling):
+        got.update(sampling=sampling, max_context_tokens=args.max_context_tokens)
+        raise _Stop("recorded")
+
+    monkeypatch.setattr(ndm_seq.evaluation, "evaluate", fake_evaluate)
+    monkeypatch.setattr(ndm_seq.cli.session, "_session", fake_session)
+    return got
+
+
+def test_evaluate_options_map_onto_the_sampling_config(recorded, tmp_path):
+    base = ["evaluate", str(tmp_path), "--data", str(tmp_path)]
+    assert main(base) == 1
+    assert recorded["sampling"] == SamplingConfig()  # the CLI's defaults are the protocol's
+    assert recorded["max_context_tokens"] is None and recorded["max_response_tokens"] is None
+    options = [
+        "--samples", "4", "--decoding", "sample", "--temperature", "0.5", "--top-p", "0.8",
+        "--top-k", "7", "--max-new-tokens", "11", "--max-context-tokens", "40",
+        "--max-response-tokens", "20",
+    ]  # fmt: skip
+    assert main([*base, *options]) == 1
+    assert recorded["sampling"] == SamplingConfig(
+        num_samples=4, greedy=False, temperature=0.5, top_p=0.8, top_k=7, max_new_tokens=11
+    )
+    assert (recorded["max_context_tokens"], recorded["max_response_tokens"]) == (40, 20)
+
+
+@pytest.mark.parametrize("command", ["sample", "chat"])
+def test_sample_and_chat_options_map_onto_the_sampling_config(recorded, command, tmp_path):
+    base = [command, str(tmp_path)] + (["--context", "hi"] if command == "sample" else [])
+    assert main(base) == 1
+    n = 5 if command == "sample" else 3
+    assert recorded["sampling"] == ChatSession.DEFAULT_SAMPLING.replace(num_samples=n)
+    options = ["-n", "2", "--greedy", "--temperature", "2", "--top-p", "1", "--top-k", "3"]
+    assert main([*base, *options, "--max-new-tokens", "9", "--max-context-tokens", "50"]) == 1
+    assert recorded["sampling"] == SamplingConfig(
+        num_samples=2, greedy=True, temperature=2.0, top_p=1.0, top_k=3, max_new_tokens=9
+    )
+    assert recorded["max_context_tokens"] == 50
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["evaluate", "M", "--data", "D", "--temperature", "0"], "argument --temperature: "),
+        (["evaluate", "M", "--data", "D", "--samples", "0"], "argument --samples: "),
+        (["sample", "M", "--context", "hi", "-n", "0"], "argument -n/--num-samples: "),
+        (["chat", "M", "--top-p", "2"], "argument --top-p: top_p must be in (0, 1], got 2.0"),
+        (["chat", "M", "--max-new-tokens", "0"], "argument --max-new-tokens: "),
+    ],
+)
+def test_a_bad_decoding_option_is_a_usage_error_before_loading(args, message, capsys):
+    assert main(args) == 2  # the model folder M does not exist: not reached
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"ndm-seq {args[0]}: error: {message}")
