@@ -322,3 +322,29 @@ def test_a_marker_naming_anything_else_is_ignored(tmp_path, record, caplog):
         C.recover_pending(folder)
     assert (folder / "checkpoint-8/model.safetensors").read_bytes() == b"w"
     assert "not a marker written by ndm-seq train" in caplog.text
+
+
+def test_the_marker_runs_last_at_step_end_and_the_completion_first_on_save(tmp_path):
+    # The pending marker must see the final `should_save` (callbacks added later, like the
+    # SIGTERM stop, may set it); the completion must run before any other `on_save` (a
+    # callback there sees the checkpoint complete). The Trainer's rotation is off.
+    from transformers import TrainerCallback, TrainingArguments
+
+    from ndm_seq.models import NDMConfig, NDMForConversation
+    from ndm_seq.training.trainer import _make_trainer_class
+
+    class Mine(TrainerCallback):
+        pass
+
+    model = NDMForConversation(NDMConfig.preset("tiny", vocab_size=50))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "ck"), report_to="none", use_cpu=True, save_total_limit=3
+    )
+    trainer = _make_trainer_class()(model=model, args=args, callbacks=[Mine()])
+    trainer.add_callback(Mine())
+    callbacks = trainer.callback_handler.callbacks
+    writer = trainer.checkpoint_writer
+    assert callbacks[-1] is writer.mark
+    first_of_ours = next(i for i, c in enumerate(callbacks) if c.__module__.startswith("ndm_seq"))
+    assert callbacks[first_of_ours] is writer.complete
+    assert trainer.args.save_total_limit is None and writer.save_total_limit == 3
