@@ -75,10 +75,10 @@ class NDMTrainer(Trainer):
         """Add ``callback``, keeping the pending-checkpoint marker last (it reads the final
         ``control.should_save`` of a step)."""
         super().add_callback(callback)
-        mark = getattr(self, "checkpoint_writer", None)
-        if mark is not None and callback is not mark.mark:
-            self.pop_callback(mark.mark)
-            super().add_callback(mark.mark)
+        writer = getattr(self, "checkpoint_writer", None)  # None while Trainer.__init__ runs
+        if writer is not None and callback is not writer.mark:
+            self.pop_callback(writer.mark)
+            super().add_callback(writer.mark)
 
     def train(self, *args, **kwargs):
         """``Trainer.train``; a full disk while a checkpoint is written raises
