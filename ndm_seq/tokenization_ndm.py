@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 
@@ -351,7 +352,7 @@ class NDMTokenizer(PreTrainedTokenizer):
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         """Join pieces into text; special tokens stay as their strings, spaced."""
-        return self._join_segments(tokens, self.sp_model.decode_pieces, self._added_tokens_encoder)
+        return self._join_segments(tokens, self.sp_model.decode_pieces, self.added_tokens_encoder)
 
     # ------------------------------------------------------------------ special tokens
     def build_inputs_with_special_tokens(
@@ -417,7 +418,7 @@ class NDMTokenizer(PreTrainedTokenizer):
         text = self._join_segments(
             ids,
             self.sp_model.decode_ids,
-            self._added_tokens_decoder,
+            self.added_tokens_decoder,
             render=self.convert_ids_to_tokens,
         )
         if clean_up_tokenization_spaces is None:
@@ -458,9 +459,12 @@ class NDMTokenizer(PreTrainedTokenizer):
         Returns:
             The normalised string.
         """
+        added = self.added_tokens_encoder
+        # Split at added tokens as `tokenize` does: leftmost match, the longest one there.
+        pattern = "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True))
         parts = []
-        for chunk in self.tokens_trie.split(text):
-            if chunk in self._added_tokens_encoder:
+        for chunk in re.split(f"({pattern})", text) if pattern else [text]:
+            if chunk in added:
                 parts.append(chunk)
                 continue
             norm = self.sp_model.normalize(chunk).replace(_SPIECE_UNDERLINE, " ")

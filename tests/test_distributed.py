@@ -54,3 +54,12 @@ def test_two_process_run_matches_one_process(tmp_path):
         (tmp_path / "two" / "checkpoints" / "checkpoint-12" / "trainer_state.json").read_text()
     )
     assert state["global_step"] == 12
+    # Both ranks wrote their RNG state into the checkpoint before the main process
+    # recorded the manifest (the completion waits for every process) and cleared the marker.
+    from ndm_seq.training import CHECKPOINT_MANIFEST, PENDING_MARKER, checkpoint_problem
+
+    checkpoint = tmp_path / "two" / "checkpoints" / "checkpoint-12"
+    files = json.loads((checkpoint / CHECKPOINT_MANIFEST).read_text())["files"]
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(files)
+    assert checkpoint_problem(checkpoint) is None
+    assert not (checkpoint.parent / PENDING_MARKER).exists()

@@ -66,7 +66,8 @@ def write_config(tmp_path: Path, raw: dict) -> Path:
 _CHILD = textwrap.dedent(
     """
     import hashlib, json, os, signal, sys
-    from transformers import Trainer, TrainerCallback
+    import torch
+    from transformers import TrainerCallback
     import ndm_seq.training as T
     import ndm_seq.training.run as R
 
@@ -84,14 +85,17 @@ _CHILD = textwrap.dedent(
     base_callbacks = R._callbacks
     R._callbacks = lambda run, sched: base_callbacks(run, sched) + [Kill()]
 
-    save_rng = Trainer._save_rng_state
+    save = torch.save
 
-    def save_rng_or_die(self, output_dir):
-        if self.state.global_step == hooks["kill_in_save"]:
+    def save_or_die(obj, f, *args, **kwargs):
+        # The RNG state of checkpoint-<kill_in_save> (written after weights, optimizer
+        # and scheduler, before trainer_state.json): die instead of writing it.
+        name, folder = os.path.basename(str(f)), os.path.basename(os.path.dirname(str(f)))
+        if name.startswith("rng_state") and folder == f"checkpoint-{hooks['kill_in_save']}":
             os.kill(os.getpid(), signal.SIGKILL)
-        save_rng(self, output_dir)
+        return save(obj, f, *args, **kwargs)
 
-    Trainer._save_rng_state = save_rng_or_die
+    torch.save = save_or_die
 
     if hooks["batches_log"]:
         base_class = R._make_trainer_class

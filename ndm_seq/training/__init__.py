@@ -12,9 +12,9 @@ what is specific to latent-variable dialogue models:
 * every loss term (NLL, KL, KL weight, BOW, NDM reconstruction, orthogonality,
   key regulariser) averaged over the logging window and logged;
 * a wall-clock budget (``training.max_minutes``) for fixed-compute comparisons;
-* atomic checkpoints: each is written under ``checkpoints/.incomplete/``, given a
-  manifest (size and sha256 of every file) and renamed into place only when complete;
-  ``resume: auto`` takes the newest checkpoint that passes its manifest, logging the
+* atomic checkpoints: while the Trainer writes ``checkpoint-N`` it is named in
+  ``checkpoints/.checkpoint-pending.json`` (never resumed from); then it gets a manifest
+  (size and sha256 of every file), is fsynced and the marker cleared; ``resume: auto`` takes the newest checkpoint that passes its manifest, logging the
   ones it skipped and why, and rotation (``save_total_limit``) never deletes a valid
   checkpoint to keep a broken one;
 * the run folder: ``config.yaml`` (resolved), ``tokenizer/``,
@@ -34,13 +34,15 @@ batches are split across processes (accelerate's ``split_batches``), so a
 
 Where the parts live: ``config`` (:class:`RunConfig`, loading and checks), ``schedule``
 (KL annealing), ``trainer`` (the ``Trainer`` subclass and callbacks), ``checkpoints``
-(atomic saves, validation, rotation), ``run_folder`` (claim, lock, resume config check,
+(pending marker, manifest, validation, rotation), ``checkpoint_writer`` (the callbacks
+that drive them), ``run_folder`` (claim, lock, resume config check,
 logs, final model) and ``run`` (:func:`train`, SIGTERM, data and tokenizer).
 """
 
 # ``__all__`` below; the ``X as X`` imports keep the other public names importable
 # from here, as before the split.
 from ndm_seq.training.checkpoints import CHECKPOINT_MANIFEST as CHECKPOINT_MANIFEST
+from ndm_seq.training.checkpoints import PENDING_MARKER as PENDING_MARKER
 from ndm_seq.training.checkpoints import PREFIX_CHECKPOINT_DIR as PREFIX_CHECKPOINT_DIR
 from ndm_seq.training.checkpoints import STAGING_DIR as STAGING_DIR
 from ndm_seq.training.checkpoints import DiskFullError, checkpoint_problem

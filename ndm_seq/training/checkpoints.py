@@ -1,7 +1,15 @@
-"""Atomic checkpoints: staging, manifest (size and sha256 of every file), publishing,
+"""Atomic checkpoints: the pending marker, the manifest (size and sha256 of every file),
 validation (:func:`checkpoint_problem`), the newest valid one, rotation; and
 :class:`DiskFullError`, raised when a full disk stops a save (the newest complete
 checkpoint stays).
+
+The Trainer writes ``checkpoint-N`` itself (public API only: the callbacks in
+:mod:`ndm_seq.training.checkpoint_writer` drive these helpers). Before it starts,
+:func:`begin_checkpoint` moves an earlier ``checkpoint-N`` aside and records both names
+in :data:`PENDING_MARKER`; :func:`complete_checkpoint` adds the manifest, makes it
+durable and clears the marker. While the marker names a folder without a manifest, no
+resume takes it; :func:`recover_pending` (at the next start, or on a full disk) removes
+only what the marker names.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import zipfile
 from pathlib import Path
@@ -25,7 +34,11 @@ class DiskFullError(RuntimeError):
 PREFIX_CHECKPOINT_DIR = "checkpoint"  # transformers' name: checkpoint-<global step>
 CHECKPOINT_MANIFEST = "checkpoint_manifest.json"
 STAGING_DIR = ".incomplete"
-"""Checkpoints are written under ``checkpoints/.incomplete/`` and renamed out when complete."""
+"""Where ndm-seq before issue 12 staged a checkpoint; a leftover one is reported, never used."""
+PENDING_MARKER = ".checkpoint-pending.json"
+"""``checkpoints/<this>``: the checkpoint being written and the earlier one moved aside."""
+_MARKER_WRITER = "ndm-seq train"
+_REPLACED_RE = re.compile(rf"^\.replaced-{PREFIX_CHECKPOINT_DIR}-\d+-[0-9a-f]+$")
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
@@ -51,26 +64,130 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _publish_checkpoint(staged: Path, final: Path) -> None:
-    """Write ``staged``'s manifest, make it durable, and rename it to ``final`` (atomic)."""
+def _write_manifest(path: Path) -> None:
+    """Record every file of ``path`` (size, sha256) in its manifest; fsync files, manifest, folder."""
     files = {}
-    for path in sorted(p for p in staged.rglob("*") if p.is_file()):
-        _fsync(path)
-        rel = path.relative_to(staged).as_posix()
-        files[rel] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-    manifest = staged / CHECKPOINT_MANIFEST
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != CHECKPOINT_MANIFEST):
+        _fsync(file)
+        rel = file.relative_to(path).as_posix()
+        files[rel] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+    manifest = path / CHECKPOINT_MANIFEST
     manifest.write_text(json.dumps({"files": files}, indent=1), encoding="utf-8")
     _fsync(manifest)
-    _fsync(staged)
-    old = None
-    if final.exists():  # a broken checkpoint of this step, skipped when the run resumed
-        old = staged.parent / f"replaced-{final.name}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(staged, final)  # a directory rename: the checkpoint appears complete or not at all
-    _fsync(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    _fsync(path)
+
+
+# ----------------------------------------------------------------------------- pending marker
+# Phases: "moving" (the earlier checkpoint-N may be under its `replaced` name; a
+# `checkpoint-N` is the earlier one) and "writing" (a `checkpoint-N` is the Trainer's new,
+# maybe partial, one). Each phase is written (by rename) before the step it covers.
+
+
+def _read_pending(folder: Path) -> dict | None:
+    """The marker in ``folder`` if it is ours and names only entries of ``folder``."""
+    path = folder / PENDING_MARKER
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        logger.warning("ignoring %s: unreadable (%s)", path, e)
+        return None
+    ok = (
+        isinstance(data, dict)
+        and data.get("writer") == _MARKER_WRITER
+        and data.get("phase") in ("moving", "writing")
+        and _CHECKPOINT_RE.match(str(data.get("checkpoint")))
+        and (data.get("replaced") is None or _REPLACED_RE.match(str(data["replaced"])))
+    )
+    if not ok:
+        logger.warning("ignoring %s: not a marker written by %s", path, _MARKER_WRITER)
+        return None
+    return data
+
+
+def _write_pending(folder: Path, checkpoint: str, replaced: str | None, phase: str) -> None:
+    record = {"writer": _MARKER_WRITER, "phase": phase, "checkpoint": checkpoint}
+    tmp = folder / f"{PENDING_MARKER}.tmp"
+    tmp.write_text(json.dumps(record | {"replaced": replaced}), encoding="utf-8")
+    _fsync(tmp)
+    os.replace(tmp, folder / PENDING_MARKER)
+    _fsync(folder)
+
+
+def _clear_pending(folder: Path) -> None:
+    (folder / PENDING_MARKER).unlink(missing_ok=True)
+    _fsync(folder)
+
+
+def pending_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The name of the checkpoint the marker in ``folder`` says is being written, if any."""
+    pending = _read_pending(Path(folder))
+    return pending["checkpoint"] if pending and pending["phase"] == "writing" else None
+
+
+def begin_checkpoint(folder: Path, step: int) -> None:
+    """Before the Trainer writes ``checkpoint-<step>`` (main process): record it as pending.
+
+    An earlier folder of that name (a broken checkpoint skipped when the run resumed)
+    is moved aside first, so the Trainer writes into an empty folder; it is deleted once
+    the new checkpoint is complete, or put back if the write is abandoned.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    recover_pending(folder)  # none during a run; a leftover from before is settled first
+    name = f"{PREFIX_CHECKPOINT_DIR}-{step}"
+    replaced = None
+    if (folder / name).exists():
+        replaced = f".replaced-{name}-{secrets.token_hex(4)}"
+        _write_pending(folder, name, replaced, "moving")
+        os.replace(folder / name, folder / replaced)
+    _write_pending(folder, name, replaced, "writing")
+
+
+def complete_checkpoint(folder: Path, step: int) -> None:
+    """After the Trainer wrote ``checkpoint-<step>`` (main process, every rank done): write
+    its manifest, make it durable, delete the folder it replaced and clear the marker."""
+    name = f"{PREFIX_CHECKPOINT_DIR}-{step}"
+    pending = _read_pending(folder)
+    if pending is None or pending["checkpoint"] != name or pending["phase"] != "writing":
+        logger.warning("%s was written without its pending marker", folder / name)
+    _write_manifest(folder / name)
+    if pending is not None and pending["checkpoint"] == name:
+        if pending["replaced"]:
+            shutil.rmtree(folder / pending["replaced"], ignore_errors=True)
+        _clear_pending(folder)
+
+
+def recover_pending(folder: Path) -> None:
+    """Settle a checkpoint write that did not finish (a kill, a full disk): main process.
+
+    Only what :data:`PENDING_MARKER` names is touched: the checkpoint being written is
+    kept if its manifest is complete, else removed, and the folder it replaced is put
+    back (or deleted once the new one is complete).
+    """
+    pending = _read_pending(folder)
+    if pending is None:
+        return
+    name, replaced = pending["checkpoint"], pending["replaced"]
+    marker = folder / PENDING_MARKER
+    if pending["phase"] == "writing":
+        if (folder / name / CHECKPOINT_MANIFEST).is_file() and not checkpoint_problem(
+            folder / name
+        ):
+            if replaced:
+                shutil.rmtree(folder / replaced, ignore_errors=True)
+            _clear_pending(folder)
+            return
+        if (folder / name).exists():
+            logger.warning(
+                "removing %s: an interrupted checkpoint write (named by %s)", folder / name, marker
+            )
+            shutil.rmtree(folder / name)
+        _write_pending(folder, name, replaced, "moving")
+    if replaced and (folder / replaced).exists() and not (folder / name).exists():
+        logger.warning("putting back %s (moved aside for the interrupted write)", folder / name)
+        os.replace(folder / replaced, folder / name)
+    _clear_pending(folder)
 
 
 def _structural_problem(path: Path) -> str | None:
@@ -108,7 +225,8 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
 
     A checkpoint written by :func:`train` carries ``checkpoint_manifest.json`` (size and
     sha256 of every file when it was written): a missing, cut or changed file is named.
-    One without a manifest (an older run) gets structural checks instead: the trainer
+    One without a manifest that :data:`PENDING_MARKER` names is being written, or was when
+    its run stopped. Any other without a manifest (an older run) gets structural checks: the trainer
     state parses, ``model.safetensors`` is as long as its header says, and every
     ``torch.save`` file is a zip archive whose CRCs match (nothing is unpickled).
     """
@@ -116,6 +234,8 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     if not path.is_dir():
         return "not a folder"
     manifest = path / CHECKPOINT_MANIFEST
+    if not manifest.is_file() and pending_checkpoint(path.parent) == path.name:
+        return f"an interrupted checkpoint write (named by {path.parent / PENDING_MARKER})"
     if not manifest.is_file():
         problem = _structural_problem(path)
         return None if problem is None else f"{problem} (no {CHECKPOINT_MANIFEST})"
@@ -144,7 +264,7 @@ def _latest_checkpoint(folder: Path) -> str | None:
         return None
     if (folder / STAGING_DIR).is_dir() and any((folder / STAGING_DIR).iterdir()):
         logger.warning(
-            "ignoring %s: an interrupted checkpoint write (never renamed into place)",
+            "ignoring %s: an interrupted checkpoint write of an earlier ndm-seq (never used)",
             folder / STAGING_DIR,
         )
     skipped = 0

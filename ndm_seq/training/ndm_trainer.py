@@ -1,5 +1,6 @@
 """``NDMTrainer``: transformers' ``Trainer`` with the loss terms logged, the non-finite
-guard and atomic checkpoint saves.
+guard and atomic checkpoint saves (:mod:`ndm_seq.training.checkpoint_writer`), on the
+Trainer's public API only (callbacks, public methods).
 
 Its own module, imported by :func:`ndm_seq.training.trainer._make_trainer_class` when a
 run starts, so that importing ``ndm_seq.training`` (the CLI, configs) does not load
@@ -11,23 +12,13 @@ from __future__ import annotations
 import errno
 import logging
 import math
-import os
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
 
-from ndm_seq.training.checkpoints import (
-    PREFIX_CHECKPOINT_DIR,
-    STAGING_DIR,
-    DiskFullError,
-    _latest_checkpoint,
-    _publish_checkpoint,
-    _rotate_checkpoints,
-)
+from ndm_seq.training.checkpoint_writer import CheckpointWriter
 from ndm_seq.training.trainer import LOSS_TERMS, NonFiniteTrainingError, _all_finite
 
 logger = logging.getLogger("ndm_seq.training")
@@ -69,10 +60,20 @@ class NDMTrainer(Trainer):
     schedule move on (the step counts towards ``max_steps``). ``max_nonfinite_steps``
     bad steps in a row raise :class:`NonFiniteTrainingError`; ``save_model`` refuses
     to write non-finite weights.
+
+    Checkpoints: the Trainer writes ``checkpoint-N``; the callbacks of
+    :class:`CheckpointWriter` mark it pending before and complete it (manifest, fsync,
+    rotation by ``args.save_total_limit``, valid checkpoints only) after. The Trainer's
+    own rotation is off (``args.save_total_limit`` is moved to the writer).
     """
 
-    def __init__(self, *args, max_nonfinite_steps: int = 5, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, max_nonfinite_steps: int = 5, callbacks=None, **kwargs):
+        writer = CheckpointWriter()
+        # First: its on_save completes the checkpoint before any other callback's runs.
+        super().__init__(*args, callbacks=[writer.complete, *(callbacks or [])], **kwargs)
+        writer.trainer = self
+        writer.save_total_limit, self.args.save_total_limit = self.args.save_total_limit, None
+        self.checkpoint_writer = writer
         if max_nonfinite_steps < 1:
             raise ValueError(
                 f"training.max_nonfinite_steps must be >= 1; got {max_nonfinite_steps}"
@@ -83,8 +84,27 @@ class NDMTrainer(Trainer):
         self.nonfinite_in_a_row = 0
         self.nonfinite_skipped = 0
         self._loss_nonfinite = False
-        self._staging = False
         self.add_callback(NonFiniteGuard(self))
+        self.add_callback(writer.mark)
+
+    def add_callback(self, callback):
+        """Add ``callback``, keeping the pending-checkpoint marker last (it reads the final
+        ``control.should_save`` of a step)."""
+        super().add_callback(callback)
+        writer = getattr(self, "checkpoint_writer", None)  # None while Trainer.__init__ runs
+        if writer is not None and callback is not writer.mark:
+            self.pop_callback(writer.mark)
+            super().add_callback(writer.mark)
+
+    def train(self, *args, **kwargs):
+        """``Trainer.train``; a full disk while a checkpoint is written raises
+        :class:`DiskFullError` (the partial checkpoint removed, the newest complete kept)."""
+        try:
+            return super().train(*args, **kwargs)
+        except OSError as e:
+            if e.errno != errno.ENOSPC or self.checkpoint_writer.pending is None:
+                raise
+            raise self.checkpoint_writer.disk_full() from None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -121,53 +141,8 @@ class NDMTrainer(Trainer):
                 "lower the learning rate or check the data."
             )
 
-    def _get_output_dir(self, trial):
-        out = super()._get_output_dir(trial)
-        return os.path.join(out, STAGING_DIR) if self._staging else out
-
-    def _save_checkpoint(self, model, trial):
-        """The Trainer's checkpoint, written to a temporary folder and renamed when complete.
-
-        ``Trainer._save_checkpoint`` writes straight into ``checkpoint-N`` (a kill
-        mid-write leaves a folder that looks resumable). Here it writes into
-        ``.incomplete/checkpoint-N`` (through ``_get_output_dir``); once every process
-        has written its part, the main process adds the manifest, fsyncs and renames
-        the folder into place, then rotates (valid checkpoints only). The Trainer's own
-        rotation then only sees the staging folder, which holds one checkpoint.
-        """
-        run_dir = Path(super()._get_output_dir(trial))
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staged = run_dir / STAGING_DIR / name
-        if self.args.should_save and staged.exists():
-            shutil.rmtree(staged)  # left by a save that was interrupted
-        self.accelerator.wait_for_everyone()
-        try:
-            self._staging = True
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self._staging = False
-            self.accelerator.wait_for_everyone()
-            if self.args.should_save:
-                _publish_checkpoint(staged, run_dir / name)
-        except OSError as e:
-            if e.errno != errno.ENOSPC:
-                raise
-            # A full disk: the partial checkpoint goes, the complete ones stay.
-            shutil.rmtree(staged, ignore_errors=True)
-            kept = _latest_checkpoint(run_dir)
-            raise DiskFullError(
-                f"no space left on device while writing checkpoint {run_dir / name}; "
-                f"removed the partial files; the newest complete checkpoint "
-                f"({kept or 'none'}) is kept: free some space and run the same command "
-                "again to resume"
-            ) from None
-        if self.args.should_save:
-            _rotate_checkpoints(run_dir, self.args.save_total_limit, keep=run_dir / name)
-        self.accelerator.wait_for_everyone()
-
-    def save_model(self, output_dir=None, _internal_call=False):
-        """Save, but never write NaN or inf weights."""
+    def save_model(self, output_dir=None, **kwargs):
+        """Save, but never write NaN or inf weights (``kwargs``: passed on as given)."""
         model = self.accelerator.unwrap_model(self.model)
         bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
         if bad:
@@ -175,7 +150,7 @@ class NDMTrainer(Trainer):
                 f"refusing to save non-finite weights to {output_dir}: {len(bad)} "
                 f"parameter(s) hold NaN or inf, e.g. {bad[:3]}"
             )
-        return super().save_model(output_dir, _internal_call=_internal_call)
+        return super().save_model(output_dir, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:  # the loss needs the scored positions' logits only

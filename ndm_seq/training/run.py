@@ -22,6 +22,7 @@ from ndm_seq.training.checkpoints import (
     _checkpoints,
     _latest_checkpoint,
     checkpoint_problem,
+    recover_pending,
 )
 from ndm_seq.training.config import ConfigError, RunConfig, build_model_config, run_config_from_dict
 from ndm_seq.training.run_folder import (
@@ -386,7 +387,14 @@ def _text_validation(run: RunConfig, rows):
 
 def _resume_point(t, trainer, out: Path) -> str | None:
     """The checkpoint to resume from (None: a fresh run), with ``log_history.jsonl`` and
-    the earlier run's checkpoints made to match."""
+    the earlier run's checkpoints made to match.
+
+    First the main process settles a checkpoint write that a kill interrupted (only what
+    the pending marker names: the partial folder goes, a folder it replaced comes back).
+    """
+    if trainer.is_world_process_zero() and (out / "checkpoints").is_dir():
+        recover_pending(out / "checkpoints")
+    trainer.accelerator.wait_for_everyone()
     resume = None
     if t.resume in ("auto", "force"):
         resume = _latest_checkpoint(out / "checkpoints")
