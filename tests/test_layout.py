@@ -16,7 +16,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "ndm_seq"
 EXEMPT = {PACKAGE / "tokenization_ndm.py"}  # replaced by the fast tokenizer (issue 14)
 MAX_MODULE_LINES = 550
-MAX_FUNCTION_LINES = 72
+MAX_FUNCTION_LINES = 70
 SWITCHES = {"variant", "backbone", "ndm_read", "uses_step_reads"}
 BUILDERS = {"__init__", "build_latent"}
 

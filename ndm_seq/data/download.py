@@ -128,29 +128,51 @@ def download(
         ChecksumError: the existing or downloaded file does not match.
         CorpusError: the server fails or the transfer ends early (rerun to resume).
     """
-    from tqdm.auto import tqdm
-
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     record = dest.with_name(dest.name + ".sha256")
     if sha256 is None and record.is_file():
         sha256 = record.read_text().split()[0]
     sha256 = sha256.lower() if sha256 else None
-
     if dest.exists():
-        actual = sha256_file(dest)
-        if sha256 is None:
-            record.write_text(f"{actual}  {dest.name}\n")
-            return dest
-        if actual == sha256:
-            return dest  # verified: no network
-        raise ChecksumError(
-            f"SHA-256 is {actual}, expected {sha256}: the file is corrupt or another "
-            "release; delete it to download again",
-            str(dest),
-        )
+        return _check_existing(dest, sha256, record)
 
     part = dest.with_name(dest.name + ".part")
+    total = _transfer(url, part, dest.name, progress=progress, timeout=timeout)
+    size = part.stat().st_size
+    if total is not None and size < total:
+        raise CorpusError(f"download ended at {size} of {total} bytes; rerun to resume", url)
+    actual = sha256_file(part)
+    if sha256 is not None and actual != sha256:
+        part.unlink()
+        raise ChecksumError(
+            f"downloaded file has SHA-256 {actual}, expected {sha256}; removed it", url
+        )
+    os.replace(part, dest)
+    if sha256 is None:
+        record.write_text(f"{actual}  {dest.name}\n")
+    return dest
+
+
+def _check_existing(dest: Path, sha256: str | None, record: Path) -> Path:
+    """An existing ``dest``: verified against ``sha256`` (no network), or its checksum recorded."""
+    actual = sha256_file(dest)
+    if sha256 is None:
+        record.write_text(f"{actual}  {dest.name}\n")
+        return dest
+    if actual == sha256:
+        return dest  # verified: no network
+    raise ChecksumError(
+        f"SHA-256 is {actual}, expected {sha256}: the file is corrupt or another "
+        "release; delete it to download again",
+        str(dest),
+    )
+
+
+def _transfer(url: str, part: Path, name: str, *, progress: bool, timeout: float) -> int | None:
+    """Download ``url`` into ``part``, resuming what it holds; the expected total size, if known."""
+    from tqdm.auto import tqdm
+
     offset = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": "ndm-seq"}
     if offset:
@@ -168,7 +190,7 @@ def download(
                 initial=offset,
                 unit="B",
                 unit_scale=True,
-                desc=dest.name,
+                desc=name,
                 disable=not progress,
             )
             with open(part, "ab" if offset else "wb") as f, bar:
@@ -181,20 +203,7 @@ def download(
         total = None
     except (urllib.error.URLError, OSError) as e:
         raise CorpusError(f"download failed: {e}; rerun to resume", url) from e
-
-    size = part.stat().st_size
-    if total is not None and size < total:
-        raise CorpusError(f"download ended at {size} of {total} bytes; rerun to resume", url)
-    actual = sha256_file(part)
-    if sha256 is not None and actual != sha256:
-        part.unlink()
-        raise ChecksumError(
-            f"downloaded file has SHA-256 {actual}, expected {sha256}; removed it", url
-        )
-    os.replace(part, dest)
-    if sha256 is None:
-        record.write_text(f"{actual}  {dest.name}\n")
-    return dest
+    return total
 
 
 def fetch(
