@@ -85,8 +85,6 @@ class Latent(nn.Module):
     """Width of ``LatentOutput.cond`` (0: the decoder is not conditioned)."""
     read_dim = 0
     """Width of the per-step reads (0: no reader)."""
-    per_step = False
-    """Whether ``cond`` is per decoding step (its ``state`` then advances every step)."""
 
     def forward(self, inputs: LatentInputs, state) -> LatentOutput:
         raise NotImplementedError
@@ -251,8 +249,6 @@ class VMEDLatent(Latent):
     (Hershey & Olsen 2007); at test time a mode is drawn from ``pi`` and
     ``z_t`` from that mode.
     """
-
-    per_step = True
 
     def __init__(self, config: NDMConfig):
         super().__init__()
