@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from ndm_seq.models.configuration_ndm import FORMAT_VERSION, NDMConfig
 
-__all__ = ["KEY_MAPPINGS", "check_weights", "key_mapping", "weight_files"]
+__all__ = ["KEY_MAPPINGS", "check_weights", "key_mapping", "rename_key", "weight_files"]
 
 KEY_MAPPINGS: dict[int, dict[str, str]] = {
     # Format 1 (before issue 12): decoder parameters on the model, the latent's
@@ -46,7 +46,7 @@ def key_mapping(version: int) -> dict[str, str] | None:
     return KEY_MAPPINGS[version]
 
 
-def _rename(key: str, mapping: dict[str, str] | None) -> str:
+def rename_key(key: str, mapping: dict[str, str] | None) -> str:
     """``key`` after every rename of ``mapping`` in turn (as transformers applies ``key_mapping``)."""
     for pattern, replacement in (mapping or {}).items():
         key = re.sub(pattern, replacement, key)
@@ -110,7 +110,7 @@ def check_weights(
         try:
             with safe_open(str(file), framework="pt") as f:
                 for stored in f.keys():
-                    key = _rename(stored, mapping)
+                    key = rename_key(stored, mapping)
                     found[key] = tuple(f.get_slice(stored).get_shape())
                     if key in expected and found[key] == expected[key]:
                         tensor = f.get_tensor(stored)
