@@ -117,9 +117,9 @@ def padding_path(model):
         layers.UNPAD_MIN_PADDING = saved
 
 
-PER_EXAMPLE = ("encoder.prior.", "decoder.init_state.", "decoder.cond_proj.")
+PER_EXAMPLE = ("encoder.prior.", "decoder.init_state.", "decoder.cond_proj.", "bow.")
 # One z per response (cvae, ndm); VMED's latent module runs at every decoding step.
-PER_RESPONSE_LATENT = ("latent.posterior.", "latent.memory.", "latent.bow.")
+PER_RESPONSE_LATENT = ("latent.posterior.", "latent.memory.")
 
 
 def matmul_params(model, name: str):

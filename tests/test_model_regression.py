@@ -58,6 +58,7 @@ from test_model import batch, make_model
 
 from ndm_seq.models import NDMConfig, NDMForConversation
 from ndm_seq.models.configuration_ndm import FORMAT_VERSION
+from ndm_seq.models.weights import key_mapping, rename_key
 
 # (variant, backbone): (eval loss, train loss after manual_seed(1), grad norm)
 RECORDED = {
@@ -216,3 +217,22 @@ def test_an_explicit_format_1_folder_is_saved_as_the_current_format(tmp_path):
     assert saved["format_version"] == FORMAT_VERSION
     with safe_open(str(tmp_path / "new" / "model.safetensors"), framework="pt") as f:
         assert "latent.memory.query.weight" in f.keys() and "ndm.query.weight" not in f.keys()
+
+
+def test_a_seeded_model_starts_from_the_weights_of_layout_1():
+    """The parts are built in the old order, so a seeded run starts where it did before issue 12.
+
+    ``seeded_init_sums.json``: per tensor, the sum of ``make_model(variant, backbone)``'s
+    seeded initial weights, written by the code of commit f6458da (see ``make.py``).
+    Sums, with a tolerance, because PyTorch's initialisers differ in the last float32
+    bit between CPU kernels; a change of construction order changes them entirely.
+    """
+    recorded = json.loads((FIXTURES / "seeded_init_sums.json").read_text())
+    mapping = key_mapping(1)
+    assert len(recorded) == 8
+    for key, sums in recorded.items():
+        state = make_model(*key.split("-")).state_dict()
+        assert {rename_key(k, mapping) for k in sums} == set(state), key
+        for name, total in sums.items():
+            got = state[rename_key(name, mapping)].double().sum().item()
+            assert got == pytest.approx(total, rel=1e-4, abs=1e-5), f"{key}: {name}"

@@ -10,7 +10,7 @@ states whose output the decoder adds to its own (NDM's least-squares reads).
 
 * :class:`NoLatent` (seq2seq): nothing.
 * :class:`GaussianLatent` (cvae): one ``z`` per response, prior ``p(z|c)``
-  (from the encoder), posterior ``q(z|c,x)``, closed-form KL, bag-of-words loss.
+  (from the encoder), posterior ``q(z|c,x)``, closed-form KL.
 * :class:`NDMLatent` (ndm): that ``z`` decomposed into slots by the
   Neural Decompositional Memory and composed back (docs/design.md §2.2).
 * :class:`VMEDLatent` (vmed): a latent per step with a mixture prior read from
@@ -119,10 +119,6 @@ class GaussianLatent(Latent):
         self.config = config
         self.cond_dim = dz
         self.posterior = GaussianHead(2 * d, d, dz)
-        if config.bow_weight > 0:
-            self.bow = nn.Sequential(
-                nn.Linear(dz + d, d), nn.Tanh(), nn.Linear(d, config.vocab_size)
-            )
 
     def draw(self, inputs: LatentInputs, out: LatentOutput) -> torch.Tensor:
         """``z``: from the posterior given a response (its KL into ``out``), else given or from the prior."""
@@ -153,12 +149,6 @@ class GaussianLatent(Latent):
             return LatentOutput(cond=state.cond, state=state)
         out = LatentOutput()
         self.condition(inputs, out)
-        labels = inputs.labels
-        if labels is not None and hasattr(self, "bow"):
-            logp = self.bow(torch.cat([out.cond, inputs.enc.summary], -1)).log_softmax(-1)  # (B, V)
-            mask = labels != -100
-            nll = -(logp.gather(1, labels.masked_fill(~mask, 0)) * mask).sum(-1)
-            out.terms["bow"] = nll.mean()
         return out
 
 

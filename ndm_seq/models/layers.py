@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "BagOfWords",
     "Block",
     "CrossMemory",
     "GaussianHead",
@@ -58,6 +59,23 @@ class GaussianHead(nn.Module):
     def forward(self, x):
         mean, logvar = self.net(x).chunk(2, dim=-1)
         return mean, logvar.clamp(-20, 10)  # exp() stays finite in fp32 and bf16
+
+
+class BagOfWords(nn.Sequential):
+    """The bag-of-words loss (Zhao et al. 2017): the response's words from ``[cond; h_c]``, order ignored.
+
+    A two-layer tanh MLP to the vocabulary (an ``nn.Sequential``: parameters
+    ``0.*`` and ``2.*``, the names saved models have).
+    """
+
+    def __init__(self, in_dim: int, hidden: int, vocab_size: int):
+        super().__init__(nn.Linear(in_dim, hidden), nn.Tanh(), nn.Linear(hidden, vocab_size))
+
+    def loss(self, cond, summary, labels):
+        """NLL of the response tokens of ``labels (B, T)`` (-100 on padding), summed, batch mean."""
+        logp = self(torch.cat([cond, summary], -1)).log_softmax(-1)  # (B, V)
+        mask = labels != -100
+        return -(logp.gather(1, labels.masked_fill(~mask, 0)) * mask).sum(-1).mean()
 
 
 def attend(query, keys, values, mask):

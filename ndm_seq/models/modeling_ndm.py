@@ -43,13 +43,14 @@ from ndm_seq.models.configuration_ndm import FORMAT_VERSION, NDMConfig
 from ndm_seq.models.decoders import GRUDecoder, TransformerDecoder
 from ndm_seq.models.encoders import GRUEncoder, NDMEncoder, TransformerEncoder
 from ndm_seq.models.latents import (
+    LATENTS,
     GaussianLatent,
     GivenLatent,
     LatentInputs,
     NDMLatent,
     build_latent,
 )
-from ndm_seq.models.layers import Unpadded, reparameterize
+from ndm_seq.models.layers import BagOfWords, Unpadded, reparameterize
 from ndm_seq.models.outputs import (
     Decomposition,
     LatentOutput,
@@ -69,7 +70,8 @@ BACKBONES = {
 """The encoder and decoder classes of each ``NDMConfig.backbone``."""
 
 LOSS_TERMS = ("bow", "recon", "orth", "key_reg")
-"""Extra loss terms a latent may return; each is weighted by the config's ``<name>_weight``."""
+"""Extra loss terms (the model's bag-of-words head, the latent's others); each is weighted
+by the config's ``<name>_weight``."""
 
 __all__ = [
     "DecoderState",
@@ -112,14 +114,20 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: NDMConfig):
         super().__init__(config)
+        # Built in this order (encoder, latent, decoder, bag-of-words head), so that a
+        # seeded model starts from the same weights as before issue 12 split it into parts.
         encoder, decoder = BACKBONES[config.backbone]
-        self.latent = build_latent(config)
+        per_response = issubclass(LATENTS[config.variant], GaussianLatent)
         # The prior p(z|c) runs with the encoder: generate expands its output per sample.
-        self.encoder = NDMEncoder(config, encoder, prior=isinstance(self.latent, GaussianLatent))
+        self.encoder = NDMEncoder(config, encoder, prior=per_response)
+        self.latent = build_latent(config)
         dims = {"cond_dim": self.latent.cond_dim, "read_dim": self.latent.read_dim}
         if decoder is TransformerDecoder:
             dims["pos"] = self.encoder.pos
         self.decoder = decoder(config, **dims)
+        if per_response and config.bow_weight > 0:
+            d = config.d_model
+            self.bow = BagOfWords(self.latent.cond_dim + d, d, config.vocab_size)
         self.kl_weight = float(config.kl_weight)
         self.post_init()
 
@@ -215,6 +223,8 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
             encoder_last_hidden_state=enc.last_hidden_state,
         )
         if labels is not None:
+            if hasattr(self, "bow"):
+                lat.terms["bow"] = self.bow.loss(lat.cond, enc.summary, labels)
             self._losses(out, labels, scored, lat)
         return out
 

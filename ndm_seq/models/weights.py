@@ -22,11 +22,11 @@ __all__ = ["KEY_MAPPINGS", "check_weights", "key_mapping", "rename_key", "weight
 
 KEY_MAPPINGS: dict[int, dict[str, str]] = {
     # Format 1 (before issue 12): decoder parameters on the model, the latent's
-    # at the top level (``posterior``, ``ndm``, ``step_query``, ``bow``, ``vmed``).
+    # at the top level (``posterior``, ``ndm``, ``step_query``, ``vmed``).
     1: {
         r"^decoder\.(weight|bias)_": r"decoder.rnn.\1_",
         r"^(init_state|attn_query|out_proj|cond_proj|blocks|ln_f|read_proj)\.": r"decoder.\1.",
-        r"^(posterior|step_query|bow)\.": r"latent.\1.",
+        r"^(posterior|step_query)\.": r"latent.\1.",
         r"^ndm\.": "latent.memory.",
         r"^vmed\.": "latent.",
     },
