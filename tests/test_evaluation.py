@@ -114,7 +114,7 @@ def test_evaluate_writes_the_contract_files(name, model_dirs, data_dir, tmp_path
     variant = name.split("-")[0]
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk == metrics
-    expected = [*TEXT_METRIC_KEYS, "kl", "nll", "ppl", "active_units"]
+    expected = [*TEXT_METRIC_KEYS, "kl", "nll", "ppl", "active_units", "context_gain"]
     if variant == "ndm":
         expected += ["latent_recon_error", "slot_weight_entropy"]
     assert list(on_disk) == expected == list(metric_keys(variant))
@@ -482,3 +482,19 @@ def test_word_vectors_add_embedding_metrics_and_one_sample_gives_null_self_bleu(
     assert json.loads((out / "metrics.json").read_text())["self_bleu"] is None
     with pytest.raises(FileNotFoundError, match="word-vector file"):
         evaluate(model_dirs["cvae"], data_dir, word_vectors=tmp_path / "no.txt", progress=False)
+
+
+@pytest.mark.parametrize("name", ["seq2seq", "cvae", "vmed"])
+def test_context_gain_is_the_elbo_change_under_another_context(name, model_dirs):
+    model, tok = load_model(model_dirs[name], "cpu")
+    model.double()  # exact sums: the two passes batch the pairs alike
+    contexts = [["hi there"], ["what is your name?"], ["do you like cats?"], ["bye now", "ok"]]
+    responses = ["hello", "my name is bob", "yes, very much", "see you"]
+    own = score_model(model, tok, contexts, responses)
+    shifted = score_model(model, tok, [contexts[(i + 2) % 4] for i in range(4)], responses)
+    expected = shifted["nll"] + shifted["kl"] - own["nll"] - own["kl"]
+    assert own["context_gain"] == pytest.approx(expected, rel=1e-9, abs=1e-9)
+    assert abs(own["context_gain"]) > 1e-6  # an untrained model still reads its context
+    # One context for every pair: another pair's context is the same one.
+    same = score_model(model, tok, [contexts[1]] * 4, responses)
+    assert same["context_gain"] == pytest.approx(0.0, abs=1e-9)

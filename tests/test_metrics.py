@@ -18,6 +18,7 @@ from ndm_seq.metrics import (
     bleu_precision_recall,
     corpus_bleu,
     distinct,
+    distinct_responses,
     embedding_similarity,
     intra_inter_distinct,
     load_word_vectors,
@@ -251,12 +252,23 @@ def test_entropy_of_known_distributions():
 
 def test_empty_hypotheses_score_zero():
     out = score_responses([[""], ["", ""]], ["hello there", "ok"])
+    whole = {"self_bleu", "distinct_responses", "top_response_share"}
     for k in TEXT_METRIC_KEYS:
-        if k == "self_bleu":
-            continue
-        assert out[k] == 0.0, k
+        if k not in whole:
+            assert out[k] == 0.0, k
     # The second context has two (empty) samples: self-BLEU is defined and 0.
     assert out["self_bleu"] == 0.0
+    # Three responses, all the same (empty) one.
+    assert out["distinct_responses"] == pytest.approx(1 / 3) and out["top_response_share"] == 1.0
+
+
+def test_distinct_responses_counts_whole_responses():
+    samples = [["I'm not sure.", "i'm not sure"], ["I'm not sure", "Yes, a cat."], ["no"]]
+    out = score_responses(samples, ["a", "b", "c"])
+    # normalised: "i'm not sure ." once, "i'm not sure" twice (case folded), two others
+    assert out["distinct_responses"] == pytest.approx(4 / 5)
+    assert out["top_response_share"] == pytest.approx(2 / 5)
+    assert distinct_responses([]) == (0.0, 0.0)
 
 
 def test_single_sample_contexts():

@@ -48,6 +48,10 @@ key               definition
                   seq2seq it is the exact perplexity.
 ``active_units``  ``#{d : Var_x(E_q[z_d]) > 0.01}`` over the scored responses
                   (:func:`ndm_seq.metrics.active_units`); 0 for seq2seq.
+``context_gain``  how much the model uses the context: ``NLL + KL`` per response with
+                  the context of another pair (pair ``(i + P/2) mod P``, never its own)
+                  minus ``NLL + KL`` with its own context, mean over responses, nats.
+                  0 for a model that ignores the context; ``nan`` for a single pair.
 ``latent_recon_`` ndm only: ``||z - z'||_2`` (Euclidean norm, *not* squared; the training
 ``error``         objective uses the square) between the posterior mean ``z`` and its
                   composition ``z'``, mean over responses.

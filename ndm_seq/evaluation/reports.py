@@ -30,11 +30,14 @@ MAIN_COLUMNS: tuple[str, ...] = (
     "distinct_1",
     "distinct_2",
     "inter_distinct_2",
+    "distinct_responses",
+    "top_response_share",
     "self_bleu",
     "kl",
     "nll",
     "ppl",
     "active_units",
+    "context_gain",
 )
 
 

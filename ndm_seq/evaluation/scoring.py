@@ -22,7 +22,7 @@ from ndm_seq.evaluation.loading import _device
 from ndm_seq.metrics import TEXT_METRIC_KEYS, active_units
 
 #: Model-side keys of every variant, in the order of docs/design.md §7.
-MODEL_METRIC_KEYS: tuple[str, ...] = ("kl", "nll", "ppl", "active_units")
+MODEL_METRIC_KEYS: tuple[str, ...] = ("kl", "nll", "ppl", "active_units", "context_gain")
 #: Extra keys of the ndm variant.
 NDM_METRIC_KEYS: tuple[str, ...] = ("latent_recon_error", "slot_weight_entropy")
 #: Keys added when word vectors are given (:func:`ndm_seq.metrics.embedding_similarity`).
@@ -94,7 +94,9 @@ def score_model(
     its last ``max_context_tokens`` ids, the response its first
     ``max_response_tokens - 1`` ids and ``</s>``). The model runs in eval mode
     (its training flag is restored afterwards), so latent variants use the
-    posterior mean and nothing is random. Definitions: see the docstring of
+    posterior mean and nothing is random. Every pair is scored twice: with its
+    own context and with the context of pair ``(i + P/2) mod P`` (never its
+    own), for ``context_gain``. Definitions: see the docstring of
     :mod:`ndm_seq.evaluation`.
 
     Args:
@@ -111,6 +113,9 @@ def score_model(
     Returns:
         ``nll`` (nats per response), ``kl`` (nats per response), ``ppl``
         (``exp((total NLL + total KL) / num_tokens)``), ``active_units`` (int),
+        ``context_gain`` (nats per response: how much worse ``NLL + KL`` gets
+        when each response is scored after another pair's context; ``nan``
+        for a single pair),
         for ndm ``latent_recon_error`` and ``slot_weight_entropy``, and the
         counts ``num_responses`` and ``num_tokens``.
 
@@ -130,51 +135,72 @@ def score_model(
     device = _device(model)
     was_training = model.training
     model.eval()
-    total_nll = total_kl = 0.0
-    total_tokens = 0
-    means, recon, entropy = [], [], []
+    stats = _Totals()
+    n = len(contexts)
     try:
-        bar = tqdm(total=len(contexts), desc="score", unit="pair", disable=not progress)
-        for start, end in _batches(len(contexts), batch_size):
-            enc = encode(
-                {
-                    "context": [list(c) for c in contexts[start:end]],
-                    "response": responses[start:end],
-                }
-            )
-            b = end - start
-            ids = _pad(enc["input_ids"], pad, device)  # (B, S)
-            mask = _pad([[1] * len(s) for s in enc["input_ids"]], 0, device)  # (B, S)
-            labels = _pad(enc["labels"], -100, device)  # (B, T)
-            out = model(input_ids=ids, attention_mask=mask, labels=labels, return_logits=False)
-            # out.nll and out.kl are batch means of per-response sums.
-            total_nll += float(out.nll) * b
-            total_kl += float(out.kl) * b
-            total_tokens += int(out.num_tokens)
-            if out.posterior_mean is not None:
-                means.append(out.posterior_mean.float().cpu())
-            if variant == "ndm":
-                # The same z as the forward pass (posterior mean), decomposed per example.
-                d = model.decompose(ids, mask, labels)
-                recon.append((d.z - d.composed).double().norm(dim=-1).cpu())  # (B,)
-                entropy.append(slot_weight_entropy(d.weights).cpu())
-            bar.update(b)
+        bar = tqdm(total=2 * n, desc="score", unit="pair", disable=not progress)
+        for batch in _batches_of(encode, contexts, responses, batch_size, pad, device):
+            stats.add(model, *batch, ndm=variant == "ndm")
+            bar.update(len(batch[0]))
+        # The same responses after the context of another pair (i + n/2: never its own).
+        shifted = [contexts[(i + n // 2) % n] for i in range(n)]
+        mismatched = _Totals()
+        for batch in _batches_of(encode, shifted, responses, batch_size, pad, device):
+            mismatched.add(model, *batch, ndm=False)
+            bar.update(len(batch[0]))
         bar.close()
     finally:
         model.train(was_training)
-    n = len(contexts)
     result: dict[str, float | int] = {
-        "kl": total_kl / n,
-        "nll": total_nll / n,
-        "ppl": _safe_exp((total_nll + total_kl) / total_tokens),
-        "active_units": active_units(torch.cat(means)) if means else 0,
+        "kl": stats.kl / n,
+        "nll": stats.nll / n,
+        "ppl": _safe_exp((stats.nll + stats.kl) / stats.tokens),
+        "active_units": active_units(torch.cat(stats.means)) if stats.means else 0,
+        "context_gain": (
+            (mismatched.nll + mismatched.kl - stats.nll - stats.kl) / n if n > 1 else math.nan
+        ),
     }
     if variant == "ndm":
-        result["latent_recon_error"] = float(torch.cat(recon).mean())
-        result["slot_weight_entropy"] = float(torch.cat(entropy).mean())
+        result["latent_recon_error"] = float(torch.cat(stats.recon).mean())
+        result["slot_weight_entropy"] = float(torch.cat(stats.entropy).mean())
     result["num_responses"] = n
-    result["num_tokens"] = total_tokens
+    result["num_tokens"] = stats.tokens
     return result
+
+
+def _batches_of(encode, contexts, responses, batch_size: int, pad: int, device):
+    """``(ids, mask, labels)`` batches of the pairs, tokenised as for training."""
+    for start, end in _batches(len(contexts), batch_size):
+        enc = encode(
+            {"context": [list(c) for c in contexts[start:end]], "response": responses[start:end]}
+        )
+        ids = _pad(enc["input_ids"], pad, device)  # (B, S)
+        mask = _pad([[1] * len(s) for s in enc["input_ids"]], 0, device)  # (B, S)
+        yield ids, mask, _pad(enc["labels"], -100, device)  # labels (B, T)
+
+
+class _Totals:
+    """Sums over scored batches: NLL, KL, tokens, posterior means, NDM diagnostics."""
+
+    def __init__(self):
+        self.nll = self.kl = 0.0
+        self.tokens = 0
+        self.means, self.recon, self.entropy = [], [], []
+
+    def add(self, model, ids, mask, labels, ndm: bool) -> None:
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, return_logits=False)
+        b = len(ids)
+        # out.nll and out.kl are batch means of per-response sums.
+        self.nll += float(out.nll) * b
+        self.kl += float(out.kl) * b
+        self.tokens += int(out.num_tokens)
+        if out.posterior_mean is not None:
+            self.means.append(out.posterior_mean.float().cpu())
+        if ndm:
+            # The same z as the forward pass (posterior mean), decomposed per example.
+            d = model.decompose(ids, mask, labels)
+            self.recon.append((d.z - d.composed).double().norm(dim=-1).cpu())  # (B,)
+            self.entropy.append(slot_weight_entropy(d.weights).cpu())
 
 
 def _check_pairs(model, contexts: Sequence[Sequence[str]], responses: Sequence[str]) -> None:

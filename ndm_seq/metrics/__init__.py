@@ -34,6 +34,9 @@ key                    definition                                               
                        samples of a context, then over contexts
 ``inter_distinct_1/2`` distinct ratio over *all samples of a context*, mean over   DialogWAE
                        contexts
+``distinct_responses`` distinct responses (normalised, tokenised strings) / all   ndm-seq
+                       responses, over every sample of every context
+``top_response_share`` share of the most frequent response among all responses    ndm-seq
 ``entropy_4``          Shannon entropy (nats) of the 4-gram distribution over      DialoGPT
                        every response
 ``self_bleu``          BLEU-3 (``method1``) of each sample against the other       Texygen
@@ -55,7 +58,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ndm_seq.metrics.bleu import bleu_precision_recall, corpus_bleu, self_bleu, vmed_bleu
-from ndm_seq.metrics.diversity import distinct, intra_inter_distinct, ngram_entropy
+from ndm_seq.metrics.diversity import (
+    distinct,
+    distinct_responses,
+    intra_inter_distinct,
+    ngram_entropy,
+)
 from ndm_seq.metrics.embedding import (
     ENGLISH_STOPWORDS,
     WordVectorReport,
@@ -75,6 +83,7 @@ __all__ = [
     "bleu_precision_recall",
     "corpus_bleu",
     "distinct",
+    "distinct_responses",
     "embedding_similarity",
     "intra_inter_distinct",
     "load_word_vectors",
@@ -102,6 +111,8 @@ TEXT_METRIC_KEYS: tuple[str, ...] = (
     "intra_distinct_2",
     "inter_distinct_1",
     "inter_distinct_2",
+    "distinct_responses",
+    "top_response_share",
     "entropy_4",
     "self_bleu",
 )
@@ -155,6 +166,7 @@ def score_responses(
         out[f"intra_distinct_{n}"], out[f"inter_distinct_{n}"] = intra_inter_distinct(
             sample_tokens, n
         )
+    out["distinct_responses"], out["top_response_share"] = distinct_responses(every)
     out["entropy_4"] = ngram_entropy(every, 4)
     out["self_bleu"] = self_bleu(sample_tokens)
     return {k: out[k] for k in TEXT_METRIC_KEYS}

@@ -13,7 +13,7 @@ import numpy as np
 
 from ndm_seq.metrics.text import Tokens
 
-__all__ = ["distinct", "intra_inter_distinct", "ngram_entropy"]
+__all__ = ["distinct", "distinct_responses", "intra_inter_distinct", "ngram_entropy"]
 
 
 def _ngrams(tokens: Tokens, n: int) -> list[tuple[str, ...]]:
@@ -47,6 +47,28 @@ def distinct(responses: Sequence[Tokens], n: int) -> float:
         The ratio in [0, 1].
     """
     return _distinct_ratio(_ngrams(r, n) for r in responses)
+
+
+def distinct_responses(responses: Sequence[Tokens]) -> tuple[float, float]:
+    """How much the responses depend on their context, as whole strings.
+
+    A model that answers every context with "I'm not sure." has few distinct
+    responses and one that dominates; distinct-n alone misses that when the
+    few responses are varied in themselves.
+
+    Args:
+        responses: token lists of every generated response (all samples of all
+            contexts).
+
+    Returns:
+        ``(distinct share, top share)``: distinct responses / all responses, and
+        the share of the most frequent one (0, 0 for no responses).
+    """
+    counts = Counter(tuple(r) for r in responses)
+    total = sum(counts.values())
+    if not total:
+        return 0.0, 0.0
+    return len(counts) / total, max(counts.values()) / total
 
 
 def intra_inter_distinct(samples: Sequence[Sequence[Tokens]], n: int) -> tuple[float, float]:
