@@ -31,7 +31,7 @@ from torch import nn
 from ndm_seq.memory import NeuralDecompositionalMemory
 from ndm_seq.models.configuration_ndm import NDMConfig
 from ndm_seq.models.layers import GaussianHead, gaussian_kl, reparameterize
-from ndm_seq.models.outputs import Decomposition, LatentOutput, NDMEncoderOutput
+from ndm_seq.models.outputs import Decomposition, LatentOutput, NDMEncoderOutput, compose
 
 __all__ = [
     "GaussianLatent",
@@ -185,7 +185,7 @@ class NDMLatent(GaussianLatent):
             if given.slot_weights is None or inputs.labels is not None:
                 raise ValueError("slots= needs slot_weights= (B, N) beside it, and no labels")
             slots, weights = given.slots, given.slot_weights
-            composed = torch.einsum("bn,bnd->bd", weights, slots)
+            composed = compose(slots, weights)
             z = composed if given.latent is None else given.latent.to(composed.dtype)
         else:
             z = self.draw(inputs, out)

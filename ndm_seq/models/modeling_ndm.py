@@ -56,6 +56,7 @@ from ndm_seq.models.outputs import (
     LatentOutput,
     NDMEncoderOutput,
     NDMSeq2SeqOutput,
+    compose,
 )
 from ndm_seq.models.state import DecoderState
 from ndm_seq.models.weights import check_weights, key_mapping, weight_files
@@ -414,7 +415,7 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
     @staticmethod
     def compose(slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The latent ``M^T w`` composed from ``slots (B, N, d_z)`` and ``weights (B, N)``."""
-        return torch.einsum("bn,bnd->bd", weights, slots)
+        return compose(slots, weights)
 
     # ------------------------------------------------------------------ safe loading
 

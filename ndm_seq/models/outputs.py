@@ -63,6 +63,11 @@ class NDMSeq2SeqOutput(ModelOutput):
     encoder_last_hidden_state: torch.Tensor | None = None
 
 
+def compose(slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The latent ``M^T w`` composed from ``slots (B, N, d_z)`` and ``weights (B, N)``."""
+    return torch.einsum("bn,bnd->bd", weights, slots)
+
+
 @dataclass
 class Decomposition:
     """An NDM decomposition of a response latent (see ``NDMForConversation.decompose``)."""
@@ -94,7 +99,7 @@ class Decomposition:
     ) -> Decomposition:
         """A copy with re-weighted (and optionally replaced) slots; ``composed`` recomputed."""
         slots = self.slots if slots is None else slots
-        return Decomposition(self.z, slots, weights, torch.einsum("bn,bnd->bd", weights, slots))
+        return Decomposition(self.z, slots, weights, compose(slots, weights))
 
 
 @dataclass
