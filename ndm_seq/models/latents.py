@@ -120,12 +120,16 @@ class GaussianLatent(Latent):
         self.cond_dim = dz
         self.posterior = GaussianHead(2 * d, d, dz)
 
+    def posterior_params(self, summary: torch.Tensor, response: torch.Tensor):
+        """``(mean, logvar)`` of ``q(z|c,x)`` from the context and response summaries ``(B, H)``."""
+        return self.posterior(torch.cat([summary, response], dim=-1))
+
     def draw(self, inputs: LatentInputs, out: LatentOutput) -> torch.Tensor:
         """``z``: from the posterior given a response (its KL into ``out``), else given or from the prior."""
         enc = inputs.enc
         if inputs.labels is not None:
             h_x = inputs.encode_response(inputs.labels)
-            mu_q, logvar_q = self.posterior(torch.cat([enc.summary, h_x], dim=-1))
+            mu_q, logvar_q = self.posterior_params(enc.summary, h_x)
             kl_dim = gaussian_kl(mu_q, logvar_q, enc.prior_mean, enc.prior_logvar)  # (B, d_z)
             out.kl = kl_dim.sum(-1).mean()
             # Free bits: each dimension's batch-mean KL counts at least `free_bits` nats.

@@ -390,8 +390,7 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
         if latent is not None:
             z = latent.to(enc.summary.dtype)
         elif labels is not None:
-            h_x = self.encoder.encode_response(labels)
-            z, _ = self.latent.posterior(torch.cat([enc.summary, h_x], dim=-1))
+            z, _ = self.latent.posterior_params(enc.summary, self.encoder.encode_response(labels))
         else:
             z = enc.prior_mean
         return self.latent.decompose(z, enc.summary)
