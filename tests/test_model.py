@@ -14,7 +14,10 @@ from ndm_seq import NDMConfig, NDMForConversation
 from ndm_seq.models.latents import VMEDLatent
 from ndm_seq.models.layers import gaussian_kl
 
-VARIANTS = ["seq2seq", "cvae", "vmed", "ndm"]
+VARIANTS = ["seq2seq", "cvae", "vmed", "vmed_dnc", "ndm"]
+# "vmed" is the simplified memory (the layout_v1 fixtures' and test_model_regression's),
+# "vmed_dnc" the DNC memory new configs default to.
+VMED_MEMORY = {"vmed": "simplified", "vmed_dnc": "dnc"}
 BACKBONES = ["gru", "transformer"]
 COMBOS = list(itertools.product(VARIANTS, BACKBONES))
 IDS = [f"{v}-{b}" for v, b in COMBOS]
@@ -23,6 +26,8 @@ IDS = [f"{v}-{b}" for v, b in COMBOS]
 def make_model(variant, backbone, **overrides):
     torch.manual_seed(0)
     extra = {"bow_weight": 1.0} if variant in ("cvae", "ndm") else {}
+    if variant in VMED_MEMORY:
+        variant, extra = "vmed", {"vmed_memory": VMED_MEMORY[variant]}
     if variant == "ndm":
         extra |= {"ndm_read": "both", "recon_weight": 0.1, "orth_weight": 0.1}
     return NDMForConversation(
@@ -49,7 +54,8 @@ def test_save_load_round_trip_is_lossless(variant, backbone, tmp_path):
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in tmp_path.iterdir())
-    assert AutoConfig.from_pretrained(tmp_path).variant == variant
+    assert AutoConfig.from_pretrained(tmp_path).variant == model.config.variant
+    assert AutoConfig.from_pretrained(tmp_path).vmed_memory == model.config.vmed_memory
     loaded, info = AutoModelForSeq2SeqLM.from_pretrained(tmp_path, output_loading_info=True)
     assert type(loaded) is NDMForConversation
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]

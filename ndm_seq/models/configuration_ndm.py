@@ -31,6 +31,7 @@ _PRESETS: dict[str, dict] = {
         num_programs=2,
         vmed_heads=2,
         vmed_memory_dim=8,
+        vmed_memory_words=4,
         max_position_embeddings=64,
         dropout=0.0,
     ),
@@ -112,6 +113,14 @@ class NDMConfig(PreTrainedConfig):
         key_reg_weight: weight of NSM's key-diversity regulariser.
         vmed_heads: ``K``, VMED read heads = mixture components of its prior.
         vmed_memory_dim: width of VMED's memory slots.
+        vmed_memory: VMED's memory: ``"dnc"`` (the default: the DNC its
+            authors built, written by an encoder-side controller over the
+            context and read with content and temporal modes,
+            :mod:`ndm_seq.models.dnc`) or ``"simplified"`` (the context states
+            projected to ``vmed_memory_dim``, read by content only). A
+            ``config.json`` without this field was saved before it existed and
+            loads as ``"simplified"``, the memory its weights belong to.
+        vmed_memory_words: ``N``, words of the DNC memory (``vmed_memory="dnc"``).
         format_version: the parameter layout the weights were saved in
             (:data:`FORMAT_VERSION`; older folders load through a key map).
     """
@@ -151,6 +160,8 @@ class NDMConfig(PreTrainedConfig):
     key_reg_weight: float | int = 0.01
     vmed_heads: int = 4
     vmed_memory_dim: int = 64
+    vmed_memory: Literal["dnc", "simplified"] = "dnc"
+    vmed_memory_words: int = 16
     pad_token_id: int | None = 0
     unk_token_id: int | None = 1
     bos_token_id: int | None = 2
@@ -174,6 +185,7 @@ class NDMConfig(PreTrainedConfig):
             "latent_dim",
             "vmed_heads",
             "vmed_memory_dim",
+            "vmed_memory_words",
         ):
             value = getattr(self, name)
             # Aliases (hidden_size -> d_model, ...) bypass the dataclass's type check.
@@ -218,6 +230,13 @@ class NDMConfig(PreTrainedConfig):
             )
         elif not self.ridge >= 0:
             raise ValueError(f"NDMConfig.ridge must be >= 0; got {self.ridge}")
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """``PreTrainedConfig.from_dict``; a dict without ``vmed_memory`` (saved before it) is ``"simplified"``."""
+        if "vmed_memory" not in config_dict:
+            config_dict = {**config_dict, "vmed_memory": "simplified"}
+        return super().from_dict(config_dict, **kwargs)
 
     @property
     def is_latent(self) -> bool:

@@ -14,7 +14,8 @@ states whose output the decoder adds to its own (NDM's least-squares reads).
 * :class:`NDMLatent` (ndm): that ``z`` decomposed into slots by the
   Neural Decompositional Memory and composed back (docs/design.md §2.2).
 * :class:`VMEDLatent` (vmed): a latent per step with a mixture prior read from
-  a memory of the context (docs/design.md §2.1b).
+  a memory of the context (docs/design.md §2.1b): the DNC its authors built
+  (:class:`DNCVMEDLatent`, ``vmed_memory="dnc"``) or a simplified one.
 
 :func:`build_latent` picks the module for a config; nothing else looks at the variant.
 """
@@ -30,10 +31,12 @@ from torch import nn
 
 from ndm_seq.memory import NeuralDecompositionalMemory
 from ndm_seq.models.configuration_ndm import NDMConfig
+from ndm_seq.models.dnc import DNCMemory, ReadInterface, read_steps
 from ndm_seq.models.layers import GaussianHead, gaussian_kl, reparameterize
 from ndm_seq.models.outputs import Decomposition, LatentOutput, NDMEncoderOutput, compose
 
 __all__ = [
+    "DNCVMEDLatent",
     "GaussianLatent",
     "GivenLatent",
     "Latent",
@@ -225,7 +228,10 @@ class VMEDState:
 class VMEDLatent(Latent):
     """VMED's per-step latent with a mixture-of-Gaussians prior read from a memory of the context.
 
-    A port of the idea of Le et al. (NeurIPS 2018), with these simplifications:
+    Le et al. (NeurIPS 2018), docs/design.md §2.1b. This class is the
+    **simplified** memory (``vmed_memory="simplified"``, every VMED folder saved
+    before the field existed); :class:`DNCVMEDLatent` is the DNC the authors built
+    (``"dnc"``, the default of new configs). The simplifications:
 
     * the memory is the context states projected to ``vmed_memory_dim`` (one
       content-addressable slot per context token) instead of a DNC written by
@@ -236,13 +242,22 @@ class VMEDLatent(Latent):
       once. The posterior's ``g_t`` is that GRU one token further (it has read
       the ground-truth ``y_t``).
 
-    As in the reference: mode ``i`` of the prior is a 2-layer MLP of read
-    vector ``r_i`` (mean, softplus scale); the mode weights are a softmax over
-    heads of each head's maximum read weight; the posterior is an MLP of
-    ``[sum_i pi_i r_i; g_t]``; ``KL(q || MoG) ~ -log sum_i pi_i exp(-KL(q || p_i))``
-    (Hershey & Olsen 2007); at test time a mode is drawn from ``pi`` and
-    ``z_t`` from that mode.
+    Both memories share the rest, as in the reference: mode ``i`` of the prior
+    is a 2-layer MLP of read vector ``r_i`` (mean, softplus scale); the mode
+    weights are a softmax over heads of each head's maximum read weight; the
+    posterior is an MLP of ``[sum_i pi_i r_i; g_t]``; ``KL(q || MoG) ~ -log
+    sum_i pi_i exp(-KL(q || p_i))`` (Hershey & Olsen 2007); at test time a mode
+    is drawn from ``pi`` and ``z_t`` from that mode.
+
+    **Free bits** apply to the KL *per response* (summed over its steps): the
+    batch mean of that sum counts at least ``free_bits x latent_dim`` nats. A
+    floor per step (before issue 13) granted that many nats at every step,
+    about what a token costs to encode, so the latent carried the token it
+    predicts for free and prior samples were word salad. (The mixture KL does
+    not split over dimensions, so the floor is on the total, not per dimension.)
     """
+
+    state_class = VMEDState
 
     def __init__(self, config: NDMConfig):
         super().__init__()
@@ -256,19 +271,27 @@ class VMEDLatent(Latent):
         self.prior = nn.Sequential(nn.Linear(w, w), nn.Tanh(), nn.Linear(w, 2 * dz))
         self.posterior = GaussianHead(w + d, d, dz)
 
-    def prior_modes(self, prefix_state, enc_states, enc_mask):
-        """Mixture prior from ``(B, T, H)`` prefix states: ``(pi, mean, std, read)``.
+    def read_memory(self, prefix, enc: NDMEncoderOutput, state):
+        """The ``K`` reads at every step of ``prefix (B, T, H)``.
 
-        Returns ``pi (B, T, K)``, ``mean, std (B, T, K, d_z)`` and the mixed
-        read ``sum_i pi_i r_i`` ``(B, T, W)``.
+        Returns ``(weights (B, T, K, slots), reads (B, T, K, W), carry)``,
+        ``carry`` the extra fields of the next decoding state.
         """
-        b, t, _ = prefix_state.shape
-        mem = self.memory(enc_states)  # (B, S, W)
-        keys = self.keys(prefix_state).view(b, t, self.heads, self.width)  # (B, T, K, W)
+        b, t, _ = prefix.shape
+        mem = self.memory(enc.last_hidden_state)  # (B, S, W)
+        keys = self.keys(prefix).view(b, t, self.heads, self.width)  # (B, T, K, W)
         scores = torch.einsum("btkw,bsw->btks", keys, mem) / math.sqrt(self.width)
-        scores = scores.masked_fill(~enc_mask[:, None, None, :], float("-inf"))
+        scores = scores.masked_fill(~enc.encoder_mask[:, None, None, :], float("-inf"))
         weights = scores.softmax(-1)  # (B, T, K, S)
-        reads = weights @ mem.unsqueeze(1)  # (B, T, K, W)
+        return weights, weights @ mem.unsqueeze(1), {}
+
+    def prior_modes(self, weights, reads):
+        """Mixture prior from the reads: ``(pi, mean, std, mixed read)``.
+
+        Returns ``pi (B, T, K)`` (softmax over heads of each head's largest read
+        weight), ``mean, std (B, T, K, d_z)`` and the mixed read ``sum_i pi_i
+        r_i`` ``(B, T, W)``.
+        """
         pi = weights.amax(-1).softmax(-1)  # (B, T, K)
         mean, scale = self.prior(reads).chunk(2, dim=-1)
         std = F.softplus(scale) + 1e-4
@@ -304,11 +327,12 @@ class VMEDLatent(Latent):
         enc = inputs.enc
         h0 = None if state is None else state.prefix.unsqueeze(0).contiguous()
         prefix, last = self.prefix_rnn(inputs.embed(inputs.ids), h0)
-        pi, mean, std, mixed = self.prior_modes(prefix, enc.last_hidden_state, enc.encoder_mask)
+        weights, reads, carry = self.read_memory(prefix, enc, state)
+        pi, mean, std, mixed = self.prior_modes(weights, reads)
         noise = inputs.given.latent if state is None else state.noise
         if noise is not None:
             noise = noise.to(enc.summary.dtype)
-        out = LatentOutput(state=VMEDState(last.squeeze(0), noise))
+        out = LatentOutput(state=self.state_class(last.squeeze(0), noise, **carry))
         if inputs.labels is None:  # decoding: from the prior
             fixed = None if noise is None else noise.unsqueeze(1).expand(-1, prefix.shape[1], -1)
             out.cond = self.sample_prior(pi, mean, std, fixed)
@@ -319,17 +343,77 @@ class VMEDLatent(Latent):
         mu_q, logvar_q = self.posterior_params(prefix, inputs.embed(clean), mixed)
         out.cond = reparameterize(mu_q, logvar_q) if inputs.sample else mu_q
         kl_t = self.kl(mu_q, logvar_q, pi, mean, std) * mask  # (B, T)
-        b = labels.shape[0]
-        out.kl = kl_t.sum() / b
+        out.kl = kl_t.sum() / labels.shape[0]
         fb = self.config.free_bits
-        if fb > 0:  # per step, at least free_bits nats per latent dimension
-            floor = fb * self.config.latent_dim
-            out.kl_objective = ((kl_t.sum(0) / b).clamp_min(floor) * mask.any(0)).sum()
-        else:
-            out.kl_objective = out.kl
+        # Per response, never per step (see the class docstring).
+        out.kl_objective = out.kl.clamp_min(fb * self.config.latent_dim) if fb > 0 else out.kl
         m = mask.unsqueeze(-1)
         out.posterior_mean = (mu_q * m).sum(1) / m.sum(1).clamp_min(1)
         return out
+
+
+@dataclass
+class DNCVMEDState(VMEDState):
+    memory: torch.Tensor | None = None
+    """``(B, N, W)`` the DNC memory the encoder wrote."""
+    link: torch.Tensor | None = None
+    """``(B, N, N)`` its temporal links."""
+    reads: torch.Tensor | None = None
+    """``(B, K, N)`` the read weights of the last step (the temporal read modes start from them)."""
+
+
+class DNCVMEDLatent(VMEDLatent):
+    """VMED with the DNC memory its authors built (``vmed_memory="dnc"``; :mod:`ndm_seq.models.dnc`).
+
+    The encoder side (:class:`~ndm_seq.models.dnc.DNCMemory`: a GRU-cell
+    controller over the context's encoder states) writes ``vmed_memory_words``
+    words of width ``vmed_memory_dim`` with content and allocation addressing,
+    erase/add, usage with free gates and temporal links; padded context
+    positions write nothing. At every decoding step ``K`` read heads read it
+    with content, forward and backward modes, each starting from the previous
+    step's read weights (the first step from the encoder's last reads); the
+    weights travel in the decoding state (:class:`DNCVMEDState`), so greedy,
+    sampling and beam search (``reorder_cache`` selects their rows) continue
+    them. The ``K`` read vectors are the mixture components of the prior, the
+    mode weights a softmax over heads of each head's largest read weight, the
+    KL Hershey-Olsen's, as in :class:`VMEDLatent`.
+
+    The decoder-side controller is the prefix GRU over ``y_<t`` (as in the
+    simplified memory), not the decoder's own state: the latent interface
+    conditions the decoder on ``z_t`` before the decoder runs step ``t``, so
+    ``z_t`` cannot be read with the decoder's state, and a latent module sees
+    the decoder only through per-step reads. Unlike the authors' decoder, this
+    one does not write the memory while decoding (the encoder writes it over
+    the context; the decoder reads it).
+
+    On the transformer backbone the decoder stays parallel over steps under
+    teacher forcing; this module's write runs sequentially over the context
+    positions and its reads over the decoding steps (benchmarks/README.md
+    measures the cost against the simplified memory).
+    """
+
+    state_class = DNCVMEDState
+
+    def __init__(self, config: NDMConfig):
+        Latent.__init__(self)
+        d, w, k, dz = config.d_model, config.vmed_memory_dim, config.vmed_heads, config.latent_dim
+        self.config = config
+        self.cond_dim = dz
+        self.heads, self.width = k, w
+        self.dnc = DNCMemory(d, d, config.vmed_memory_words, w, k)
+        self.prefix_rnn = nn.GRU(d, d, batch_first=True)
+        self.read_interface = ReadInterface(d, k, w)
+        self.prior = nn.Sequential(nn.Linear(w, w), nn.Tanh(), nn.Linear(w, 2 * dz))
+        self.posterior = GaussianHead(w + d, d, dz)
+
+    def read_memory(self, prefix, enc: NDMEncoderOutput, state):
+        if state is None:  # the first decoding call: the encoder side writes the memory
+            written = self.dnc.write(enc.last_hidden_state, enc.encoder_mask)
+            memory, link, previous = written.memory, written.link, written.reads
+        else:
+            memory, link, previous = state.memory, state.link, state.reads
+        weights, reads = read_steps(memory, link, previous, *self.read_interface(prefix))
+        return weights, reads, {"memory": memory, "link": link, "reads": weights[:, -1]}
 
 
 LATENTS: dict[str, type[Latent]] = {
@@ -341,6 +425,12 @@ LATENTS: dict[str, type[Latent]] = {
 """The latent module of each ``NDMConfig.variant``: register a new variant here (docs/design.md §10)."""
 
 
+VMED_MEMORIES: dict[str, type[VMEDLatent]] = {"dnc": DNCVMEDLatent, "simplified": VMEDLatent}
+"""The VMED latent of each ``NDMConfig.vmed_memory``."""
+
+
 def build_latent(config: NDMConfig) -> Latent:
-    """The latent module ``config.variant`` names."""
+    """The latent module ``config.variant`` names (for vmed, with the memory ``config.vmed_memory`` names)."""
+    if config.variant == "vmed":
+        return VMED_MEMORIES[config.vmed_memory](config)
     return LATENTS[config.variant](config)
