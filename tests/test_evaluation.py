@@ -115,6 +115,7 @@ def test_evaluate_writes_the_contract_files(name, model_dirs, data_dir, tmp_path
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk == metrics
     expected = [*TEXT_METRIC_KEYS, "kl", "nll", "ppl", "active_units", "context_gain"]
+    expected += ["prior_nll", "kl_per_step"]
     if variant == "ndm":
         expected += ["latent_recon_error", "slot_weight_entropy"]
     assert list(on_disk) == expected == list(metric_keys(variant))
@@ -498,3 +499,49 @@ def test_context_gain_is_the_elbo_change_under_another_context(name, model_dirs)
     # One context for every pair: another pair's context is the same one.
     same = score_model(model, tok, [contexts[1]] * 4, responses)
     assert same["context_gain"] == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("name", ["seq2seq", "cvae", "vmed", "ndm"])
+def test_prior_nll_and_kl_per_step(name, model_dirs):
+    model, tok = load_model(model_dirs[name], "cpu")
+    model.double()
+    contexts = [["hi there"], ["what is your name?"], ["do you like cats?"], ["bye now", "ok"]]
+    responses = ["hello", "my name is bob", "yes, very much", "see you"]
+    torch.manual_seed(5)
+    before = torch.rand(3)
+    torch.manual_seed(5)
+    a = score_model(model, tok, contexts, responses)
+    assert torch.equal(torch.rand(3), before)  # the prior draws use a forked RNG
+    b = score_model(model, tok, contexts, responses)
+    assert a["prior_nll"] == b["prior_nll"]  # seeded
+    assert a["kl_per_step"] == pytest.approx(a["kl"] * 4 / a["num_tokens"], rel=1e-12)
+    if name == "seq2seq":
+        assert a["prior_nll"] == a["nll"] and a["kl_per_step"] == 0
+    else:  # prior draws, not the posterior mean
+        assert math.isfinite(a["prior_nll"]) and a["prior_nll"] != pytest.approx(a["nll"])
+
+
+def test_prior_sample_nll_is_the_nll_under_a_prior_draw(model_dirs):
+    from ndm_seq.evaluation.scoring import prior_sample_nll
+
+    model, _ = load_model(model_dirs["cvae"], "cpu")
+    model.double().eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 30, (3, 6), generator=g)
+    labels = torch.randint(5, 30, (3, 4), generator=g)
+    labels[1, 2:] = -100
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        got = prior_sample_nll(model, ids, mask, labels)
+        enc = model.get_encoder()(ids, mask)
+        torch.manual_seed(3)
+        z = enc.prior_mean + (enc.prior_logvar / 2).exp() * torch.randn_like(enc.prior_mean)
+    # the same draw, given explicitly, scored by hand (forward(labels=...) would use the posterior)
+    dec = torch.cat([torch.full((3, 1), 2), labels[:, :-1].clamp_min(0)], 1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, latent=z).logits
+    want = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+    )
+    assert got.item() == pytest.approx(want.item(), rel=1e-12)

@@ -52,6 +52,13 @@ key               definition
                   the context of another pair (pair ``(i + P/2) mod P``, never its own)
                   minus ``NLL + KL`` with its own context, mean over responses, nats.
                   0 for a model that ignores the context; ``nan`` for a single pair.
+``prior_nll``     ``-log p(x | z, c)`` per response with ``z`` drawn from the prior
+                  ``p(z|c)`` instead of the posterior (vmed: every step's ``z_t`` from its
+                  prior mixture), mean over responses; the draws are seeded. Far above
+                  ``nll``: the latent carries what the prior cannot give (prior samples
+                  will not read like the responses). ``nll`` for seq2seq.
+``kl_per_step``   ``sum KL / number of target tokens``: for vmed the mean KL of one
+                  step's latent; for cvae/ndm the response's KL spread over its tokens.
 ``latent_recon_`` ndm only: ``||z - z'||_2`` (Euclidean norm, *not* squared; the training
 ``error``         objective uses the square) between the posterior mean ``z`` and its
                   composition ``z'``, mean over responses.

@@ -38,6 +38,8 @@ MAIN_COLUMNS: tuple[str, ...] = (
     "ppl",
     "active_units",
     "context_gain",
+    "prior_nll",
+    "kl_per_step",
 )
 
 

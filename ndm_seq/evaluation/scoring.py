@@ -10,6 +10,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ndm_seq.evaluation.inputs import (
@@ -20,9 +21,21 @@ from ndm_seq.evaluation.inputs import (
 )
 from ndm_seq.evaluation.loading import _device
 from ndm_seq.metrics import TEXT_METRIC_KEYS, active_units
+from ndm_seq.models.modeling_ndm import shift_right
+
+PRIOR_SEED = 0
+"""Seed of the prior draws behind ``prior_nll`` (in a forked RNG: the caller's stream is untouched)."""
 
 #: Model-side keys of every variant, in the order of docs/design.md §7.
-MODEL_METRIC_KEYS: tuple[str, ...] = ("kl", "nll", "ppl", "active_units", "context_gain")
+MODEL_METRIC_KEYS: tuple[str, ...] = (
+    "kl",
+    "nll",
+    "ppl",
+    "active_units",
+    "context_gain",
+    "prior_nll",
+    "kl_per_step",
+)
 #: Extra keys of the ndm variant.
 NDM_METRIC_KEYS: tuple[str, ...] = ("latent_recon_error", "slot_weight_entropy")
 #: Keys added when word vectors are given (:func:`ndm_seq.metrics.embedding_similarity`).
@@ -94,7 +107,8 @@ def score_model(
     its last ``max_context_tokens`` ids, the response its first
     ``max_response_tokens - 1`` ids and ``</s>``). The model runs in eval mode
     (its training flag is restored afterwards), so latent variants use the
-    posterior mean and nothing is random. Every pair is scored twice: with its
+    posterior mean; the one random part, the prior draws of ``prior_nll``,
+    is seeded (:data:`PRIOR_SEED`, in a forked RNG). Every pair is scored twice: with its
     own context and with the context of pair ``(i + P/2) mod P`` (never its
     own), for ``context_gain``. Definitions: see the docstring of
     :mod:`ndm_seq.evaluation`.
@@ -115,7 +129,10 @@ def score_model(
         (``exp((total NLL + total KL) / num_tokens)``), ``active_units`` (int),
         ``context_gain`` (nats per response: how much worse ``NLL + KL`` gets
         when each response is scored after another pair's context; ``nan``
-        for a single pair),
+        for a single pair), ``prior_nll`` (nats per response: the NLL with
+        latents drawn from the prior ``p(z|c)`` instead of the posterior;
+        ``nll`` for seq2seq), ``kl_per_step`` (``kl`` per scored response
+        token),
         for ndm ``latent_recon_error`` and ``slot_weight_entropy``, and the
         counts ``num_responses`` and ``num_tokens``.
 
@@ -139,14 +156,16 @@ def score_model(
     n = len(contexts)
     try:
         bar = tqdm(total=2 * n, desc="score", unit="pair", disable=not progress)
-        for batch in _batches_of(encode, contexts, responses, batch_size, pad, device):
-            stats.add(model, *batch, ndm=variant == "ndm")
-            bar.update(len(batch[0]))
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(PRIOR_SEED)
+            for batch in _batches_of(encode, contexts, responses, batch_size, pad, device):
+                stats.add(model, *batch, ndm=variant == "ndm", prior=model.config.is_latent)
+                bar.update(len(batch[0]))
         # The same responses after the context of another pair (i + n/2: never its own).
         shifted = [contexts[(i + n // 2) % n] for i in range(n)]
         mismatched = _Totals()
         for batch in _batches_of(encode, shifted, responses, batch_size, pad, device):
-            mismatched.add(model, *batch, ndm=False)
+            mismatched.add(model, *batch, ndm=False, prior=False)
             bar.update(len(batch[0]))
         bar.close()
     finally:
@@ -159,6 +178,8 @@ def score_model(
         "context_gain": (
             (mismatched.nll + mismatched.kl - stats.nll - stats.kl) / n if n > 1 else math.nan
         ),
+        "prior_nll": (stats.prior_nll if model.config.is_latent else stats.nll) / n,
+        "kl_per_step": stats.kl / stats.tokens,
     }
     if variant == "ndm":
         result["latent_recon_error"] = float(torch.cat(stats.recon).mean())
@@ -180,14 +201,14 @@ def _batches_of(encode, contexts, responses, batch_size: int, pad: int, device):
 
 
 class _Totals:
-    """Sums over scored batches: NLL, KL, tokens, posterior means, NDM diagnostics."""
+    """Sums over scored batches: NLL, KL, prior-sample NLL, tokens, posterior means, NDM diagnostics."""
 
     def __init__(self):
-        self.nll = self.kl = 0.0
+        self.nll = self.kl = self.prior_nll = 0.0
         self.tokens = 0
         self.means, self.recon, self.entropy = [], [], []
 
-    def add(self, model, ids, mask, labels, ndm: bool) -> None:
+    def add(self, model, ids, mask, labels, ndm: bool, prior: bool) -> None:
         out = model(input_ids=ids, attention_mask=mask, labels=labels, return_logits=False)
         b = len(ids)
         # out.nll and out.kl are batch means of per-response sums.
@@ -201,6 +222,26 @@ class _Totals:
             d = model.decompose(ids, mask, labels)
             self.recon.append((d.z - d.composed).double().norm(dim=-1).cpu())  # (B,)
             self.entropy.append(slot_weight_entropy(d.weights).cpu())
+        if prior:
+            self.prior_nll += float(prior_sample_nll(model, ids, mask, labels))
+
+
+def prior_sample_nll(model, ids, mask, labels) -> torch.Tensor:
+    """Teacher-forced NLL of ``labels`` with the latents drawn from the prior ``p(z|c)``, summed over the batch.
+
+    The forward pass without labels is the decoding path: cvae/ndm draw one
+    ``z`` per response from ``p(z|c)``; vmed draws every step's ``z_t`` from
+    its prior mixture (a mode from ``pi``, then ``z_t`` from that mode). A
+    latent that carries the response's tokens instead of what the prior
+    knows shows as ``prior_nll`` far above ``nll``.
+    """
+    c = model.config
+    dec = shift_right(labels, c.decoder_start_token_id, c.pad_token_id)
+    logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(
+        logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+    )
 
 
 def _check_pairs(model, contexts: Sequence[Sequence[str]], responses: Sequence[str]) -> None:
