@@ -235,6 +235,15 @@ def read_steps(memory, link, previous, keys, strengths, modes):
     return weights, weights @ memory.unsqueeze(1)
 
 
+def gru_cell(input_gates: torch.Tensor, h: torch.Tensor, cell: nn.GRUCell) -> torch.Tensor:
+    """``cell(x, h)`` given ``input_gates = W_ih x + b_ih`` (PyTorch's GRU equations)."""
+    i_r, i_z, i_n = input_gates.chunk(3, -1)
+    h_r, h_z, h_n = F.linear(h, cell.weight_hh, cell.bias_hh).chunk(3, -1)
+    r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return n + z * (h - n)
+
+
 class DNCMemory(nn.Module):
     """The encoder side: a controller that writes (and reads) the memory at every context position.
 
@@ -270,10 +279,23 @@ class DNCMemory(nn.Module):
         """Step over ``states (B, S, D)``; positions where ``mask (B, S)`` is False change nothing."""
         state = DNCState.empty(states, self.words, self.width, self.heads)
         h = states.new_zeros(states.shape[0], self.controller.hidden_size)
+        cell = self.controller
+        d = states.shape[-1]
+        # The GRU cell's input projection of every context state in one product; per
+        # position only the previous reads' part is added (nn.GRUCell's equations).
+        projected = F.linear(states, cell.weight_ih[:, :d], cell.bias_ih)  # (B, S, 3 hidden)
+        mask = mask.bool()
+        # One host sync: which positions are real in every row (no masking needed) or in none.
+        every, some = mask.all(0).tolist(), mask.any(0).tolist()
         for s in range(states.shape[1]):
-            x = torch.cat([states[:, s], state.read_vectors.flatten(1)], dim=-1)
-            h_new = self.controller(x, h)
-            keep = mask[:, s].bool()
+            if not some[s]:
+                continue
+            gates = projected[:, s] + F.linear(state.read_vectors.flatten(1), cell.weight_ih[:, d:])
+            h_new = gru_cell(gates, h, cell)
+            if every[s]:
+                state, h = self.step(state, h_new), h_new
+                continue
+            keep = mask[:, s]
             state = self.step(state, h_new).where(keep, state)
             h = torch.where(keep.unsqueeze(-1), h_new, h)
         return state
