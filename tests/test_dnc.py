@@ -189,3 +189,36 @@ def test_beam_reordering_selects_the_dnc_state_rows():
     reordered.reorder_cache(order)
     for name in ("memory", "link", "reads", "prefix"):
         assert torch.equal(getattr(reordered.latent, name), getattr(latent, name)[order]), name
+
+
+def test_resuming_a_vmed_run_keeps_the_memory_of_its_checkpoint(tmp_path):
+    import json
+
+    from ndm_seq.training.config import ConfigError, RunConfig, build_model_config
+    from ndm_seq.training.run import _keep_checkpoint_vmed_memory
+
+    section = {"preset": "tiny", "variant": "vmed"}
+    run = RunConfig(output_dir=str(tmp_path), model=section)
+    config = build_model_config(section)
+    _keep_checkpoint_vmed_memory(run, config)  # no checkpoint: a fresh run
+    assert config.vmed_memory == "dnc"
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-5"
+    make_model("vmed", "gru").save_pretrained(checkpoint)
+    raw = json.loads((checkpoint / "config.json").read_text())
+    del raw["vmed_memory"]  # saved before the field existed
+    (checkpoint / "config.json").write_text(json.dumps(raw))
+    # The trainer's checkpoint check needs more files than save_pretrained writes:
+    # name the checkpoint explicitly, as training.resume=PATH does.
+    run.training.resume = str(checkpoint)
+    _keep_checkpoint_vmed_memory(run, config)
+    assert config.vmed_memory == "simplified"
+    explicit = {**section, "vmed_memory": "dnc"}
+    with pytest.raises(ConfigError, match="resume with model.vmed_memory=simplified"):
+        _keep_checkpoint_vmed_memory(
+            RunConfig(output_dir=str(tmp_path), model=explicit, training=run.training),
+            build_model_config(explicit),
+        )
+    run.training.resume = "never"
+    fresh = build_model_config(section)
+    _keep_checkpoint_vmed_memory(run, fresh)
+    assert fresh.vmed_memory == "dnc"

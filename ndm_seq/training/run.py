@@ -333,6 +333,7 @@ def _build_trainer(run: RunConfig, t, args, tokenizer, tokenized, train_ds, eval
     from ndm_seq.models import NDMForConversation
 
     config = build_model_config(run.model, vocab_size=len(tokenizer))
+    _keep_checkpoint_vmed_memory(run, config)
     # Seeded here, not only at the start: whether data and tokenizer were
     # built or reused from the cache must not change the initial weights.
     set_seed(run.seed)
@@ -383,6 +384,36 @@ def _text_validation(run: RunConfig, rows):
         max_context_tokens=run.data.max_context_tokens,
         max_response_tokens=run.data.max_response_tokens,
     )
+
+
+def _keep_checkpoint_vmed_memory(run: RunConfig, config) -> None:
+    """Resuming VMED: build the memory the checkpoint's weights belong to.
+
+    A checkpoint saved before ``vmed_memory`` existed holds the simplified memory
+    (its ``config.json`` lacks the field) while a config built today defaults to
+    ``"dnc"``: the run continues with ``"simplified"`` (logged), unless
+    ``model.vmed_memory`` names another one, which is refused.
+    """
+    resume = run.training.resume
+    if config.variant != "vmed" or resume == "never":
+        return
+    folder = Path(run.output_dir) / "checkpoints"
+    checkpoint = _latest_checkpoint(folder) if resume in ("auto", "force") else resume
+    try:
+        saved = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, TypeError, ValueError):  # no checkpoint (a fresh run) or no config
+        return
+    memory = saved.get("vmed_memory", "simplified")
+    if memory == config.vmed_memory:
+        return
+    if "vmed_memory" in run.model:
+        raise ConfigError(
+            f"model.vmed_memory={config.vmed_memory!r}, but checkpoint {checkpoint} holds a "
+            f"VMED with the {memory!r} memory: resume with model.vmed_memory={memory} "
+            "or start afresh with training.resume=never"
+        )
+    logger.warning("checkpoint %s holds VMED's %r memory: resuming with it", checkpoint, memory)
+    config.vmed_memory = memory
 
 
 def _resume_point(t, trainer, out: Path) -> str | None:
