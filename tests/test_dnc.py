@@ -213,7 +213,7 @@ def test_resuming_a_vmed_run_keeps_the_memory_of_its_checkpoint(tmp_path):
     _keep_checkpoint_vmed_memory(run, config)
     assert config.vmed_memory == "simplified"
     explicit = {**section, "vmed_memory": "dnc"}
-    with pytest.raises(ConfigError, match="resume with model.vmed_memory=simplified"):
+    with pytest.raises(ConfigError, match=r"resume with model\.vmed_memory=simplified"):
         _keep_checkpoint_vmed_memory(
             RunConfig(output_dir=str(tmp_path), model=explicit, training=run.training),
             build_model_config(explicit),
