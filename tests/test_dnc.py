@@ -222,3 +222,28 @@ def test_resuming_a_vmed_run_keeps_the_memory_of_its_checkpoint(tmp_path):
     fresh = build_model_config(section)
     _keep_checkpoint_vmed_memory(run, fresh)
     assert fresh.vmed_memory == "dnc"
+
+
+# Recorded once (issue 13) from the DNC memory as committed, float64, portable weights;
+# the same bits under ATEN_CPU_CAPABILITY default and avx2: (eval loss, train loss, grad norm).
+RECORDED_DNC = {
+    "gru": (27.07223825938339, 27.04998275464827, 22.096388286143437),
+    "transformer": (26.053004829855922, 25.514035503331975, 19.601844872092144),
+}
+
+
+@pytest.mark.parametrize("backbone", sorted(RECORDED_DNC))
+def test_seeded_dnc_vmed_losses_match_recorded(backbone):
+    from test_model_regression import portable_init
+
+    model = portable_init(make_model("vmed_dnc", backbone)).double()
+    ids, mask, labels = batch()
+    with torch.no_grad():
+        eval_loss = model.eval()(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+    torch.manual_seed(1)
+    out = model.train()(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    grads = [p.grad.double() for p in model.parameters() if p.grad is not None]
+    norm = torch.sqrt(sum((g**2).sum() for g in grads)).item()
+    got = (eval_loss, out.loss.item(), norm)
+    assert got == pytest.approx(RECORDED_DNC[backbone], rel=1e-10)
