@@ -46,7 +46,7 @@ def test_evaluate_cli_writes_files_and_prints_the_table(model_dirs, data_dir, tm
     assert str(out / "metrics.json") in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert "latent_recon_error" in metrics and list(metrics) == list(metric_keys("ndm"))
-    assert len(metrics) == 24  # 17 text metrics, 5 model-side, 2 of ndm
+    assert len(metrics) == 26  # 17 text metrics, 7 model-side, 2 of ndm
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 5 and all(len(r["samples"]) == 2 for r in rows)
     assert (out / "results.md").read_text().count("| ndm-tiny |") == 1
