@@ -42,6 +42,7 @@ __all__ = [
     "analysis_table",
     "analyze",
     "available_attributes",
+    "check_options",
     "edit_names",
     "sample_pairs",
     "subspace_projectors",
@@ -82,7 +83,14 @@ def _mode(model, mode: str | None) -> str:
     return mode
 
 
-def _check_counts(pairs: int, subspaces: int, max_new_tokens: int, batch_size: int) -> None:
+def check_options(attributes, pairs: int, subspaces: int, max_new_tokens: int, batch_size: int) -> None:  # fmt: skip
+    """Refuse what :func:`analyze` would refuse before loading anything (one-line errors).
+
+    Raises:
+        ValueError: an unknown attribute or a count below 1.
+        ImportError: ``sentiment`` asked for without ``vaderSentiment``.
+    """
+    _choose_attributes(attributes)
     for name, value in (("pairs", pairs), ("subspaces", subspaces),
                         ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):  # fmt: skip
         if value < 1:
@@ -128,7 +136,7 @@ def analyze(model_dir, data_dir, split: str = "test", output_dir=None, *, attrib
     from ndm_seq.evaluation import _load_split, _select, load_model, scoring_limits
     from ndm_seq.evaluation.inputs import _length_limits
 
-    _check_counts(pairs, subspaces, max_new_tokens, batch_size)
+    check_options(attributes, pairs, subspaces, max_new_tokens, batch_size)
     if basis not in BASES:
         raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
     names, skipped = _choose_attributes(attributes)

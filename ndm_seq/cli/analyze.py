@@ -20,9 +20,13 @@ def _attribute_list(text: str) -> list[str]:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from ndm_seq.analysis import ANALYSIS_FILES, analyze
+    from ndm_seq.analysis import ANALYSIS_FILES, analyze, check_options
     from ndm_seq.folders import FolderError
 
+    try:  # usage errors, reported before the model loads
+        check_options(args.attributes, args.pairs, args.subspaces, args.max_new_tokens, args.batch_size)  # fmt: skip
+    except (ValueError, ImportError) as err:
+        return _model_error("analyze", err, code=2)
     output = Path(args.output) if args.output else Path(args.model_dir) / f"analysis-{args.split}"
     try:
         report = analyze(
