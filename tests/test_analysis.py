@@ -36,6 +36,7 @@ from ndm_seq.analysis.swap import (
     _attribute_result,
     _edited,
     generate_edits,
+    part_shares,
     posterior_latents,
 )
 from ndm_seq.cli import build_parser, main
@@ -133,6 +134,21 @@ def test_subspace_projectors_split_the_space(basis):
         assert torch.equal(p, p * torch.eye(8))  # diagonal 0/1
     with pytest.raises(ValueError, match="between 1 and the latent size 8"):
         subspace_projectors(8, 9, basis, seed=0)
+
+
+def test_part_shares_by_hand():
+    slots = torch.tensor([[[1.0, 0.0], [0.0, 2.0]], [[3.0, 4.0], [0.0, 1.0]]])  # (2, N=2, 2)
+    weights = torch.tensor([[1.0, 1.0], [-1.0, 0.0]])
+    shares = part_shares(Latents(torch.zeros(2, 2), slots, weights), None)
+    # response 0: norms 1, 2 -> 1/3, 2/3; response 1: norms 5, 0 -> 1, 0
+    torch.testing.assert_close(shares, torch.tensor([2 / 3, 1 / 3], dtype=torch.float64))
+    p = subspace_projectors(4, 2, "coordinates", seed=0)
+    z = torch.tensor([[0.0, 0.0, 0.0, 2.0], [1.0, 1.0, 1.0, 1.0]])
+    shares = part_shares(Latents(z), p)
+    holder = int(p[:, 3, 3].argmax())  # the subspace holding coordinate 3
+    assert shares[holder] == pytest.approx((1 + 0.5) / 2) and float(shares.sum()) == pytest.approx(
+        1
+    )
 
 
 def test_follow_rates_and_effects_by_hand():
@@ -305,6 +321,8 @@ def test_analyze_cli_ndm_end_to_end(tiny_ndm_gru, analysis_data, tmp_path, capsy
     assert s["responses"] == 16 and s["max_new_tokens"] == 5
     assert report["edits"] == ["none", "slot 1", "slot 2", "all"]
     assert report["matrix"]["rows"] == ["slot 1", "slot 2", "all"]
+    assert list(report["shares"]) == ["slot 1", "slot 2"]
+    assert sum(report["shares"].values()) == pytest.approx(1)
     assert report["matrix"]["columns"] == names
     for j, name in enumerate(names):
         attr = report["attributes"][name]

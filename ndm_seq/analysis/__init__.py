@@ -221,15 +221,19 @@ def analysis_table(report: dict) -> str:
         "- cell: follow rate (share of pairs (a, b) whose response, generated after a's "
         "context from a's latent with the row's part of b's, takes b's value) minus the "
         "follow rate of `none` (a's own latent), ± its paired standard error; "
-        "definitions: `ndm_seq.analysis.swap`\n",
+        "definitions: `ndm_seq.analysis.swap`",
+        "- share: how much of the latent the part carries, ||part|| / sum of the parts' norms "
+        "(slot: weight x slot; subspace: the projection), mean over the paired responses\n",
     ]  # fmt: skip
     names = list(attrs)
-    lines.append("| swapped | " + " | ".join(names) + " |")
-    lines.append("|---|" + "---|" * len(names))
-    lines.append("| none (follow rate) | " + " | ".join(_cell(attrs[n]["edits"].get("none"), "rate") for n in names) + " |")  # fmt: skip
+    shares = report["shares"]
+    lines.append("| swapped | share | " + " | ".join(names) + " |")
+    lines.append("|---|---|" + "---|" * len(names))
+    lines.append("| none (follow rate) | | " + " | ".join(_cell(attrs[n]["edits"].get("none"), "rate") for n in names) + " |")  # fmt: skip
     for edit in report["edits"][1:]:
-        lines.append(f"| {edit} | " + " | ".join(_cell(attrs[n]["edits"].get(edit), "effect") for n in names) + " |")  # fmt: skip
-    lines.append("| pairs | " + " | ".join(str(attrs[n]["pairs"]) for n in names) + " |")
+        share = f"{shares[edit]:.2f}" if edit in shares else "1"
+        lines.append(f"| {edit} | {share} | " + " | ".join(_cell(attrs[n]["edits"].get(edit), "effect") for n in names) + " |")  # fmt: skip
+    lines.append("| pairs | | " + " | ".join(str(attrs[n]["pairs"]) for n in names) + " |")
     lines.append("\nReference responses per value (the whole split):\n")
     for n in names:
         counts = ", ".join(f"{v} {c}" for v, c in attrs[n]["reference_counts"].items())

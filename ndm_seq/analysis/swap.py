@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ndm_seq.analysis.attributes import ATTRIBUTES, text_stats
 from ndm_seq.models.outputs import Decomposition, compose
 
-__all__ = ["Latents", "edit_names", "generate_edits", "posterior_latents", "sample_pairs", "subspace_projectors", "swap_experiment"]  # fmt: skip
+__all__ = ["Latents", "edit_names", "generate_edits", "part_shares", "posterior_latents", "sample_pairs", "subspace_projectors", "swap_experiment"]  # fmt: skip
 
 MODES = ("slots", "subspaces")
 BASES = ("random", "coordinates")
@@ -162,6 +162,18 @@ def generate_edits(model, tokenizer, context_ids, lat, a, b, edit, projectors, *
     return texts
 
 
+def part_shares(lat: Latents, projectors: torch.Tensor | None) -> torch.Tensor:
+    """``(N,)`` how much of the latent each part carries: ``||v_k|| / sum_j ||v_j||``, mean
+    over the responses, with ``v_k = w_k m_k`` (slot ``k`` as composed) or ``P_k z``
+    (subspace ``k``). ``1 / N`` each when the parts weigh the same."""
+    if projectors is None:
+        parts = lat.weights.unsqueeze(-1) * lat.slots  # (U, N, d_z)
+    else:
+        parts = torch.einsum("kde,ue->ukd", projectors.to(lat.z.dtype), lat.z)  # (U, N, d_z)
+    norms = parts.double().norm(dim=-1)  # (U, N)
+    return (norms / norms.sum(-1, keepdim=True).clamp_min(1e-30)).mean(0)
+
+
 def sample_pairs(values: Sequence[str], n: int, seed: int | str) -> list[tuple[int, int]]:
     """``n`` ordered pairs ``(a, b)`` of indices with ``values[a] != values[b]``.
 
@@ -221,7 +233,9 @@ def swap_experiment(model, tokenizer, contexts, responses, *, attributes, pairs:
 
     Returns:
         ``{"edits": [...], "attributes": {name: {"pairs", "reference_counts",
-        "edits": {edit: {"follows", "rate", "effect", "effect_se"}}, "examples"}}, "median_words"}``.
+        "edits": {edit: {"follows", "rate", "effect", "effect_se"}}, "examples"}},
+        "median_words", "shares": {part: share}}`` (:func:`part_shares` of the paired
+        responses' latents).
     """
     from ndm_seq.data.tokenization import TokenizePairs
 
@@ -249,6 +263,7 @@ def swap_experiment(model, tokenizer, contexts, responses, *, attributes, pairs:
         bar.update(len(rows))
     bar.close()
     result = {"edits": names, "median_words": stats.median_words, "attributes": {}}
+    result["shares"] = dict(zip(names[1:-1], part_shares(lat, projectors).tolist(), strict=True))
     start = 0
     for name in attributes:
         m = len(chosen[name])
