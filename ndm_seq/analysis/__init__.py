@@ -7,7 +7,7 @@
   CVAE, one random latent subspace of the same share) between the posterior latents of
   two responses that differ in an attribute, decode, and measure how often the attribute
   follows; definitions in that module's docstring.
-* :func:`analyze` — ``ndm-seq analyze``: the experiment on a model folder and a prepared
+* :func:`analyze` — ``ndm-seq analyze`` (docs/design.md §2.6): the experiment on a model folder and a prepared
   split, written as ``analysis.json``, ``analysis.md`` and ``slot_attributes.png``.
 """
 
