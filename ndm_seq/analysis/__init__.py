@@ -83,7 +83,9 @@ def _mode(model, mode: str | None) -> str:
     return mode
 
 
-def check_options(attributes, pairs: int, subspaces: int, max_new_tokens: int, batch_size: int) -> None:  # fmt: skip
+def check_options(
+    attributes, pairs: int, subspaces: int, max_new_tokens: int, batch_size: int
+) -> None:
     """Refuse what :func:`analyze` would refuse before loading anything (one-line errors).
 
     Raises:
@@ -91,13 +93,36 @@ def check_options(attributes, pairs: int, subspaces: int, max_new_tokens: int, b
         ImportError: ``sentiment`` asked for without ``vaderSentiment``.
     """
     _choose_attributes(attributes)
-    for name, value in (("pairs", pairs), ("subspaces", subspaces),
-                        ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):  # fmt: skip
+    counts = {
+        "pairs": pairs,
+        "subspaces": subspaces,
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+    }
+    for name, value in counts.items():
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
 
 
-def analyze(model_dir, data_dir, split: str = "test", output_dir=None, *, attributes=None, pairs: int = 200, mode: str | None = None, subspaces: int = 4, basis: str = "random", seed: int = 0, batch_size: int = 64, max_new_tokens: int = 30, max_context_tokens: int | None = None, max_response_tokens: int | None = None, device: str | None = None, progress: bool = True) -> dict:  # fmt: skip
+def analyze(
+    model_dir,
+    data_dir,
+    split: str = "test",
+    output_dir=None,
+    *,
+    attributes=None,
+    pairs: int = 200,
+    mode: str | None = None,
+    subspaces: int = 4,
+    basis: str = "random",
+    seed: int = 0,
+    batch_size: int = 64,
+    max_new_tokens: int = 30,
+    max_context_tokens: int | None = None,
+    max_response_tokens: int | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict:
     """Run :func:`swap_experiment` on a model folder and a prepared split; write the reports.
 
     Writes into ``output_dir`` (default ``MODEL_DIR/analysis-SPLIT``; a new or empty folder,
@@ -144,7 +169,9 @@ def analyze(model_dir, data_dir, split: str = "test", output_dir=None, *, attrib
     ds = _load_split(data_dir, split)
     model, tokenizer = load_model(model_dir, device)
     mode = _mode(model, mode)
-    ctx, resp = _length_limits(model, limits.max_context_tokens, limits.max_response_tokens, "max_response_tokens")  # fmt: skip
+    ctx, resp = _length_limits(
+        model, limits.max_context_tokens, limits.max_response_tokens, "max_response_tokens"
+    )
     _, max_new = _length_limits(model, ctx, max_new_tokens, "max_new_tokens")
     out = Path(output_dir) if output_dir is not None else Path(model_dir) / f"analysis-{split}"
     folders.claim(out, "analyze")
@@ -202,7 +229,8 @@ def _cell(edit: dict | None, key: str) -> str:
     if key == "rate":
         return f"{edit['rate']:.2f}"
     se = edit["effect_se"]
-    return f"{edit['effect']:+.2f} ± {se:.2f}" if se is not None and math.isfinite(se) else f"{edit['effect']:+.2f}"  # fmt: skip
+    text = f"{edit['effect']:+.2f}"
+    return f"{text} ± {se:.2f}" if se is not None and math.isfinite(se) else text
 
 
 def analysis_table(report: dict) -> str:
@@ -229,10 +257,14 @@ def analysis_table(report: dict) -> str:
     shares = report["shares"]
     lines.append("| swapped | share | " + " | ".join(names) + " |")
     lines.append("|---|---|" + "---|" * len(names))
-    lines.append("| none (follow rate) | | " + " | ".join(_cell(attrs[n]["edits"].get("none"), "rate") for n in names) + " |")  # fmt: skip
+
+    def row(edit: str, key: str) -> str:
+        return " | ".join(_cell(attrs[n]["edits"].get(edit), key) for n in names)
+
+    lines.append(f"| none (follow rate) | | {row('none', 'rate')} |")
     for edit in report["edits"][1:]:
         share = f"{shares[edit]:.2f}" if edit in shares else "1"
-        lines.append(f"| {edit} | {share} | " + " | ".join(_cell(attrs[n]["edits"].get(edit), "effect") for n in names) + " |")  # fmt: skip
+        lines.append(f"| {edit} | {share} | {row(edit, 'effect')} |")
     lines.append("| pairs | | " + " | ".join(str(attrs[n]["pairs"]) for n in names) + " |")
     lines.append("\nReference responses per value (the whole split):\n")
     for n in names:

@@ -37,7 +37,16 @@ from tqdm.auto import tqdm
 from ndm_seq.analysis.attributes import ATTRIBUTES, text_stats
 from ndm_seq.models.outputs import Decomposition, compose
 
-__all__ = ["Latents", "edit_names", "generate_edits", "part_shares", "posterior_latents", "sample_pairs", "subspace_projectors", "swap_experiment"]  # fmt: skip
+__all__ = [
+    "Latents",
+    "edit_names",
+    "generate_edits",
+    "part_shares",
+    "posterior_latents",
+    "sample_pairs",
+    "subspace_projectors",
+    "swap_experiment",
+]
 
 MODES = ("slots", "subspaces")
 BASES = ("random", "coordinates")
@@ -133,12 +142,14 @@ def _edited(lat: Latents, a, b, k, projectors) -> dict[str, torch.Tensor]:
     za, zb = lat.z[a], lat.z[b]
     if k is None or k == -1:
         return {"latent": za if k is None else zb}
-    p = projectors[k].to(za.dtype)
+    p = projectors[k].to(za)  # the latents' dtype and device
     return {"latent": za + (zb - za) @ p}  # P symmetric: (z_b - z_a) P = P (z_b - z_a)
 
 
 @torch.no_grad()
-def generate_edits(model, tokenizer, context_ids, lat, a, b, edit, projectors, *, max_new_tokens, batch_size) -> list[str]:  # fmt: skip
+def generate_edits(
+    model, tokenizer, context_ids, lat, a, b, edit, projectors, *, max_new_tokens, batch_size
+) -> list[str]:
     """Greedy responses after ``a``'s contexts from the latents of one edit, one per row.
 
     Args:
@@ -169,7 +180,7 @@ def part_shares(lat: Latents, projectors: torch.Tensor | None) -> torch.Tensor:
     if projectors is None:
         parts = lat.weights.unsqueeze(-1) * lat.slots  # (U, N, d_z)
     else:
-        parts = torch.einsum("kde,ue->ukd", projectors.to(lat.z.dtype), lat.z)  # (U, N, d_z)
+        parts = torch.einsum("kde,ue->ukd", projectors.to(lat.z), lat.z)  # (U, N, d_z)
     norms = parts.double().norm(dim=-1)  # (U, N)
     return (norms / norms.sum(-1, keepdim=True).clamp_min(1e-30)).mean(0)
 
@@ -213,7 +224,25 @@ def _effects(follow: torch.Tensor, names: list[str]) -> dict[str, dict]:
     return out
 
 
-def swap_experiment(model, tokenizer, contexts, responses, *, attributes, pairs: int = 200, mode: str = "slots", subspaces: int = 4, basis: str = "random", seed: int = 0, batch_size: int = 64, max_new_tokens: int = 30, max_context_tokens: int = 128, max_response_tokens: int = 64, examples: int = 3, progress: bool = False) -> dict:  # fmt: skip
+def swap_experiment(
+    model,
+    tokenizer,
+    contexts,
+    responses,
+    *,
+    attributes,
+    pairs: int = 200,
+    mode: str = "slots",
+    subspaces: int = 4,
+    basis: str = "random",
+    seed: int = 0,
+    batch_size: int = 64,
+    max_new_tokens: int = 30,
+    max_context_tokens: int = 128,
+    max_response_tokens: int = 64,
+    examples: int = 3,
+    progress: bool = False,
+) -> dict:
     """Run the swap experiment (module docstring) on (context, response) pairs of a split.
 
     Args:
@@ -245,6 +274,8 @@ def swap_experiment(model, tokenizer, contexts, responses, *, attributes, pairs:
     ref = {name: [ATTRIBUTES[name].measure(r, stats) for r in responses] for name in attributes}
     chosen = {name: sample_pairs(ref[name], pairs, f"{seed}:{name}") for name in attributes}
     items = sorted({i for p in chosen.values() for pair in p for i in pair})
+    if not items:
+        raise ValueError(f"no pairs: the responses do not differ in {', '.join(attributes)}")
     where = {item: u for u, item in enumerate(items)}
     encoded = TokenizePairs(tokenizer, max_context_tokens, max_response_tokens)(
         {"context": [list(contexts[i]) for i in items], "response": [responses[i] for i in items]}
@@ -256,10 +287,15 @@ def swap_experiment(model, tokenizer, contexts, responses, *, attributes, pairs:
     rows = [(name, pair) for name in attributes for pair in chosen[name]]
     a = torch.tensor([where[p[0]] for _, p in rows], dtype=torch.long)
     b = torch.tensor([where[p[1]] for _, p in rows], dtype=torch.long)
-    generated = []
+    generated = []  # per edit (none, each part, all), per row
     bar = tqdm(total=len(names) * len(rows), desc="swap", unit="response", disable=not progress)
     for e in [None, *range(n), -1]:
-        generated.append(generate_edits(model, tokenizer, encoded["input_ids"], lat, a, b, e, projectors, max_new_tokens=max_new_tokens, batch_size=batch_size))  # fmt: skip
+        generated.append(
+            generate_edits(
+                model, tokenizer, encoded["input_ids"], lat, a, b, e, projectors,
+                max_new_tokens=max_new_tokens, batch_size=batch_size,
+            )
+        )  # fmt: skip
         bar.update(len(rows))
     bar.close()
     result = {"edits": names, "median_words": stats.median_words, "attributes": {}}
