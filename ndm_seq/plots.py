@@ -1,11 +1,13 @@
-"""Plots people would rather look at than read: training curves (a slot-weight plot is planned)."""
+"""Plots people would rather look at than read: training curves, and annotated heatmaps
+(the slot x attribute matrix of ``ndm-seq analyze``; a slot-weight plot can share
+:func:`plot_heatmap`)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-__all__ = ["plot_training_curves"]
+__all__ = ["plot_heatmap", "plot_training_curves"]
 
 #: Panels of the training-curve figure: (title, keys drawn in it).
 PANELS = (
@@ -65,3 +67,67 @@ def plot_training_curves(log_history: Iterable[dict], path: str | os.PathLike) -
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return drawn
+
+
+def plot_heatmap(
+    values,
+    rows: Sequence[str],
+    columns: Sequence[str],
+    path: str | os.PathLike,
+    *,
+    title: str = "",
+    colorbar: str = "",
+    fmt: str = "{:+.2f}",
+    center: float | None = 0.0,
+    notes=None,
+) -> None:
+    """Draw a ``(len(rows), len(columns))`` matrix as a heatmap with every value written in it.
+
+    Args:
+        values: the matrix (nested lists or an array); ``nan`` / ``None`` cells are left
+            blank and annotated ``n/a``.
+        rows, columns: the labels.
+        path: the PNG to write.
+        title: the figure title; ``colorbar``: the colour bar's label.
+        fmt: how a value is written in its cell.
+        center: a diverging colour map symmetric around this value (None: a sequential
+            map over the values' range).
+        notes: optional matrix of strings written under each value (e.g. ``"n=200"``).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    data = np.array(
+        [[np.nan if v is None else float(v) for v in row] for row in values], dtype=float
+    ).reshape(len(rows), len(columns))
+    finite = data[np.isfinite(data)]
+    if center is None:
+        cmap, lo, hi = "viridis", *((finite.min(), finite.max()) if finite.size else (0, 1))
+    else:
+        span = float(np.abs(finite - center).max()) if finite.size else 1.0
+        span = span or 1.0
+        cmap, lo, hi = "RdBu_r", center - span, center + span
+    width = max(4.0, 1.3 * len(columns) + 2.5)
+    fig, ax = plt.subplots(figsize=(width, max(2.5, 0.6 * len(rows) + 1.5)))
+    image = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=lo, vmax=hi, aspect="auto")
+    ax.set_xticks(range(len(columns)), labels=list(columns), rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), labels=list(rows))
+    mid = center if center is not None else (lo + hi) / 2
+    for i in range(len(rows)):
+        for j in range(len(columns)):
+            v = data[i, j]
+            text = fmt.format(v) if np.isfinite(v) else "n/a"
+            if notes is not None and notes[i][j]:
+                text += f"\n{notes[i][j]}"
+            dark = bool(np.isfinite(v) and abs(v - mid) > 0.3 * (hi - lo))
+            color = "white" if dark else "black"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
+    fig.colorbar(image, ax=ax, label=colorbar)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

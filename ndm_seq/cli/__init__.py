@@ -5,7 +5,7 @@ that adds its arguments and sets `func`, the function `main` calls with the
 parsed arguments.
 
 One module per subcommand: `prepare`, `train`, `evaluate`, `session` (`sample` and
-`chat`, which share their options), `compare`; `common` holds what they share. The
+`chat`, which share their options), `compare`, `analyze`; `common` holds what they share. The
 modules import torch, transformers and datasets only inside the functions that run a
 subcommand, so that `--help` stays quick.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 
+from ndm_seq.cli.analyze import add_analyze
 from ndm_seq.cli.compare import add_compare
 from ndm_seq.cli.evaluate import add_evaluate
 from ndm_seq.cli.prepare import add_prepare
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample(sub)
     add_chat(sub)
     add_compare(sub)
+    add_analyze(sub)
     return parser
 
 
