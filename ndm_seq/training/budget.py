@@ -17,8 +17,8 @@ a pure function; docs/design.md §6):
 
 The configured values stay in ``config.yaml``; the fit (inputs, measurements, fitted
 values and the rule) is written atomically to ``budget.json`` in the run folder and
-one line says it (``budget 6.5 min: 1.90 steps/s measured -> max_steps 700 (of
-3000), warmup 47, kl_warmup 467``). Every later launch in the folder (a resume, a
+one line says it (``budget 6.5 min: R steps/s measured -> max_steps N (of M), warmup
+W, kl_warmup K``). Every later launch in the folder (a resume, a
 restart after a kill) reads it instead of measuring again, so the resumed run equals
 the uninterrupted one; if a budget input changed on resume (``max_steps`` and
 ``max_minutes`` may), the fit is recomputed from the stored measurements.
@@ -247,7 +247,8 @@ def _step_seconds(trainer, model, run: RunConfig):
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay
     )
-    batches = _batches(trainer, trainer.train_dataset, t.batch_size // world, CALIBRATION_STEPS)
+    size = max(1, t.batch_size // world)  # each process's share of the global batch
+    batches = _batches(trainer, trainer.train_dataset, size, CALIBRATION_STEPS)
     model.train()
 
     def step(batch):
