@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import random
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -51,8 +52,8 @@ BUDGET_FILE = "budget.json"
 MARGIN = 0.1
 """Share of the budget kept free for what the measurement does not see (logging,
 data loading, a busier machine)."""
-CALIBRATION_STEPS = 5
-"""Training steps measured: one untimed warm-up step, then the rest timed."""
+CALIBRATION_STEPS = 6
+"""Training steps measured: one untimed warm-up step, then five timed (their median)."""
 RULE = (
     "max_steps = min(configured, the most steps n with n * step_seconds + "
     "(n // eval_steps) * eval_seconds + (n // save_steps + 2) * save_seconds <= "
@@ -241,7 +242,8 @@ def _batches(trainer, dataset, size: int, count: int) -> list[dict]:
 
 
 def _step_seconds(trainer, model, run: RunConfig):
-    """Seconds per optimizer step (mean of the timed steps) and the copy's optimizer."""
+    """Seconds per optimizer step (the median of the timed steps: one step slowed by
+    another process does not decide the fit) and the copy's optimizer."""
     t = run.training
     world = max(1, trainer.args.world_size)
     optimizer = torch.optim.AdamW(
@@ -261,12 +263,14 @@ def _step_seconds(trainer, model, run: RunConfig):
         optimizer.zero_grad(set_to_none=True)
 
     step(batches[0])  # warm-up: allocations, lazy initialisation
-    _sync(trainer.args.device)
-    start = time.monotonic()
+    seconds = []
     for batch in batches[1:]:
+        _sync(trainer.args.device)
+        start = time.monotonic()
         step(batch)
-    _sync(trainer.args.device)
-    return (time.monotonic() - start) / max(1, len(batches) - 1), optimizer
+        _sync(trainer.args.device)
+        seconds.append(time.monotonic() - start)
+    return statistics.median(seconds), optimizer
 
 
 def _eval_seconds(trainer, model, run: RunConfig) -> float:
