@@ -153,6 +153,14 @@ def test_schedules_end_at_the_fitted_steps_and_a_resume_reads_budget_json(
     assert "budget inputs changed since budget.json was written (max_steps: 40 -> 80)" in err
     assert "max_steps 12 (of 80), warmup 2, kl_warmup 3" in err
 
+    # training.resume=never starts again from step 0 and measures anew: at 2 s a step,
+    # 27 of 40 steps fit the 54 s.
+    monkeypatch.setattr(budget, "measure", lambda *args: Measured(step_seconds=2.0))
+    again = _run(tmp_path / "cut", prepared, **(BUDGETED | {"resume": "never"}))
+    stored = json.loads((again / "budget.json").read_text())
+    assert stored["measured"]["step_seconds"] == 2.0 and stored["fitted"]["max_steps"] == 27
+    assert sorted(history(again)) == list(range(1, 28))
+
 
 def test_measuring_leaves_training_bit_identical_when_the_budget_does_not_bind(
     tmp_path, prepared, monkeypatch
