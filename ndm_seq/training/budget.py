@@ -229,16 +229,18 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _batches(trainer, dataset, size: int, count: int) -> list[dict]:
-    """``count`` collated batches of ``size`` rows spread evenly over ``dataset`` (no RNG)."""
+def _rows(dataset, size: int, count: int) -> list[list[dict]]:
+    """``count`` batches of ``size`` rows spread evenly over ``dataset`` (read by index:
+    no sampler, no RNG)."""
     n = len(dataset)
-    out = []
-    for i in range(count):
-        start = (i * n) // count
-        rows = [dataset[(start + j) % n] for j in range(min(size, n))]
-        batch = trainer.data_collator(rows)
-        out.append({k: v.to(trainer.args.device) for k, v in batch.items()})
-    return out
+    return [
+        [dataset[((i * n) // count + j) % n] for j in range(min(size, n))] for i in range(count)
+    ]
+
+
+def _collated(trainer, rows: list[dict]) -> dict:
+    batch = trainer.data_collator(rows)
+    return {k: v.to(trainer.args.device) for k, v in batch.items()}
 
 
 def _step_seconds(trainer, model, run: RunConfig):
@@ -250,10 +252,11 @@ def _step_seconds(trainer, model, run: RunConfig):
         model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay
     )
     size = max(1, t.batch_size // world)  # each process's share of the global batch
-    batches = _batches(trainer, trainer.train_dataset, size, CALIBRATION_STEPS)
+    batches = _rows(trainer.train_dataset, size, CALIBRATION_STEPS)
     model.train()
 
-    def step(batch):
+    def step(rows):
+        batch = _collated(trainer, rows)  # timed too: the Trainer collates every step
         with trainer.accelerator.autocast():
             loss = model(**batch, return_logits=False).loss
         loss.backward()
@@ -279,7 +282,7 @@ def _eval_seconds(trainer, model, run: RunConfig) -> float:
     if trainer.eval_dataset is None or trainer.args.eval_strategy == "no":
         return 0.0
     eval_ds, size = trainer.eval_dataset, trainer.args.per_device_eval_batch_size
-    batch = _batches(trainer, eval_ds, size, 1)[0]
+    batch = _collated(trainer, _rows(eval_ds, size, 1)[0])
     model.eval()
     start = time.monotonic()
     with torch.no_grad(), trainer.accelerator.autocast():
