@@ -6,7 +6,10 @@ its finished model), evaluates it on the test split of its prepared data with
 the config's ``evaluation`` section and the token limits of its ``data`` section
 (those the model was trained with, as ``ndm-seq evaluate`` on the run's model),
 and writes ``comparison.md`` (a Markdown table, one row per config) and
-``comparison.png`` (BLEU / distinct / KL bars) into the output folder.
+``comparison.png`` (BLEU / distinct / KL bars) into the output folder. The report it
+prints (and writes to ``README.txt``) adds three test contexts with every model's first
+three responses side by side (:func:`sample_comparison`, read from the evaluations'
+``samples.jsonl``).
 
 The output folder is claimed for ``ndm-seq compare`` (:func:`ndm_seq.folders.claim`)
 before anything is trained: a new or empty folder, or one an earlier comparison
@@ -59,8 +62,10 @@ def compare(
         progress: progress bars.
 
     Returns:
-        The Markdown table followed by where the table, chart, samples, training
-        curves and models are (also written to ``README.txt`` in ``output``).
+        The Markdown table, three test contexts with each model's responses
+        (:func:`sample_comparison`, seeded with the first config's seed), then where
+        the table, chart, samples, training curves and models are (also written to
+        ``README.txt`` in ``output``).
 
     Raises:
         ndm_seq.folders.FolderError: ``output`` is a user's folder, another command's
