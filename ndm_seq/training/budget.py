@@ -23,6 +23,12 @@ restart after a kill) reads it instead of measuring again, so the resumed run eq
 the uninterrupted one; if a budget input changed on resume (``max_steps`` and
 ``max_minutes`` may), the fit is recomputed from the stored measurements.
 ``training.resume=never`` measures again. ``WallClockBudget`` stays the hard stop.
+
+What is timed is the model's own work (collation, forward, backward, clipping, update;
+one validation; one save), on one process: the Trainer's per-step bookkeeping (callbacks,
+logging) and, across processes, the gradient all-reduce are not. For recipe-sized models
+they are a few percent, inside ``MARGIN``; for a tiny model logged every step they can
+double the step time, and ``WallClockBudget`` then ends the run before the fitted step.
 """
 
 from __future__ import annotations
