@@ -6,7 +6,10 @@ its finished model), evaluates it on the test split of its prepared data with
 the config's ``evaluation`` section and the token limits of its ``data`` section
 (those the model was trained with, as ``ndm-seq evaluate`` on the run's model),
 and writes ``comparison.md`` (a Markdown table, one row per config) and
-``comparison.png`` (BLEU / distinct / KL bars) into the output folder.
+``comparison.png`` (BLEU / distinct / KL bars) into the output folder. The report it
+prints (and writes to ``README.txt``) adds three test contexts with every model's first
+three responses side by side (:func:`sample_comparison`, read from the evaluations'
+``samples.jsonl``).
 
 The output folder is claimed for ``ndm-seq compare`` (:func:`ndm_seq.folders.claim`)
 before anything is trained: a new or empty folder, or one an earlier comparison
@@ -27,7 +30,7 @@ from ndm_seq.training import RunConfig, load_run_config, train
 COMPARISON_FILES = ("README.txt", "comparison.md", "comparison.json", "comparison.png")
 """What :func:`compare` writes into its output folder (besides the run folders inside it)."""
 
-__all__ = ["compare", "run_name"]
+__all__ = ["compare", "run_name", "sample_comparison"]
 
 
 def run_name(config_path: str | os.PathLike, run: RunConfig) -> str:
@@ -59,8 +62,10 @@ def compare(
         progress: progress bars.
 
     Returns:
-        The Markdown table followed by where the table, chart, samples, training
-        curves and models are (also written to ``README.txt`` in ``output``).
+        The Markdown table, three test contexts with each model's responses
+        (:func:`sample_comparison`, seeded with the first config's seed), then where
+        the table, chart, samples, training curves and models are (also written to
+        ``README.txt`` in ``output``).
 
     Raises:
         ndm_seq.folders.FolderError: ``output`` is a user's folder, another command's
@@ -158,7 +163,15 @@ def _train_evaluate_write(runs, names, out: Path, retrain: bool, progress: bool)
         json.dumps(results, indent=2, default=str), encoding="utf-8"
     )
     comparison_chart(results, out / "comparison.png")
-    lines = [table, f"table: {out / 'comparison.md'}   chart: {out / 'comparison.png'}"]
+    samples = {
+        name: Path(run.output_dir) / "eval-test" / "samples.jsonl"
+        for (_, run), name in zip(runs, names, strict=True)
+    }
+    lines = [
+        table,
+        sample_comparison(samples, seed=runs[0][1].seed),
+        f"table: {out / 'comparison.md'}   chart: {out / 'comparison.png'}",
+    ]
     for (_, run), name in zip(runs, names, strict=True):
         folder = Path(run.output_dir)
         lines.append(
@@ -168,3 +181,57 @@ def _train_evaluate_write(runs, names, out: Path, retrain: bool, progress: bool)
     report = "\n".join(lines) + "\n"
     (out / "README.txt").write_text(report, encoding="utf-8")
     return report
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _read_samples(path: Path) -> dict[tuple, dict]:
+    """``samples.jsonl`` rows keyed by (context turns, reference), in file order."""
+    rows = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                rows[(tuple(row["context"]), row["reference"])] = row
+    return rows
+
+
+def sample_comparison(
+    samples: dict[str, str | os.PathLike], contexts: int = 3, responses: int = 3, seed: int = 0
+) -> str:
+    """Test contexts with every model's sampled responses side by side (text).
+
+    ``contexts`` test contexts, drawn with ``seed`` from those present in every model's
+    ``samples.jsonl`` (:func:`~ndm_seq.evaluation.evaluate` writes it; the same subset
+    for every model when they were evaluated with the same seed and ``max_contexts``),
+    each with its reference and one line per model holding that model's first
+    ``responses`` responses as the evaluation generated them (latent variants: one prior
+    draw each, decoded greedily by default). Nothing is generated here.
+    """
+    import random
+
+    rows = {name: _read_samples(Path(path)) for name, path in samples.items()}
+    first = next(iter(rows.values()), {})
+    common = [key for key in first if all(key in r for r in rows.values())]
+    if not common:
+        return "Sampled responses: no test context is in every model's samples.jsonl.\n"
+    picked = sorted(random.Random(seed).sample(range(len(common)), min(contexts, len(common))))
+    width = max(len(name) for name in rows) + 1
+    lines = [
+        f"Sampled responses on {len(picked)} of the {len(common)} test contexts (drawn with "
+        f"seed {seed}), the first {responses} of each model (eval-test/samples.jsonl):",
+    ]
+    for number, index in enumerate(picked, 1):
+        turns, reference = common[index]
+        lines.append("")
+        lines.append(f"[{number}] context:   " + " / ".join(_clip(t, 80) for t in turns))
+        lines.append(f"    reference: {_clip(reference, 80)}")
+        for name, by_key in rows.items():
+            said = by_key[common[index]]["samples"][:responses]
+            lines.append(
+                f"    {name + ':':<{width}} " + " | ".join(f'"{_clip(r, 60)}"' for r in said)
+            )
+    return "\n".join(lines) + "\n"

@@ -40,7 +40,8 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
             "For every YAML run config: prepare its data, train it (or reuse the finished model in "
             "its output_dir/model), evaluate it on the test split with its evaluation section; "
             "then write comparison.md, comparison.json and comparison.png (BLEU / distinct / KL "
-            "by model) into --output and print the table."
+            "by model) into --output and print the table, with three test contexts and each "
+            "model's first three responses side by side."
         ),
     )
     p.add_argument(

@@ -11,7 +11,9 @@ what is specific to latent-variable dialogue models:
   same schedule;
 * every loss term (NLL, KL, KL weight, BOW, NDM reconstruction, orthogonality,
   key regulariser) averaged over the logging window and logged;
-* a wall-clock budget (``training.max_minutes``) for fixed-compute comparisons;
+* a wall-clock budget (``training.max_minutes``) for fixed-compute comparisons, with
+  the LR and KL schedules fitted to it from a measured step rate (``budget.json`` in
+  the run folder, read again on resume; :mod:`ndm_seq.training.budget`);
 * atomic checkpoints: while the Trainer writes ``checkpoint-N`` it is named in
   ``checkpoints/.checkpoint-pending.json`` (never resumed from); then it gets a manifest
   (size and sha256 of every file), is fsynced and the marker cleared; ``resume: auto`` takes the newest checkpoint that passes its manifest, logging the
@@ -33,8 +35,8 @@ batches are split across processes (accelerate's ``split_batches``), so a
 2-process run sees the same examples per step as a 1-process run.
 
 Where the parts live: ``config`` (:class:`RunConfig`, loading and checks), ``schedule``
-(KL annealing), ``trainer`` (the ``Trainer`` subclass and callbacks), ``checkpoints``
-(pending marker, manifest, validation, rotation), ``checkpoint_writer`` (the callbacks
+(KL annealing), ``budget`` (schedules fitted to ``max_minutes``), ``trainer`` (the
+``Trainer`` subclass and callbacks), ``checkpoints`` (pending marker, manifest, validation, rotation), ``checkpoint_writer`` (the callbacks
 that drive them), ``run_folder`` (claim, lock, resume config check,
 logs, final model) and ``run`` (:func:`train`, SIGTERM, data and tokenizer).
 """

@@ -70,7 +70,15 @@ class TrainingSection:
     max_steps: int = 2000
     """Optimizer steps (a wall-clock budget may stop earlier)."""
     max_minutes: float | None = None
-    """Stop (and save) after this many minutes of training; None for no budget."""
+    """A wall-clock budget in minutes; None for none. A fresh run first measures its step
+    rate (a few steps on a copy of the model; training is unchanged by it) and, if
+    ``max_steps`` steps do not fit, trains fewer: ``max_steps`` becomes the most steps
+    that fit 90% of the budget with the measured cost of validations and saves, and
+    ``warmup_steps`` and ``kl_warmup_steps`` are scaled by the same ratio, so the LR and
+    KL schedules complete within the budget. ``config.yaml`` keeps the configured values;
+    the fitted ones are in the run folder's ``budget.json``, which a resume reads
+    (:mod:`ndm_seq.training.budget`). Training also stops (and saves) once this many
+    minutes of the training loop have passed in this session."""
     batch_size: int = 64
     """Global batch (split across processes)."""
     learning_rate: float = 1e-3

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ndm_seq.training.budget import BUDGET_FILE, budget_fit
 from ndm_seq.training.checkpoints import (
     PREFIX_CHECKPOINT_DIR,
     DiskFullError,
@@ -218,6 +219,11 @@ def _train(run: RunConfig, stop: _StopOnSignal, stack: contextlib.ExitStack) -> 
     tokenizer, tokenized, train_ds, eval_ds = _datasets(run, t, args, out)
     trainer = _build_trainer(run, t, args, tokenizer, tokenized, train_ds, eval_ds, stop)
     resume = _resume_point(t, trainer, out)
+    fit = budget_fit(run, trainer, out, resuming=resume is not None)
+    if fit is not None:  # the schedules fitted to training.max_minutes
+        args.max_steps, args.warmup_steps = fit.max_steps, fit.warmup_steps
+        trainer.kl_schedule.warmup_steps = fit.kl_warmup_steps
+        trainer.kl_schedule.total_steps = fit.max_steps
     if stop.requested:
         raise TrainingInterrupted(
             f"stopped by SIGTERM before training started; nothing new saved in {out}"
@@ -227,7 +233,7 @@ def _train(run: RunConfig, stop: _StopOnSignal, stack: contextlib.ExitStack) -> 
         checkpoint = out / "checkpoints" / f"{PREFIX_CHECKPOINT_DIR}-{stop.stopped_at}"
         logger.warning("stopped by SIGTERM at step %d; checkpoint %s", stop.stopped_at, checkpoint)
         raise TrainingInterrupted(
-            f"stopped by SIGTERM at step {stop.stopped_at} of {t.max_steps}; checkpoint saved "
+            f"stopped by SIGTERM at step {stop.stopped_at} of {args.max_steps}; checkpoint saved "
             f"to {checkpoint}; run the same command again to resume",
             checkpoint=str(checkpoint),
         )
@@ -356,6 +362,7 @@ def _build_trainer(run: RunConfig, t, args, tokenizer, tokenized, train_ds, eval
         callbacks=_callbacks(run, schedule),
         max_nonfinite_steps=t.max_nonfinite_steps,
     )
+    trainer.kl_schedule = schedule  # the budget fit may shorten it (ndm_seq.training.budget)
     if _world_size() > 1:  # every rank stops at the same step when any got SIGTERM
 
         def any_rank(flag: bool) -> bool:
@@ -444,6 +451,8 @@ def _resume_point(t, trainer, out: Path) -> str | None:
         # A fresh run starts a fresh history (a resumed one appends to it).
         history.unlink(missing_ok=True)
         if t.resume == "never":
+            # A fresh run measures its step rate again (ndm_seq.training.budget).
+            (out / BUDGET_FILE).unlink(missing_ok=True)
             # The checkpoints of the run this one replaces (train's own, in its own
             # folder): left in place, a later `resume: auto` after a kill before this
             # run's first save would continue the old run's weights.
