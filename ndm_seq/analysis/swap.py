@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ndm_seq.analysis.attributes import ATTRIBUTES, text_stats
+from ndm_seq.evaluation.scoring import pad_rows
 from ndm_seq.models.outputs import Decomposition, compose
 
 __all__ = [
@@ -64,13 +65,6 @@ class Latents:
     """``(U, N)`` their weights."""
 
 
-def _pad(rows: Sequence[Sequence[int]], value: int, device) -> torch.Tensor:
-    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
-    return out.to(device)
-
-
 @torch.no_grad()
 def posterior_latents(model, encoded, *, batch_size: int = 64, slots: bool = False) -> Latents:
     """The posterior means of tokenised pairs, decomposed into slots when ``slots``.
@@ -86,9 +80,9 @@ def posterior_latents(model, encoded, *, batch_size: int = 64, slots: bool = Fal
     zs, slot_list, weight_list = [], [], []
     n = len(encoded["input_ids"])
     for start in range(0, n, batch_size):
-        ids = _pad(encoded["input_ids"][start : start + batch_size], pad, device)
+        ids = pad_rows(encoded["input_ids"][start : start + batch_size], pad, device)
         mask = (ids != pad).long()
-        labels = _pad(encoded["labels"][start : start + batch_size], -100, device)
+        labels = pad_rows(encoded["labels"][start : start + batch_size], -100, device)
         out = model(input_ids=ids, attention_mask=mask, labels=labels, return_logits=False)
         zs.append(out.posterior_mean)
         if slots:
@@ -163,7 +157,7 @@ def generate_edits(
     texts: list[str] = []
     for start in range(0, len(a), batch_size):
         ra, rb = a[start : start + batch_size], b[start : start + batch_size]
-        ids = _pad([context_ids[i] for i in ra.tolist()], pad, model.device)
+        ids = pad_rows([context_ids[i] for i in ra.tolist()], pad, model.device)
         kwargs = _edited(lat, ra, rb, edit, projectors)
         out = model.generate(
             input_ids=ids, attention_mask=(ids != pad).long(), do_sample=False, num_beams=1,

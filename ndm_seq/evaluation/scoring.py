@@ -195,9 +195,9 @@ def _batches_of(encode, contexts, responses, batch_size: int, pad: int, device):
         enc = encode(
             {"context": [list(c) for c in contexts[start:end]], "response": responses[start:end]}
         )
-        ids = _pad(enc["input_ids"], pad, device)  # (B, S)
-        mask = _pad([[1] * len(s) for s in enc["input_ids"]], 0, device)  # (B, S)
-        yield ids, mask, _pad(enc["labels"], -100, device)  # labels (B, T)
+        ids = pad_rows(enc["input_ids"], pad, device)  # (B, S)
+        mask = pad_rows([[1] * len(s) for s in enc["input_ids"]], 0, device)  # (B, S)
+        yield ids, mask, pad_rows(enc["labels"], -100, device)  # labels (B, T)
 
 
 class _Totals:
@@ -265,7 +265,8 @@ def _safe_exp(x: float) -> float:
     return math.exp(x) if x < 700 else math.inf
 
 
-def _pad(rows: Sequence[Sequence[int]], value: int, device) -> torch.Tensor:
+def pad_rows(rows: Sequence[Sequence[int]], value: int, device) -> torch.Tensor:
+    """Id lists as one ``(len(rows), longest)`` long tensor on ``device``, padded with ``value``."""
     width = max(len(r) for r in rows)
     out = torch.full((len(rows), width), value, dtype=torch.long)
     for i, r in enumerate(rows):
