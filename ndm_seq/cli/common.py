@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ndm_seq import decoding
+
 
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: X)" to help, except for None/False defaults or help that names its own."""
@@ -113,16 +115,24 @@ def _sampling_config(
 def _add_decoding_options(
     p: argparse.ArgumentParser, top_p: float, context_help: str | None = None
 ) -> None:
+    """The decoding options; their defaults are :mod:`ndm_seq.decoding`'s (``top_p``:
+    ``SAMPLE_TOP_P`` for sample/chat, ``EVALUATE_TOP_P`` for evaluate)."""
     g = p.add_argument_group("decoding")
     g.add_argument(
-        "--temperature", type=float, default=1.0, help="softmax temperature when sampling tokens"
+        "--temperature",
+        type=float,
+        default=decoding.TEMPERATURE,
+        help="softmax temperature when sampling tokens",
     )
     g.add_argument(
         "--top-p", type=float, default=top_p, help="nucleus sampling threshold (1 = off)"
     )
-    g.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
+    g.add_argument("--top-k", type=int, default=decoding.TOP_K, help="top-k sampling (0 = off)")
     g.add_argument(
-        "--max-new-tokens", type=int, default=30, help="longest generated response in tokens"
+        "--max-new-tokens",
+        type=int,
+        default=decoding.MAX_NEW_TOKENS,
+        help="longest generated response in tokens",
     )
     g.add_argument(
         "--max-context-tokens",

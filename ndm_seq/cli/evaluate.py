@@ -15,6 +15,7 @@ from ndm_seq.cli.common import (
     _model_error,
     _sampling_config,
 )
+from ndm_seq.decoding import EVALUATE_TOP_P
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -134,7 +135,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="also print metrics.json")
     _add_decoding_options(
         p,
-        top_p=1.0,
+        top_p=EVALUATE_TOP_P,
         context_help="context tokens kept, the latest (default: the run config's "
         "data.max_context_tokens; 128 without one; at most the transformer's "
         "max_position_embeddings)",

@@ -19,6 +19,7 @@ from ndm_seq.cli.common import (
     _model_error,
     _sampling_config,
 )
+from ndm_seq.decoding import SAMPLE_TOP_P
 
 
 def _sampling(args: argparse.Namespace):
@@ -148,7 +149,7 @@ def _add_session_options(p: argparse.ArgumentParser, num_samples: int, max_histo
         default=None,
         help="seed torch's RNG (default: unseeded, different responses each run)",
     )
-    _add_decoding_options(p, top_p=0.9)
+    _add_decoding_options(p, top_p=SAMPLE_TOP_P)
 
 
 def add_sample(sub: argparse._SubParsersAction) -> None:

@@ -268,4 +268,20 @@ def evaluate(
         )
         table = comparison_table({label: metrics}, columns=list(metrics))
         (out / "results.md").write_text(header + table)
+        _add_to_card(model_dir, split, label, header, metrics, out)
         return metrics
+
+
+def _add_to_card(model_dir, split: str, label: str, header: str, metrics, out: Path) -> None:
+    """The test table in the model card, when the model folder has ndm-seq's card
+    (:func:`ndm_seq.model_card.add_evaluation`; an evaluation of the same split replaces it)."""
+    from ndm_seq.model_card import add_evaluation
+
+    details = header.split("\n\n", 1)[1].strip()  # the header's list, without its title
+    columns = [c for c in MAIN_COLUMNS if c in metrics]
+    body = (
+        f"## Evaluation: split `{split}` (`ndm-seq evaluate`)\n\n{details}\n"
+        f"- all metrics: `{out / 'metrics.json'}`, `{out / 'results.md'}`\n\n"
+        + comparison_table({label: metrics}, columns=columns)
+    )
+    add_evaluation(model_dir, split, body)

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ndm_seq.decoding import SAMPLE_TOP_P
 from ndm_seq.evaluation.inputs import _length_limits, check_text
 from ndm_seq.evaluation.loading import _device
 from ndm_seq.evaluation.sampling_config import SamplingConfig, check_sampling
@@ -42,7 +43,7 @@ class ChatSession:
     """
 
     DEFAULT_SAMPLING: ClassVar[SamplingConfig] = SamplingConfig(
-        num_samples=3, greedy=False, top_p=0.9
+        num_samples=3, greedy=False, top_p=SAMPLE_TOP_P
     )
     """What ``ndm-seq chat`` samples by default (``sample`` too, with 5 responses)."""
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from ndm_seq.decoding import MAX_NEW_TOKENS
+
 #: Defaults shared by training data (``ndm-seq prepare``) and evaluation.
 DEFAULT_MAX_CONTEXT_TOKENS = 128
 DEFAULT_MAX_RESPONSE_TOKENS = 64
-DEFAULT_MAX_NEW_TOKENS = 30
+DEFAULT_MAX_NEW_TOKENS = MAX_NEW_TOKENS  # ndm_seq.decoding holds the decoding defaults
 
 
 def _length_limits(model, max_context_tokens, max_tokens, name: str) -> tuple[int, int]:

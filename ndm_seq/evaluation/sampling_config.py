@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any
 
-from ndm_seq.evaluation.inputs import DEFAULT_MAX_NEW_TOKENS
+from ndm_seq.decoding import EVALUATE_TOP_P, MAX_NEW_TOKENS, TEMPERATURE, TOP_K
 
 
 class SamplingConfigError(ValueError):
@@ -48,13 +48,13 @@ class SamplingConfig:
     :func:`~ndm_seq.evaluation.generate_samples` always samples its S responses (and adds
     the greedy one); :class:`~ndm_seq.evaluation.ChatSession` decodes greedily, which
     gives one response (``num_samples=1``)."""
-    temperature: float = 1.0
+    temperature: float = TEMPERATURE
     """Softmax temperature when sampling tokens (> 0)."""
-    top_p: float = 1.0
+    top_p: float = EVALUATE_TOP_P
     """Nucleus sampling threshold in (0, 1] (1 = off)."""
-    top_k: int = 0
+    top_k: int = TOP_K
     """Top-k sampling (>= 0; 0 = off)."""
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    max_new_tokens: int = MAX_NEW_TOKENS
     """Longest response in tokens (>= 1; the transformer backbone clamps it to
     ``max_position_embeddings - 1``)."""
 

@@ -455,10 +455,19 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
         """``PreTrainedModel.save_pretrained`` in the current layout, also for a model loaded from an old one.
 
         (transformers would otherwise write the names a ``key_mapping`` load started from.)
+        A model loaded from a folder with ``ndm_seq_remote.py`` (its config's ``auto_map``)
+        takes that file along, so the copy loads with ``trust_remote_code`` too.
         """
+        from ndm_seq.remote_code import REMOTE_MODULE, write_remote_module
+
         kwargs.setdefault("save_original_format", False)
         self.config.format_version = FORMAT_VERSION  # what is written is the current layout
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        refs = (getattr(self.config, "auto_map", None) or {}).values()
+        remote = Path(save_directory) / f"{REMOTE_MODULE}.py"
+        if any(str(r).startswith(f"{REMOTE_MODULE}.") for r in refs) and not remote.exists():
+            write_remote_module(save_directory)
+        return out
 
 
 _HUB_ARGUMENTS = (

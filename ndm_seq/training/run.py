@@ -239,7 +239,7 @@ def _train(run: RunConfig, stop: _StopOnSignal, stack: contextlib.ExitStack) -> 
         )
 
     final = out / "model"
-    _publish_model(trainer, tokenizer, final)
+    _publish_model(trainer, tokenizer, final, run)
     if trainer.is_world_process_zero():
         from ndm_seq.plots import plot_training_curves
 
@@ -336,6 +336,7 @@ def _build_trainer(run: RunConfig, t, args, tokenizer, tokenized, train_ds, eval
     """The seeded model, its KL schedule and the trainer with every callback."""
     from transformers import DataCollatorForSeq2Seq, set_seed
 
+    from ndm_seq.decoding import generation_config
     from ndm_seq.models import NDMForConversation
 
     config = build_model_config(run.model, vocab_size=len(tokenizer))
@@ -344,6 +345,9 @@ def _build_trainer(run: RunConfig, t, args, tokenizer, tokenized, train_ds, eval
     # built or reused from the cache must not change the initial weights.
     set_seed(run.seed)
     model = NDMForConversation(config)
+    # The decoding defaults of `ndm-seq sample` (generation_config.json of the
+    # checkpoints and the final model): a bare `generate` samples as the CLI does.
+    model.generation_config = generation_config(config)
     schedule = KLSchedule(
         kind=t.kl_schedule,
         warmup_steps=t.kl_warmup_steps,

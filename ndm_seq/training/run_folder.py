@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from ndm_seq.model_card import write_train_card
+from ndm_seq.remote_code import add_remote_code
 from ndm_seq.training.checkpoints import DiskFullError
 from ndm_seq.training.config import (
     _SECTIONS,
@@ -239,8 +241,13 @@ def _trim_log_history(path: Path, step: int) -> None:
         os.replace(tmp, path)
 
 
-def _publish_model(trainer, tokenizer, final: Path) -> None:
-    """Write the final model directory under a temporary name, then rename it into place."""
+def _publish_model(trainer, tokenizer, final: Path, run: RunConfig) -> None:
+    """Write the final model directory under a temporary name, then rename it into place.
+
+    Besides the model and tokenizer it holds the model card (``README.md``, unless the
+    folder it replaces holds a user's) and ``ndm_seq_remote.py`` with the ``auto_map``
+    entries for ``trust_remote_code`` loading (docs/design.md §3.2).
+    """
     staged = final.with_name(f".{final.name}.incomplete")
     if trainer.is_world_process_zero():
         shutil.rmtree(staged, ignore_errors=True)
@@ -249,6 +256,9 @@ def _publish_model(trainer, tokenizer, final: Path) -> None:
         trainer.save_model(str(staged))
         if trainer.is_world_process_zero():
             tokenizer.save_pretrained(staged)
+            add_remote_code(staged, tokenizer)
+            state = trainer.state
+            write_train_card(staged, run, state.log_history, state.global_step, previous=final)
             # The Trainer pickles its arguments beside the weights; a model
             # directory holds no pickle (loading never unpickles).
             (staged / "training_args.bin").unlink(missing_ok=True)
