@@ -10,7 +10,7 @@ says what to do when ndm-seq is missing, :func:`add_remote_code` makes it carry
 * an ``auto_map`` in ``config.json`` (``AutoConfig``, ``AutoModelForSeq2SeqLM``) and in
   ``tokenizer_config.json`` (``AutoTokenizer``) naming those classes.
 
-What a user then gets, without ``import ndm_seq`` (docs/design.md §2.6):
+What a user then gets, without ``import ndm_seq`` (docs/design.md §3.2):
 
 * no ``trust_remote_code``: transformers' "contains custom code ... pass the argument
   ``trust_remote_code=True``" error (instead of "does not recognize this architecture");

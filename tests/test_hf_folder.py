@@ -1,4 +1,4 @@
-"""A model folder that describes itself (issue 14 §2): the folder `ndm-seq train` writes
+"""A model folder that describes itself (issue 14, part 2): the folder `ndm-seq train` writes
 carries its generation defaults, a model card `huggingface_hub` parses (with the test
 table `ndm-seq evaluate` adds), and loads without `import ndm_seq` through
 `trust_remote_code` (docs/design.md §3.2)."""
@@ -291,3 +291,24 @@ def test_cli_decoding_defaults_come_from_ndm_seq_decoding():
     assert sample.top_p == defaults["top_p"] == ChatSession.DEFAULT_SAMPLING.top_p == 0.9
     assert evaluate.top_p == SamplingConfig().top_p == decoding.EVALUATE_TOP_P == 1.0
     assert SamplingConfig().max_new_tokens == ChatSession.DEFAULT_SAMPLING.max_new_tokens == 30
+
+
+def test_text_generation_pipeline_is_not_the_path_the_docs_name(trained):
+    """README and docs/design.md §3.2 send users to `generate`: transformers'
+    text-generation pipeline is for decoder-only models and cuts the prompt's length
+    off this model's response. If that changes, so must the docs."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
+
+    import ndm_seq  # noqa: F401
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(trained["model"]).eval()
+    tok = AutoTokenizer.from_pretrained(trained["model"])
+    text = "why not go to the park today?"
+    greedy = {"do_sample": False, "max_new_tokens": 6}
+    inputs = tok(text, return_tensors="pt")
+    ids = model.generate(**inputs, **greedy)[0]
+    response = tok.decode(ids, skip_special_tokens=True)
+    pipe = pipeline("text-generation", model=model, tokenizer=tok)
+    new_text = pipe(text, return_full_text=False, **greedy)[0]["generated_text"]
+    cut = tok.decode(ids[inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert response and new_text == cut != response
