@@ -312,3 +312,25 @@ def test_text_generation_pipeline_is_not_the_path_the_docs_name(trained):
     new_text = pipe(text, return_full_text=False, **greedy)[0]["generated_text"]
     cut = tok.decode(ids[inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert response and new_text == cut != response
+
+
+def test_the_saved_defaults_change_no_output_of_evaluate_or_sample(trained, tmp_path, capsys):
+    """evaluate and sample pass every decoding value: the same weights with the old
+    generation_config.json (token ids only) give the same metrics and samples."""
+    new = Path(shutil.copytree(trained["model"], tmp_path / "new"))
+    old = Path(shutil.copytree(trained["model"], tmp_path / "old"))
+    ids = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+    saved = json.loads((new / "generation_config.json").read_text())
+    (old / "generation_config.json").write_text(json.dumps({k: saved[k] for k in ids}))
+    results = {}
+    for name, folder in (("new", new), ("old", old)):
+        args = ["evaluate", str(folder), "--data", str(trained["data"]), "--samples", "2"]
+        args += ["--max-contexts", "3", "--decoding", "sample", "--no-progress"]
+        assert main([*args, "--output", str(tmp_path / f"eval-{name}")]) == 0
+        metrics = json.loads((tmp_path / f"eval-{name}" / "metrics.json").read_text())
+        capsys.readouterr()
+        assert (
+            main(["sample", str(folder), "--context", "i like tea.", "-n", "3", "--seed", "0"]) == 0
+        )
+        results[name] = (metrics, capsys.readouterr().out)
+    assert results["new"] == results["old"]
