@@ -18,11 +18,10 @@ encoder-decoder needs:
   `</s>`: labels for the decoder end with eos, and the model shifts them right
   behind `<s>` (`decoder_start_token_id = bos_token_id`).
 
-Text normalisation is SentencePiece's own (compiled into the `.model` file):
-NFKC plus whitespace clean-up by default, optionally Unicode case folding.
-`tokenizer.normalize(text)` returns the canonical form, so that for every text
-`decode(encode(text, add_special_tokens=False)) == normalize(text)`.
-Unknown characters fall back to UTF-8 byte pieces, so nothing becomes `<unk>`.
+Normalisation is SentencePiece's own (NFKC and whitespace clean-up, optionally
+case folding; `normalize(text)` gives the canonical form, `decode(encode(x,
+add_special_tokens=False)) == normalize(x)`); unknown characters fall back to
+UTF-8 byte pieces (tokenization_contexts.py holds the context methods).
 
 Ids: text between special tokens is segmented by SentencePiece's C++ batch
 encoder, the model SentencePiece trained, so the ids are those of every earlier
@@ -40,18 +39,25 @@ nothing is unpickled. `AutoTokenizer` finds the class once
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
-import sentencepiece as spm
-from tokenizers import AddedToken
 from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerFast
 from transformers.tokenization_utils_base import PaddingStrategy, TruncationStrategy
 
-from ndm_seq.tokenization_spm import NORMALIZATIONS, to_tokenizers, train_model
+from ndm_seq.tokenization_contexts import DialogueContextsMixin
+from ndm_seq.tokenization_spm import (
+    NORMALIZATIONS,
+    check_special_pieces,
+    join_segments,
+    load_processor,
+    saved_added_tokens,
+    to_tokenizers,
+    train_model,
+    truncate_ids,
+)
 
 VOCAB_FILE = "spiece.model"
 """Name of the SentencePiece model file inside a saved tokenizer directory."""
@@ -91,7 +97,6 @@ __all__ = [
     "register_tokenizer",
 ]
 
-_SPIECE_UNDERLINE = "▁"  # U+2581, SentencePiece's marker for a preceding space
 _UNSUPPORTED = {
     "is_split_into_words": "pre-split words",
     "return_offsets_mapping": "offset mappings",
@@ -100,7 +105,7 @@ _UNSUPPORTED = {
 }
 
 
-class NDMTokenizer(PreTrainedTokenizerFast):
+class NDMTokenizer(DialogueContextsMixin, PreTrainedTokenizerFast):
     """SentencePiece tokenizer for dialogue contexts and responses (a fast tokenizer).
 
     Build one with `NDMTokenizer.train(texts)`, or load one with
@@ -171,8 +176,8 @@ class NDMTokenizer(PreTrainedTokenizerFast):
         kwargs.setdefault("chat_template", CHAT_TEMPLATE)
         # Only the file path (never the model bytes) may reach init_kwargs, which
         # save_pretrained writes to tokenizer_config.json.
-        self.sp_model = _load_processor(vocab_file, sp_model_proto)
-        _check_special_pieces(self.sp_model, vocab_file or "<sp_model_proto>")
+        self.sp_model = load_processor(vocab_file, sp_model_proto)
+        check_special_pieces(self.sp_model, vocab_file or "<sp_model_proto>", SPECIAL_TOKENS)
         self._split_cache: tuple[tuple[str, ...], re.Pattern | None] = ((), None)
         super().__init__(
             tokenizer_object=to_tokenizers(self.sp_model.serialized_model_proto(), SPECIAL_TOKENS),
@@ -180,7 +185,14 @@ class NDMTokenizer(PreTrainedTokenizerFast):
             clean_up_tokenization_spaces=clean_up_tokenization_spaces,
             **kwargs,
         )
-        self._restore_added_tokens(tokenizer_file)
+        for token, saved_id in saved_added_tokens(tokenizer_file, self.vocab_size):
+            # Tokens a user added live in tokenizer.json only: re-add them, same ids.
+            self.add_tokens([token], special_tokens=token.special)
+            if self.convert_tokens_to_ids(token.content) != saved_id:
+                raise ValueError(
+                    f"NDMTokenizer: added token {token.content!r} of {tokenizer_file} has id "
+                    f"{saved_id}, not the next free id after {VOCAB_FILE}'s pieces"
+                )
 
     @classmethod
     def convert_to_native_format(cls, trust_remote_code: bool = False, **kwargs: Any) -> dict:
@@ -205,36 +217,11 @@ class NDMTokenizer(PreTrainedTokenizerFast):
         save_directory: str | os.PathLike | None = None,
         **init_kwargs: Any,
     ) -> NDMTokenizer:
-        """Train a SentencePiece model on `texts` and wrap it.
-
-        Each text is split on newlines; empty lines are skipped. Nothing is
-        written to disk unless `save_directory` is given.
-
-        Args:
-            texts: any iterable of strings (consumed once, streamed to
-                SentencePiece), e.g. every turn of the training split.
-            vocab_size: upper bound on the vocabulary size, special and byte
-                pieces included. Soft: a small corpus may give fewer pieces.
-            model_type: SentencePiece algorithm, "unigram" or "bpe".
-            normalization: "nmt_nfkc" (NFKC, control characters removed,
-                whitespace runs collapsed and trimmed; the default), "nfkc", or
-                "identity" (only whitespace clean-up).
-            lowercase: add Unicode case folding to the normalisation (stored in
-                the model, so it also applies at encoding time). Case folding
-                is a little more than `str.lower` ("ß" -> "ss").
-            character_coverage: fraction of characters covered by single-character
-                pieces; the rest goes through byte fallback.
-            byte_fallback: encode characters outside the vocabulary as UTF-8
-                byte pieces instead of `<unk>`, so every text round-trips.
-            input_sentence_size: if > 0, SentencePiece samples this many
-                sentences (for corpora too large to hold in memory).
-            num_threads: training threads.
-            seed: seed for SentencePiece's sampling (sets its process-wide generator).
-            save_directory: if given, also `save_pretrained` the result there.
-            **init_kwargs: passed to `NDMTokenizer(...)` (e.g. `model_max_length`).
-
-        Returns:
-            The trained tokenizer.
+        """Train a SentencePiece model on `texts` (every turn of the training split,
+        say) and wrap it; arguments as `ndm_seq.tokenization_spm.train_model`.
+        Nothing is written to disk unless `save_directory` is given (then
+        `save_pretrained` there); `init_kwargs` go to `NDMTokenizer(...)` (e.g.
+        `model_max_length`).
 
         Raises:
             ValueError: unknown `model_type` / `normalization`, a vocabulary
@@ -326,30 +313,6 @@ class NDMTokenizer(PreTrainedTokenizerFast):
         files = super()._save_pretrained(save_directory, file_names, legacy_format, filename_prefix)
         return (*files, *self.save_vocabulary(str(save_directory), filename_prefix))
 
-    def _restore_added_tokens(self, tokenizer_file: str | None) -> None:
-        """Re-add tokens a user added (ids past the pieces) from a saved tokenizer.json."""
-        if not tokenizer_file or not os.path.isfile(tokenizer_file):
-            return
-        with open(tokenizer_file, encoding="utf-8") as f:
-            saved = json.load(f).get("added_tokens", [])
-        extra = sorted((t for t in saved if t["id"] >= self.vocab_size), key=lambda t: t["id"])
-        for entry in extra:
-            token = AddedToken(
-                entry["content"],
-                single_word=entry.get("single_word", False),
-                lstrip=entry.get("lstrip", False),
-                rstrip=entry.get("rstrip", False),
-                normalized=entry.get("normalized", True),
-                special=entry.get("special", False),
-            )
-            self.add_tokens([token], special_tokens=token.special)
-            if self.convert_tokens_to_ids(token.content) != entry["id"]:
-                raise ValueError(
-                    f"NDMTokenizer: added token {token.content!r} of {tokenizer_file} has id "
-                    f"{entry['id']}, which does not follow the {self.vocab_size} pieces of "
-                    f"{VOCAB_FILE} and the tokens added before it"
-                )
-
     # Pickling (datasets.map with workers, deepcopy) ships the model bytes.
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -358,7 +321,7 @@ class NDMTokenizer(PreTrainedTokenizerFast):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
-        state["sp_model"] = _load_processor(None, state["sp_model"])
+        state["sp_model"] = load_processor(None, state["sp_model"])
         self.__dict__.update(state)
 
     @property
@@ -457,17 +420,12 @@ class NDMTokenizer(PreTrainedTokenizerFast):
         firsts = self.segment(texts, split)
         seconds = self.segment(pairs, split) if pairs is not None else [None] * len(firsts)
         truncate = truncation_strategy != TruncationStrategy.DO_NOT_TRUNCATE and max_length
-        rows = []
-        for a, b in zip(firsts, seconds, strict=True):
-            if truncate:
-                room = max_length - (
-                    self.num_special_tokens_to_add(b is not None) if add_special_tokens else 0
-                )
-                a, b = self._truncate(a, b, max(room, 0), truncation_strategy)
-            if add_special_tokens:
-                rows.append(self.build_inputs_with_special_tokens(a, b))
-            else:
-                rows.append(a + (b or []))
+        if not (truncate or add_special_tokens or pairs):
+            rows = firsts  # the bare ids (what prepare asks for): nothing to add or cut
+        else:
+            rows = self._assemble(
+                firsts, seconds, add_special_tokens, truncate and max_length, truncation_strategy
+            )
         features: dict[str, list] = {"input_ids": rows}
         if return_token_type_ids:
             features["token_type_ids"] = [[0] * len(r) for r in rows]
@@ -495,53 +453,31 @@ class NDMTokenizer(PreTrainedTokenizerFast):
             out = BatchEncoding({k: v[0] for k, v in out.items()})
         return out
 
-    def _truncate(
-        self, a: list[int], b: list[int] | None, room: int, strategy: TruncationStrategy
-    ) -> tuple[list[int], list[int] | None]:
-        """Cut `a` (and `b`) to `room` ids in all, on `truncation_side`.
-
-        A single sequence cut from the left loses a `<sep>` left at its start,
-        as `encode_context` does (it would separate nothing).
-        """
-        left = self.truncation_side == "left"
-
-        def cut(ids: list[int], n: int) -> list[int]:
-            return ids[len(ids) - n :] if left else ids[:n]
-
-        if b is None:
-            if len(a) <= room:
-                return a, None
-            a = cut(a, room)
-            return (a[1:] if left and a[:1] == [SEP_ID] else a), None
-        excess = len(a) + len(b) - room
-        if excess <= 0:
-            return a, b
-        if strategy == TruncationStrategy.ONLY_FIRST:
-            return cut(a, max(len(a) - excess, 0)), b
-        if strategy == TruncationStrategy.ONLY_SECOND:
-            return a, cut(b, max(len(b) - excess, 0))
-        # longest_first: take from the longer one, one id at a time (transformers' rule).
-        na, nb = len(a), len(b)
-        for _ in range(excess):
-            if na > nb:
-                na -= 1
+    def _assemble(self, firsts, seconds, add_special_tokens, max_length, strategy) -> list:
+        """Cut each (first, second) to `max_length` (if set) and add the special tokens."""
+        rows = []
+        for a, b in zip(firsts, seconds, strict=True):
+            if max_length:
+                special = self.num_special_tokens_to_add(b is not None) if add_special_tokens else 0
+                a, b = truncate_ids(
+                    a,
+                    b,
+                    max(max_length - special, 0),
+                    TruncationStrategy(strategy).value,
+                    self.truncation_side == "left",
+                    SEP_ID,
+                )
+            if add_special_tokens:
+                rows.append(self.build_inputs_with_special_tokens(a, b))
             else:
-                nb -= 1
-        return cut(a, na), cut(b, nb)
+                rows.append(a + (b or []))
+        return rows
 
     # ------------------------------------------------------------------ special tokens
     def build_inputs_with_special_tokens(
         self, token_ids_0: list[int], token_ids_1: list[int] | None = None
     ) -> list[int]:
-        """Append `</s>`: `A </s>`, or for a pair `A <sep> B </s>`.
-
-        Args:
-            token_ids_0: ids of the first sequence.
-            token_ids_1: ids of an optional second sequence.
-
-        Returns:
-            The ids with special tokens.
-        """
+        """Append `</s>`: `A </s>`, or for a pair `A <sep> B </s>`."""
         if token_ids_1 is None:
             return [*token_ids_0, EOS_ID]
         return [*token_ids_0, SEP_ID, *token_ids_1, EOS_ID]
@@ -552,17 +488,8 @@ class NDMTokenizer(PreTrainedTokenizerFast):
         token_ids_1: list[int] | None = None,
         already_has_special_tokens: bool = False,
     ) -> list[int]:
-        """1 where `build_inputs_with_special_tokens` puts a special token, else 0.
-
-        Args:
-            token_ids_0: ids of the first sequence.
-            token_ids_1: ids of an optional second sequence.
-            already_has_special_tokens: the ids already contain special tokens;
-                mark every special id found in them.
-
-        Returns:
-            The mask, one entry per id of the built sequence.
-        """
+        """1 where `build_inputs_with_special_tokens` puts a special token (or, with
+        `already_has_special_tokens`, at every special id of the ids), else 0."""
         if already_has_special_tokens:
             special = set(self.all_special_ids)
             ids = token_ids_0 + (token_ids_1 or [])
@@ -590,7 +517,7 @@ class NDMTokenizer(PreTrainedTokenizerFast):
         # SentencePiece decodes runs of ordinary ids (byte-fallback pieces
         # included); special and added tokens become their strings, separated
         # by single spaces.
-        text = self._join_segments(
+        text = join_segments(
             ids,
             self.sp_model.decode_ids,
             self.added_tokens_decoder,
@@ -604,118 +531,7 @@ class NDMTokenizer(PreTrainedTokenizerFast):
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         """Join pieces into text; special tokens stay as their strings, spaced."""
-        return self._join_segments(tokens, self.sp_model.decode_pieces, self.added_tokens_encoder)
-
-    @staticmethod
-    def _join_segments(items, decode, special, render=str) -> str:
-        """Decode runs of non-special items with `decode`; join all parts with spaces."""
-        parts: list[str] = []
-        run: list = []
-        for item in items:
-            if item in special:
-                if run:
-                    parts.append(decode(run))
-                    run = []
-                parts.append(render(item))
-            else:
-                run.append(item)
-        if run:
-            parts.append(decode(run))
-        return " ".join(p for p in parts if p)
-
-    def normalize(self, text: str) -> str:
-        """The canonical form of `text`: what decoding its encoding gives back.
-
-        SentencePiece's normalisation (the rule chosen at training: NFKC,
-        whitespace runs collapsed and trimmed, optional case folding) applied
-        to the text between special tokens; special tokens kept, every part
-        joined by one space. For every string `x`,
-        `decode(encode(x, add_special_tokens=False)) == normalize(x)`.
-
-        Args:
-            text: any string.
-
-        Returns:
-            The normalised string.
-        """
-        pattern = self._splitter()
-        parts = []
-        for k, chunk in enumerate(pattern.split(text) if pattern is not None else [text]):
-            if k % 2:
-                parts.append(chunk)
-                continue
-            norm = self.sp_model.normalize(chunk).replace(_SPIECE_UNDERLINE, " ")
-            # SentencePiece prefixes one (dummy) space that decoding removes again.
-            parts.append(norm[1:] if norm.startswith(" ") else norm)
-        return " ".join(p for p in parts if p)
-
-    # ------------------------------------------------------------------ contexts
-    def join_turns(self, turns: Sequence[str]) -> str:
-        """The text form of a context: `turns` joined by `" <sep> "`.
-
-        `tokenizer(join_turns(turns))["input_ids"] == encode_context(turns)`, and
-        so does `apply_chat_template([{"role": ..., "content": turn}, ...])`.
-
-        Args:
-            turns: the turns of a dialogue context, oldest first.
-
-        Returns:
-            One string.
-        """
-        if isinstance(turns, str):
-            raise TypeError("turns must be a sequence of strings, not one string")
-        return f" {SEP_TOKEN} ".join(turns)
-
-    def encode_context(self, turns: Sequence[str], max_length: int | None = None) -> list[int]:
-        """Encode a dialogue context: `t1 <sep> t2 <sep> ... tn </s>`.
-
-        Longer than `max_length`, the sequence is cut from the left, token by
-        token, so the most recent turns stay whole and the oldest kept turn
-        may be partial; `</s>` is always kept, and a `<sep>` left at the very
-        start by the cut is dropped (the result is then one id shorter).
-
-        Args:
-            turns: the turns, oldest first (strings; an empty list gives `[</s>]`).
-            max_length: maximum number of ids, `</s>` included (>= 1), or None.
-
-        Returns:
-            The ids.
-        """
-        if isinstance(turns, str):
-            raise TypeError("encode_context takes a list of turns, not one string")
-        if max_length is not None and max_length < 1:
-            raise ValueError(f"max_length must be >= 1 (room for </s>), got {max_length}")
-        ids: list[int] = []
-        for i, turn_ids in enumerate(self.segment(list(turns))):
-            if i:
-                ids.append(SEP_ID)
-            ids.extend(turn_ids)
-        if max_length is not None and len(ids) + 1 > max_length:
-            ids = ids[len(ids) - (max_length - 1) :] if max_length > 1 else []
-            if ids and ids[0] == SEP_ID:
-                ids = ids[1:]
-        return [*ids, EOS_ID]
-
-    def batch_encode_contexts(
-        self,
-        contexts: Sequence[Sequence[str]],
-        max_length: int | None = None,
-        padding: bool | str = True,
-        return_tensors: str | None = None,
-    ) -> BatchEncoding:
-        """`encode_context` for a batch, padded with `<pad>` (id 0) on the right.
-
-        Args:
-            contexts: B contexts, each a list of turns.
-            max_length: per-context limit (left truncation, see `encode_context`).
-            padding: as transformers' `pad` (True = to the longest).
-            return_tensors: None (lists), "pt", "np".
-
-        Returns:
-            `input_ids` and `attention_mask`, each (B, T) when padded.
-        """
-        features = {"input_ids": [self.encode_context(c, max_length) for c in contexts]}
-        return self.pad(features, padding=padding, return_tensors=return_tensors)
+        return join_segments(tokens, self.sp_model.decode_pieces, self.added_tokens_encoder)
 
 
 def register_tokenizer(config_class: type | None = None) -> None:
@@ -736,34 +552,3 @@ def register_tokenizer(config_class: type | None = None) -> None:
 
         config_class = NDMConfig
     AutoTokenizer.register(config_class, tokenizer_class=NDMTokenizer, exist_ok=True)
-
-
-def _load_processor(vocab_file: str | None, proto: bytes | None) -> spm.SentencePieceProcessor:
-    sp = spm.SentencePieceProcessor()
-    if proto is not None:
-        sp.LoadFromSerializedProto(proto)
-        return sp
-    if not os.path.isfile(vocab_file):
-        raise FileNotFoundError(f"NDMTokenizer: SentencePiece model file '{vocab_file}' not found")
-    try:
-        sp.Load(vocab_file)
-    except (OSError, RuntimeError) as e:
-        raise ValueError(
-            f"NDMTokenizer: '{vocab_file}' is not a readable SentencePiece model: {e}"
-        ) from e
-    return sp
-
-
-def _check_special_pieces(sp: spm.SentencePieceProcessor, source: str) -> None:
-    found = {
-        token: (sp.id_to_piece(i) if i < sp.get_piece_size() else None)
-        for token, i in SPECIAL_TOKENS.items()
-    }
-    wrong = {t: p for t, p in found.items() if p != t}
-    if wrong:
-        raise ValueError(
-            f"NDMTokenizer: SentencePiece model {source} has the wrong special pieces: expected "
-            f"{SPECIAL_TOKENS}, found "
-            + ", ".join(f"id {SPECIAL_TOKENS[t]} = {p!r}" for t, p in wrong.items())
-            + "; train it with NDMTokenizer.train"
-        )

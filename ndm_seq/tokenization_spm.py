@@ -29,6 +29,8 @@ measures the agreement.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterator
 
 import sentencepiece as spm
@@ -228,7 +230,25 @@ def train_model(
 
     Each text is split on newlines, empty lines skipped. The first four special
     tokens become SentencePiece's pad/unk/bos/eos pieces, the rest control
-    symbols right after them (see `NDMTokenizer.train` for the arguments).
+    symbols right after them.
+
+    Args:
+        texts: any iterable of strings (consumed once, streamed to SentencePiece).
+        vocab_size: upper bound on the vocabulary size, special and byte pieces
+            included. Soft: a small corpus may give fewer pieces.
+        special_tokens: token -> id, pad, unk, bos, eos first.
+        model_type: SentencePiece algorithm, "unigram" or "bpe".
+        normalization: "nmt_nfkc" (NFKC, control characters removed, whitespace
+            runs collapsed and trimmed), "nfkc", or "identity" (only whitespace clean-up).
+        lowercase: add Unicode case folding to the normalisation (stored in the
+            model, so it also applies at encoding time; "ß" -> "ss").
+        character_coverage: fraction of characters covered by single-character
+            pieces; the rest goes through byte fallback.
+        byte_fallback: encode characters outside the vocabulary as UTF-8 byte
+            pieces instead of `<unk>`, so every text round-trips.
+        input_sentence_size: if > 0, SentencePiece samples this many sentences.
+        num_threads: training threads.
+        seed: seed for SentencePiece's sampling (sets its process-wide generator).
     """
     import io
 
@@ -291,3 +311,116 @@ def train_model(
     if n_lines == 0:
         raise ValueError("NDMTokenizer.train got no non-empty text")
     return model.getvalue()
+
+
+# ---------------------------------------------------------------------------
+# helpers of NDMTokenizer (ndm_seq/tokenization_ndm.py)
+
+
+def load_processor(vocab_file: str | None, proto: bytes | None) -> spm.SentencePieceProcessor:
+    """A SentencePiece processor from `proto` bytes or from the file `vocab_file`."""
+    sp = spm.SentencePieceProcessor()
+    if proto is not None:
+        sp.LoadFromSerializedProto(proto)
+        return sp
+    if not os.path.isfile(vocab_file):
+        raise FileNotFoundError(f"NDMTokenizer: SentencePiece model file '{vocab_file}' not found")
+    try:
+        sp.Load(vocab_file)
+    except (OSError, RuntimeError) as e:
+        raise ValueError(
+            f"NDMTokenizer: '{vocab_file}' is not a readable SentencePiece model: {e}"
+        ) from e
+    return sp
+
+
+def check_special_pieces(
+    sp: spm.SentencePieceProcessor, source: str, special_tokens: dict[str, int]
+) -> None:
+    """Raise ValueError unless each special token is the piece of its fixed id."""
+    found = {
+        token: (sp.id_to_piece(i) if i < sp.get_piece_size() else None)
+        for token, i in special_tokens.items()
+    }
+    wrong = {t: p for t, p in found.items() if p != t}
+    if wrong:
+        raise ValueError(
+            f"NDMTokenizer: SentencePiece model {source} has the wrong special pieces: expected "
+            f"{special_tokens}, found "
+            + ", ".join(f"id {special_tokens[t]} = {p!r}" for t, p in wrong.items())
+            + "; train it with NDMTokenizer.train"
+        )
+
+
+def truncate_ids(
+    a: list[int], b: list[int] | None, room: int, strategy: str, left: bool, sep_id: int
+) -> tuple[list[int], list[int] | None]:
+    """Cut `a` (and `b`) to `room` ids in all, from the left or the right.
+
+    A single sequence cut from the left loses a `sep_id` left at its start, as
+    `encode_context` does (it would separate nothing). Pairs follow transformers'
+    strategies: "only_first", "only_second", else longest first.
+    """
+
+    def cut(ids: list[int], n: int) -> list[int]:
+        return ids[len(ids) - n :] if left else ids[:n]
+
+    if b is None:
+        if len(a) <= room:
+            return a, None
+        a = cut(a, room)
+        return (a[1:] if left and a[:1] == [sep_id] else a), None
+    excess = len(a) + len(b) - room
+    if excess <= 0:
+        return a, b
+    if strategy == "only_first":
+        return cut(a, max(len(a) - excess, 0)), b
+    if strategy == "only_second":
+        return a, cut(b, max(len(b) - excess, 0))
+    na, nb = len(a), len(b)
+    for _ in range(excess):  # one id at a time from the longer one (transformers' rule)
+        if na > nb:
+            na -= 1
+        else:
+            nb -= 1
+    return cut(a, na), cut(b, nb)
+
+
+def saved_added_tokens(tokenizer_file: str | None, vocab_size: int) -> list[tuple[AddedToken, int]]:
+    """Tokens a user added (ids from `vocab_size` on) in a saved tokenizer.json, by id."""
+    if not tokenizer_file or not os.path.isfile(tokenizer_file):
+        return []
+    with open(tokenizer_file, encoding="utf-8") as f:
+        saved = json.load(f).get("added_tokens", [])
+    extra = sorted((t for t in saved if t["id"] >= vocab_size), key=lambda t: t["id"])
+    return [
+        (
+            AddedToken(
+                entry["content"],
+                single_word=entry.get("single_word", False),
+                lstrip=entry.get("lstrip", False),
+                rstrip=entry.get("rstrip", False),
+                normalized=entry.get("normalized", True),
+                special=entry.get("special", False),
+            ),
+            entry["id"],
+        )
+        for entry in extra
+    ]
+
+
+def join_segments(items, decode, special, render=str) -> str:
+    """Decode runs of non-special items with `decode`; join all parts with spaces."""
+    parts: list[str] = []
+    run: list = []
+    for item in items:
+        if item in special:
+            if run:
+                parts.append(decode(run))
+                run = []
+            parts.append(render(item))
+        else:
+            run.append(item)
+    if run:
+        parts.append(decode(run))
+    return " ".join(p for p in parts if p)
