@@ -29,12 +29,10 @@ ndm-seq tokenizer bit for bit. The `tokenizers` backend (`tokenizer.json`,
 converted by `ndm_seq.tokenization_spm`) does everything else and serves other
 tools; it agrees with SentencePiece except on exact score ties (its docstring).
 
-Saved as `spiece.model` (the SentencePiece protobuf, the source of truth),
-`tokenizer.json` (derived from it) and `tokenizer_config.json`
-(`"tokenizer_class": "NDMTokenizer"`); folders of older versions (no
-`tokenizer.json`) load unchanged. Loading parses protobuf and JSON only,
-nothing is unpickled. `AutoTokenizer` finds the class once
-`register_tokenizer()` has run (`import ndm_seq` does it).
+Saved as `spiece.model` (the source of truth), `tokenizer.json` (derived) and
+`tokenizer_config.json`; folders of older versions (no `tokenizer.json`) load
+unchanged; nothing is unpickled. `import ndm_seq` registers the class with
+`AutoTokenizer` (`register_tokenizer`).
 """
 
 from __future__ import annotations
@@ -76,9 +74,8 @@ SPECIAL_TOKENS: dict[str, int] = {
 """Every special token and its id; `train` puts them there and loading checks it."""
 
 DEFAULT_MODEL_MAX_LENGTH = 512
-"""`model_max_length` of a tokenizer trained without one: `NDMConfig`'s default
-`max_position_embeddings`, the longest input a default transformer backbone takes.
-`ndm-seq train` sets the run's `data.max_context_tokens` instead."""
+"""`model_max_length` unless given: NDMConfig's default `max_position_embeddings`
+(`ndm-seq train` gives the run's `data.max_context_tokens`)."""
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if not loop.first %} <sep> {% endif %}"
@@ -117,8 +114,7 @@ class NDMTokenizer(DialogueContextsMixin, PreTrainedTokenizerFast):
     Args:
         vocab_file: path to a SentencePiece `.model` file whose first five
             pieces are `<pad> <unk> <s> </s> <sep>` (as `train` makes them).
-        tokenizer_file: ignored (the `tokenizer.json` `from_pretrained` finds;
-            it is derived from `vocab_file`).
+        tokenizer_file: a saved `tokenizer.json`: only tokens a user added are read.
         sp_model_proto: the serialized model instead of a file (what `train`
             passes when it writes nothing to disk). Exactly one of the two.
         clean_up_tokenization_spaces: transformers' English-specific clean-up
