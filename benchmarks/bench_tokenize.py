@@ -9,10 +9,13 @@ left/right cuts (64 context, 32 response tokens, the recipes' limits).
 Contenders, the same SentencePiece model (trained here on the pairs, 8,000 pieces,
 as `ndm-seq train` does):
 
-- `slow`: the pure-Python `PreTrainedTokenizer` of ndm-seq <= issue 13
-  (tests/fixtures/legacy_tokenization_ndm.py, a frozen copy);
-- `fast`: today's `NDMTokenizer` (a `PreTrainedTokenizerFast`; SentencePiece's
-  C++ batch encoder segments the text).
+- `slow`: the code of ndm-seq <= issue 13, frozen under tests/fixtures: the
+  pure-Python `PreTrainedTokenizer` (legacy_tokenization_ndm.py) called by the
+  `TokenizePairs` of then (legacy_tokenize_pairs.py: every text of a batch,
+  repeats included);
+- `fast`: today's `TokenizePairs` (each distinct text of a batch once) calling
+  today's `NDMTokenizer` (a `PreTrainedTokenizerFast`; SentencePiece's C++ batch
+  encoder segments the text).
 
 Both run in this process, interleaved, on the first `--pairs` chitchat training
 pairs (default 20,000); each figure is the median of `--repeats` passes. The
@@ -40,13 +43,13 @@ BATCH = 1000
 MAX_SOURCE, MAX_TARGET = 64, 32
 
 
-def legacy_class():
-    """The slow tokenizer of earlier versions, from its frozen copy under tests/fixtures."""
-    path = REPO / "tests" / "fixtures" / "legacy_tokenization_ndm.py"
-    spec = importlib.util.spec_from_file_location("legacy_tokenization_ndm", path)
+def legacy(name: str):
+    """A module of earlier versions, from its frozen copy under tests/fixtures."""
+    path = REPO / "tests" / "fixtures" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.NDMTokenizer
+    return module
 
 
 def chitchat_pairs(limit: int) -> dict[str, list]:
@@ -98,7 +101,10 @@ def main() -> int:
     pairs = chitchat_pairs(args.pairs)
     texts = [t for c, r in zip(pairs["context"], pairs["response"], strict=True) for t in [*c, r]]
     fast = NDMTokenizer.train(texts, vocab_size=8000, num_threads=2)
-    slow = legacy_class()(sp_model_proto=fast.sp_model.serialized_model_proto())
+    slow = legacy("legacy_tokenization_ndm").NDMTokenizer(
+        sp_model_proto=fast.sp_model.serialized_model_proto()
+    )
+    old_pairs = legacy("legacy_tokenize_pairs").TokenizePairs
     n = len(pairs["response"])
     print(
         f"cpu={platform.processor() or platform.machine()} cores={os.cpu_count()} "
@@ -108,7 +114,7 @@ def main() -> int:
         f"limits {MAX_SOURCE}/{MAX_TARGET}, {fast.vocab_size} pieces, repeats={args.repeats}"
     )
     contenders = {
-        "slow (PreTrainedTokenizer, <= issue 13)": TokenizePairs(slow, MAX_SOURCE, MAX_TARGET),
+        "slow (PreTrainedTokenizer, <= issue 13)": old_pairs(slow, MAX_SOURCE, MAX_TARGET),
         "fast (NDMTokenizer, PreTrainedTokenizerFast)": TokenizePairs(fast, MAX_SOURCE, MAX_TARGET),
     }
     wall: dict[str, list[float]] = {name: [] for name in contenders}

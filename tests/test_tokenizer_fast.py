@@ -1,4 +1,4 @@
-"""NDMTokenizer as a fast tokenizer (issue 14 §1).
+"""NDMTokenizer as a fast tokenizer (issue 14, point 1).
 
 The reference is the slow tokenizer of earlier versions, kept frozen in
 tests/fixtures/legacy_tokenization_ndm.py: on a sample of chitchat utterances
@@ -61,10 +61,8 @@ ODD_TEXTS = [
 ]
 
 
-def _legacy_module():
-    spec = importlib.util.spec_from_file_location(
-        "legacy_tokenization_ndm", FIXTURES / "legacy_tokenization_ndm.py"
-    )
+def _legacy_module(name: str = "legacy_tokenization_ndm"):
+    spec = importlib.util.spec_from_file_location(name, FIXTURES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -119,7 +117,10 @@ def test_contexts_and_prepare_identical_to_the_slow_tokenizer(tok, legacy, sampl
         for max_length in (None, 1, 2, 7, 24):
             assert tok.encode_context(turns, max_length) == legacy.encode_context(turns, max_length)
     batch = {"context": contexts, "response": sample[: len(contexts)]}
-    assert TokenizePairs(tok, 24, 12)(batch) == TokenizePairs(legacy, 24, 12)(batch)
+    # prepare's TokenizePairs of today and of earlier versions (frozen copy): same rows.
+    old_pairs = _legacy_module("legacy_tokenize_pairs").TokenizePairs
+    for limits in ((24, 12), (1, 1), (200, 100)):
+        assert TokenizePairs(tok, *limits)(batch) == old_pairs(legacy, *limits)(batch)
 
 
 def test_tokenizer_json_agrees_with_sentencepiece_but_for_exact_ties(tok, sample, tmp_path):
