@@ -1,44 +1,66 @@
-"""SentencePiece tokenizer for ndm-seq, wrapped as a Hugging Face tokenizer.
+"""SentencePiece tokenizer for ndm-seq, as a transformers fast tokenizer.
 
 `NDMTokenizer.train` learns a SentencePiece model from any iterator of texts
-(no temporary files); the result behaves like any transformers tokenizer
-(`__call__`, `pad`, `decode`, `save_pretrained`, `AutoTokenizer.from_pretrained`)
-and adds what a dialogue encoder-decoder needs:
+(no temporary files); the result is a `PreTrainedTokenizerFast` (`is_fast`,
+a `tokenizers` backend, `tokenizer.json`) that behaves like any transformers
+tokenizer (`__call__`, `pad`, `decode`, `apply_chat_template`,
+`save_pretrained`, `AutoTokenizer.from_pretrained`) and adds what a dialogue
+encoder-decoder needs:
 
 - fixed special ids, the same in every model this module trains:
   `<pad>` 0, `<unk>` 1, `<s>` 2 (bos, the decoder start token), `</s>` 3 (eos),
   `<sep>` 4 (turn separator);
 - `encode_context(turns, max_length)` joins the turns of a dialogue context
   with `<sep>` and truncates from the left, so the most recent turns survive;
+  `truncation_side="left"` makes `tok(join_turns(turns), truncation=True,
+  max_length=n)` and the chat template give the same ids;
 - every encoded sequence (`__call__`, `encode`, `encode_context`) ends with
   `</s>`: labels for the decoder end with eos, and the model shifts them right
   behind `<s>` (`decoder_start_token_id = bos_token_id`).
 
-Text normalisation is SentencePiece's own (compiled into the `.model` file):
-NFKC plus whitespace clean-up by default, optionally Unicode case folding.
-`tokenizer.normalize(text)` returns the canonical form, so that for every text
-`decode(encode(text, add_special_tokens=False)) == normalize(text)`.
-Unknown characters fall back to UTF-8 byte pieces, so nothing becomes `<unk>`.
+Normalisation is SentencePiece's own (NFKC and whitespace clean-up, optionally
+case folding; `normalize(text)` gives the canonical form, `decode(encode(x,
+add_special_tokens=False)) == normalize(x)`); unknown characters fall back to
+UTF-8 byte pieces (tokenization_contexts.py holds the context methods).
 
-Saved as two files: `spiece.model` (the SentencePiece protobuf) and
-`tokenizer_config.json` (`"tokenizer_class": "NDMTokenizer"`); loading parses
-the protobuf and JSON only, nothing is unpickled. `AutoTokenizer` finds the
-class once `register_tokenizer()` has run (`import ndm_seq` does it).
+Ids: text between special tokens is segmented by SentencePiece's C++ batch
+encoder, the model SentencePiece trained, so the ids are those of every earlier
+ndm-seq tokenizer bit for bit. The `tokenizers` backend (`tokenizer.json`,
+converted by `ndm_seq.tokenization_spm`) does everything else and serves other
+tools; it agrees with SentencePiece except on exact score ties (its docstring).
+
+Saved as `spiece.model` (the source of truth), `tokenizer.json` (derived) and
+`tokenizer_config.json`; folders of older versions (no `tokenizer.json`) load
+unchanged; nothing is unpickled. `import ndm_seq` registers the class with
+`AutoTokenizer` (`register_tokenizer`).
 """
 
 from __future__ import annotations
 
-import io
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
-import sentencepiece as spm
-from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizer
+from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerFast
+from transformers.tokenization_utils_base import PaddingStrategy, TruncationStrategy
+
+from ndm_seq.tokenization_contexts import DialogueContextsMixin
+from ndm_seq.tokenization_spm import (
+    NORMALIZATIONS,
+    check_special_pieces,
+    join_segments,
+    load_processor,
+    saved_added_tokens,
+    to_tokenizers,
+    train_model,
+    truncate_ids,
+)
 
 VOCAB_FILE = "spiece.model"
 """Name of the SentencePiece model file inside a saved tokenizer directory."""
+TOKENIZER_FILE = "tokenizer.json"
+"""Name of the `tokenizers` serialization (derived from `spiece.model`)."""
 
 PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, SEP_TOKEN = "<pad>", "<unk>", "<s>", "</s>", "<sep>"
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, SEP_ID = 0, 1, 2, 3, 4
@@ -51,41 +73,71 @@ SPECIAL_TOKENS: dict[str, int] = {
 }
 """Every special token and its id; `train` puts them there and loading checks it."""
 
-NORMALIZATIONS = ("nmt_nfkc", "nfkc", "identity")
-"""SentencePiece normalisation rules `train` accepts (`lowercase` adds case folding)."""
+DEFAULT_MODEL_MAX_LENGTH = 512
+"""`model_max_length` unless given: NDMConfig's default `max_position_embeddings`
+(`ndm-seq train` gives the run's `data.max_context_tokens`)."""
 
-_SPIECE_UNDERLINE = "▁"  # U+2581, SentencePiece's marker for a preceding space
-_BYTE_PIECES = 256
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if not loop.first %} <sep> {% endif %}"
+    "{{ message['content'] }}{% endfor %}{{ eos_token }}"
+)
+"""The turns' contents joined by `" <sep> "`, then `</s>`: tokenised, the ids of
+`encode_context` (roles are not encoded; the decoder starts from `<s>` by itself)."""
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "NORMALIZATIONS",
+    "SPECIAL_TOKENS",
+    "TOKENIZER_FILE",
+    "VOCAB_FILE",
+    "NDMTokenizer",
+    "register_tokenizer",
+]
+
+_UNSUPPORTED = {
+    "is_split_into_words": "pre-split words",
+    "return_offsets_mapping": "offset mappings",
+    "return_overflowing_tokens": "overflowing tokens",
+    "stride": "a stride",
+}
 
 
-class NDMTokenizer(PreTrainedTokenizer):
-    """SentencePiece tokenizer for dialogue contexts and responses.
+class NDMTokenizer(DialogueContextsMixin, PreTrainedTokenizerFast):
+    """SentencePiece tokenizer for dialogue contexts and responses (a fast tokenizer).
 
     Build one with `NDMTokenizer.train(texts)`, or load one with
     `NDMTokenizer.from_pretrained(dir)` / `AutoTokenizer.from_pretrained(dir)`.
-    The base class is transformers' pure-Python `PreTrainedTokenizer`: there is
-    no `tokenizer.json`, the SentencePiece model does the segmentation, and
-    special tokens are split out of the text before it reaches SentencePiece.
+    The backend is built from the SentencePiece model on every load (a
+    `tokenizer.json` next to it is written for other tools, not read back), and
+    special tokens are split out of the text before normalisation.
 
     Args:
         vocab_file: path to a SentencePiece `.model` file whose first five
             pieces are `<pad> <unk> <s> </s> <sep>` (as `train` makes them).
+        tokenizer_file: a saved `tokenizer.json`: only tokens a user added are read.
         sp_model_proto: the serialized model instead of a file (what `train`
             passes when it writes nothing to disk). Exactly one of the two.
         clean_up_tokenization_spaces: transformers' English-specific clean-up
             after decoding (" ." -> "."). Off by default: it would break the
             round trip `decode(encode(x)) == normalize(x)`.
-        **kwargs: passed to `PreTrainedTokenizer` (`model_max_length`,
+        **kwargs: passed to `PreTrainedTokenizerFast` (`model_max_length`,
             `padding_side`, ...). Special tokens are fixed and must not be
             changed: the ids are part of every trained model.
     """
 
-    vocab_files_names: ClassVar[dict[str, str]] = {"vocab_file": VOCAB_FILE}
+    vocab_files_names: ClassVar[dict[str, str]] = {
+        "vocab_file": VOCAB_FILE,
+        "tokenizer_file": TOKENIZER_FILE,
+    }
     model_input_names: ClassVar[list[str]] = ["input_ids", "attention_mask"]  # no token_type_ids
+    derived_files: ClassVar[tuple[str, ...]] = (TOKENIZER_FILE, "chat_template.jinja")
+    """Saved files computed from `spiece.model` and the config; prepare's tokenizer
+    fingerprint leaves them out, so old and new folders of one model hash alike."""
 
     def __init__(
         self,
         vocab_file: str | None = None,
+        tokenizer_file: str | None = None,
         *,
         sp_model_proto: bytes | None = None,
         clean_up_tokenization_spaces: bool = False,
@@ -113,16 +165,35 @@ class NDMTokenizer(PreTrainedTokenizer):
                     f"got {str(given)!r}"
                 )
             kwargs[name] = token
+        for backend_kwarg in ("tokenizer_object", "vocab", "merges", "backend"):
+            kwargs.pop(backend_kwarg, None)
+        kwargs.setdefault("truncation_side", "left")
+        kwargs.setdefault("model_max_length", DEFAULT_MODEL_MAX_LENGTH)
+        kwargs.setdefault("chat_template", CHAT_TEMPLATE)
         # Only the file path (never the model bytes) may reach init_kwargs, which
         # save_pretrained writes to tokenizer_config.json.
-        self.vocab_file = vocab_file
-        self.sp_model = _load_processor(vocab_file, sp_model_proto)
-        _check_special_pieces(self.sp_model, vocab_file or "<sp_model_proto>")
+        self.sp_model = load_processor(vocab_file, sp_model_proto)
+        check_special_pieces(self.sp_model, vocab_file or "<sp_model_proto>", SPECIAL_TOKENS)
+        self._split_cache: tuple[tuple[str, ...], re.Pattern | None] = ((), None)
         super().__init__(
+            tokenizer_object=to_tokenizers(self.sp_model.serialized_model_proto(), SPECIAL_TOKENS),
             vocab_file=vocab_file,
             clean_up_tokenization_spaces=clean_up_tokenization_spaces,
             **kwargs,
         )
+        for token, saved_id in saved_added_tokens(tokenizer_file, self.vocab_size):
+            # Tokens a user added live in tokenizer.json only: re-add them, same ids.
+            self.add_tokens([token], special_tokens=token.special)
+            if self.convert_tokens_to_ids(token.content) != saved_id:
+                raise ValueError(
+                    f"NDMTokenizer: added token {token.content!r} of {tokenizer_file} has id "
+                    f"{saved_id}, not the next free id after {VOCAB_FILE}'s pieces"
+                )
+
+    @classmethod
+    def convert_to_native_format(cls, trust_remote_code: bool = False, **kwargs: Any) -> dict:
+        """Keep the loading arguments as they are: `__init__` builds the backend itself."""
+        return kwargs
 
     # ------------------------------------------------------------------ training
     @classmethod
@@ -142,115 +213,30 @@ class NDMTokenizer(PreTrainedTokenizer):
         save_directory: str | os.PathLike | None = None,
         **init_kwargs: Any,
     ) -> NDMTokenizer:
-        """Train a SentencePiece model on `texts` and wrap it.
-
-        Each text is split on newlines; empty lines are skipped. Nothing is
-        written to disk unless `save_directory` is given.
-
-        Args:
-            texts: any iterable of strings (consumed once, streamed to
-                SentencePiece), e.g. every turn of the training split.
-            vocab_size: upper bound on the vocabulary size, special and byte
-                pieces included. Soft: a small corpus may give fewer pieces.
-            model_type: SentencePiece algorithm, "unigram" or "bpe".
-            normalization: "nmt_nfkc" (NFKC, control characters removed,
-                whitespace runs collapsed and trimmed; the default), "nfkc", or
-                "identity" (only whitespace clean-up).
-            lowercase: add Unicode case folding to the normalisation (stored in
-                the model, so it also applies at encoding time). Case folding
-                is a little more than `str.lower` ("ß" -> "ss").
-            character_coverage: fraction of characters covered by single-character
-                pieces; the rest goes through byte fallback.
-            byte_fallback: encode characters outside the vocabulary as UTF-8
-                byte pieces instead of `<unk>`, so every text round-trips.
-            input_sentence_size: if > 0, SentencePiece samples this many
-                sentences (for corpora too large to hold in memory).
-            num_threads: training threads.
-            seed: seed for SentencePiece's sampling (sets its process-wide generator).
-            save_directory: if given, also `save_pretrained` the result there.
-            **init_kwargs: passed to `NDMTokenizer(...)` (e.g. `model_max_length`).
-
-        Returns:
-            The trained tokenizer.
+        """Train a SentencePiece model on `texts` (every turn of the training split,
+        say) and wrap it; arguments as `ndm_seq.tokenization_spm.train_model`.
+        Nothing is written to disk unless `save_directory` is given (then
+        `save_pretrained` there); `init_kwargs` go to `NDMTokenizer(...)` (e.g.
+        `model_max_length`).
 
         Raises:
             ValueError: unknown `model_type` / `normalization`, a vocabulary
                 too small for the special (and byte) pieces, or no text.
         """
-        if model_type not in ("unigram", "bpe"):
-            raise ValueError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(
-                f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}"
-            )
-        if lowercase and normalization == "identity":
-            raise ValueError(
-                "lowercase=True needs normalization 'nmt_nfkc' or 'nfkc', not 'identity'"
-            )
-        min_size = len(SPECIAL_TOKENS) + (_BYTE_PIECES if byte_fallback else 0) + 1
-        if vocab_size < min_size:
-            raise ValueError(
-                f"vocab_size={vocab_size} is too small: the {len(SPECIAL_TOKENS)} special pieces"
-                f"{f' and {_BYTE_PIECES} byte-fallback pieces' if byte_fallback else ''} "
-                f"need at least {min_size}"
-            )
-
-        n_lines = 0
-        bad_item: TypeError | None = None
-
-        def lines() -> Iterator[str]:
-            nonlocal n_lines, bad_item
-            for i, text in enumerate(texts):
-                if not isinstance(text, str):
-                    # SentencePiece would wrap the error in a RuntimeError: keep it.
-                    bad_item = TypeError(f"texts must yield str; item {i} is {type(text).__name__}")
-                    raise bad_item
-                for line in text.splitlines():
-                    if line.strip():
-                        n_lines += 1
-                        yield line
-
-        model = io.BytesIO()
-        # SentencePiece has no per-call seed: this sets its process-wide generator.
-        spm.set_random_generator_seed(seed)
-        rule = normalization + ("_cf" if lowercase else "")
-        try:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=lines(),
-                model_writer=model,
-                vocab_size=vocab_size,
-                hard_vocab_limit=False,
-                model_type=model_type,
-                normalization_rule_name=rule,
-                character_coverage=character_coverage,
-                byte_fallback=byte_fallback,
-                input_sentence_size=input_sentence_size,
-                shuffle_input_sentence=input_sentence_size > 0,
-                num_threads=num_threads,
-                pad_id=PAD_ID,
-                unk_id=UNK_ID,
-                bos_id=BOS_ID,
-                eos_id=EOS_ID,
-                pad_piece=PAD_TOKEN,
-                unk_piece=UNK_TOKEN,
-                bos_piece=BOS_TOKEN,
-                eos_piece=EOS_TOKEN,
-                # Control symbols come right after the four meta pieces: <sep> = 4.
-                # Control (not user-defined) so that SentencePiece never matches it
-                # inside text: special tokens are split out by the transformers layer
-                # before normalisation, and only there (NFKC of "＜sep＞" stays text).
-                control_symbols=[SEP_TOKEN],
-                minloglevel=2,
-            )
-        except RuntimeError as e:
-            if bad_item is not None:
-                raise bad_item from None
-            if n_lines == 0:
-                raise ValueError("NDMTokenizer.train got no non-empty text") from e
-            raise
-        if n_lines == 0:
-            raise ValueError("NDMTokenizer.train got no non-empty text")
-        tokenizer = cls(sp_model_proto=model.getvalue(), **init_kwargs)
+        proto = train_model(
+            texts,
+            vocab_size,
+            SPECIAL_TOKENS,
+            model_type=model_type,
+            normalization=normalization,
+            lowercase=lowercase,
+            character_coverage=character_coverage,
+            byte_fallback=byte_fallback,
+            input_sentence_size=input_sentence_size,
+            num_threads=num_threads,
+            seed=seed,
+        )
+        tokenizer = cls(sp_model_proto=proto, **init_kwargs)
         if save_directory is not None:
             tokenizer.save_pretrained(save_directory)
         return tokenizer
@@ -290,7 +276,8 @@ class NDMTokenizer(PreTrainedTokenizer):
     ) -> tuple[str, ...]:
         """Write the SentencePiece model (`spiece.model`) into `save_directory`.
 
-        Called by `save_pretrained`, which also writes `tokenizer_config.json`.
+        Called by `save_pretrained`, which also writes `tokenizer.json` and
+        `tokenizer_config.json`.
 
         Args:
             save_directory: an existing directory.
@@ -310,6 +297,18 @@ class NDMTokenizer(PreTrainedTokenizer):
             f.write(self.sp_model.serialized_model_proto())
         return (out,)
 
+    def _save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        file_names: tuple[str, ...],
+        legacy_format: bool | None = None,
+        filename_prefix: str | None = None,
+    ) -> tuple[str, ...]:
+        # transformers' hook for the files besides tokenizer_config.json (pinned in
+        # tests/test_private_apis.py): the fast base writes only tokenizer.json.
+        files = super()._save_pretrained(save_directory, file_names, legacy_format, filename_prefix)
+        return (*files, *self.save_vocabulary(str(save_directory), filename_prefix))
+
     # Pickling (datasets.map with workers, deepcopy) ships the model bytes.
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -318,55 +317,163 @@ class NDMTokenizer(PreTrainedTokenizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
-        state["sp_model"] = _load_processor(None, state["sp_model"])
+        state["sp_model"] = load_processor(None, state["sp_model"])
         self.__dict__.update(state)
-
-    # ------------------------------------------------------------------ vocabulary
-    @property
-    def vocab_size(self) -> int:
-        """Number of SentencePiece pieces (special and byte pieces included)."""
-        return self.sp_model.get_piece_size()
-
-    def get_vocab(self) -> dict[str, int]:
-        """Return the mapping piece -> id (plus any tokens added later)."""
-        vocab = {self.sp_model.id_to_piece(i): i for i in range(self.vocab_size)}
-        vocab.update(self.added_tokens_encoder)
-        return vocab
 
     @property
     def decoder_start_token_id(self) -> int:
         """The token the decoder starts from: `<s>` (id 2)."""
         return BOS_ID
 
-    def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
-        # `text` is a chunk between special tokens (the base class splits those out).
-        return self.sp_model.encode(text, out_type=str)
+    # ------------------------------------------------------------------ encoding
+    def _splitter(self) -> re.Pattern | None:
+        """Regex splitting text at added tokens: leftmost match, the longest one there."""
+        added = tuple(sorted(self.added_tokens_encoder, key=len, reverse=True))
+        if added != self._split_cache[0]:
+            pattern = re.compile("(" + "|".join(map(re.escape, added)) + ")") if added else None
+            self._split_cache = (added, pattern)
+        return self._split_cache[1]
 
-    def _convert_token_to_id(self, token: str) -> int:
-        return self.sp_model.piece_to_id(token)
+    def segment(self, texts: Sequence[str], split_special_tokens: bool = False) -> list[list[int]]:
+        """Ids of each text, no special tokens added: the encoding step of `__call__`.
 
-    def _convert_id_to_token(self, index: int) -> str:
-        if not 0 <= index < self.vocab_size:
-            raise IndexError(f"token id {index} is outside the vocabulary [0, {self.vocab_size})")
-        return self.sp_model.id_to_piece(index)
+        Added (and special) tokens in the text become their ids; the text
+        between them goes to SentencePiece's batch encoder in one call.
 
-    def convert_tokens_to_string(self, tokens: list[str]) -> str:
-        """Join pieces into text; special tokens stay as their strings, spaced."""
-        return self._join_segments(tokens, self.sp_model.decode_pieces, self.added_tokens_encoder)
+        Args:
+            texts: strings.
+            split_special_tokens: treat special-token strings as plain text.
+
+        Returns:
+            One list of ids per text.
+        """
+        pattern = None if split_special_tokens else self._splitter()
+        chunks: list[str] = []
+        plans: list[list[int | str]] = []  # per text: chunk indices, or added tokens
+        for text in texts:
+            if not isinstance(text, str):
+                raise TypeError(f"NDMTokenizer encodes str, got {type(text).__name__}")
+            parts = pattern.split(text) if pattern is not None and pattern.search(text) else [text]
+            plan: list[int | str] = []
+            for k, part in enumerate(parts):
+                if k % 2:  # re.split puts the separators at odd positions
+                    plan.append(part)
+                elif part:
+                    plan.append(len(chunks))
+                    chunks.append(part)
+            plans.append(plan)
+        encoded = self.sp_model.encode(chunks) if chunks else []
+        added = self.added_tokens_encoder
+        out = []
+        for plan in plans:
+            if len(plan) == 1 and isinstance(plan[0], int):
+                out.append(encoded[plan[0]])
+                continue
+            ids: list[int] = []
+            for item in plan:
+                if isinstance(item, str):
+                    ids.append(added[item])
+                else:
+                    ids.extend(encoded[item])
+            out.append(ids)
+        return out
+
+    def _encode_plus(
+        self,
+        text: str | Sequence[str],
+        text_pair: str | Sequence[str] | None = None,
+        add_special_tokens: bool = True,
+        padding_strategy: PaddingStrategy = PaddingStrategy.DO_NOT_PAD,
+        truncation_strategy: TruncationStrategy = TruncationStrategy.DO_NOT_TRUNCATE,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str | None = None,
+        return_tensors: str | None = None,
+        return_token_type_ids: bool | None = None,
+        return_attention_mask: bool | None = None,
+        return_special_tokens_mask: bool = False,
+        return_length: bool = False,
+        verbose: bool = True,
+        split_special_tokens: bool | None = None,
+        **kwargs: Any,
+    ) -> BatchEncoding:
+        # transformers' `__call__`/`encode` route here (TokenizersBackend._encode_plus,
+        # pinned in tests/test_private_apis.py); SentencePiece segments, not the backend.
+        unsupported = [_UNSUPPORTED[k] for k in _UNSUPPORTED if kwargs.get(k)]
+        if unsupported:
+            raise ValueError(
+                f"NDMTokenizer does not return {', '.join(unsupported)}; use "
+                "tokenizer.backend_tokenizer.encode(...) (the tokenizers pipeline) for those"
+            )
+        batched = not isinstance(text, str)
+        texts = list(text) if batched else [text]
+        pairs = None
+        if text_pair is not None:
+            pairs = list(text_pair) if batched else [text_pair]
+            if len(pairs) != len(texts):
+                raise ValueError(f"{len(texts)} texts but {len(pairs)} text pairs")
+        split = self.split_special_tokens if split_special_tokens is None else split_special_tokens
+        firsts = self.segment(texts, split)
+        seconds = self.segment(pairs, split) if pairs is not None else [None] * len(firsts)
+        truncate = truncation_strategy != TruncationStrategy.DO_NOT_TRUNCATE and max_length
+        if not (truncate or add_special_tokens or pairs):
+            rows = firsts  # the bare ids (what prepare asks for): nothing to add or cut
+        else:
+            rows = self._assemble(
+                firsts, seconds, add_special_tokens, truncate and max_length, truncation_strategy
+            )
+        features: dict[str, list] = {"input_ids": rows}
+        if return_token_type_ids:
+            features["token_type_ids"] = [[0] * len(r) for r in rows]
+        if return_special_tokens_mask:
+            features["special_tokens_mask"] = [
+                self.get_special_tokens_mask(r, already_has_special_tokens=True) for r in rows
+            ]
+        if return_length:
+            features["length"] = [len(r) for r in rows]
+        if padding_strategy == PaddingStrategy.DO_NOT_PAD and return_tensors is None:
+            if return_attention_mask is not False:
+                features["attention_mask"] = [[1] * len(r) for r in rows]
+            out = BatchEncoding(features)
+        else:
+            out = self.pad(
+                features,
+                padding=padding_strategy,
+                max_length=max_length,
+                pad_to_multiple_of=pad_to_multiple_of,
+                padding_side=padding_side,
+                return_attention_mask=return_attention_mask,
+                return_tensors=return_tensors,
+            )
+        if not batched and return_tensors is None:
+            out = BatchEncoding({k: v[0] for k, v in out.items()})
+        return out
+
+    def _assemble(self, firsts, seconds, add_special_tokens, max_length, strategy) -> list:
+        """Cut each (first, second) to `max_length` (if set) and add the special tokens."""
+        rows = []
+        for a, b in zip(firsts, seconds, strict=True):
+            if max_length:
+                special = self.num_special_tokens_to_add(b is not None) if add_special_tokens else 0
+                a, b = truncate_ids(
+                    a,
+                    b,
+                    max(max_length - special, 0),
+                    TruncationStrategy(strategy).value,
+                    self.truncation_side == "left",
+                    SEP_ID,
+                )
+            if add_special_tokens:
+                rows.append(self.build_inputs_with_special_tokens(a, b))
+            else:
+                rows.append(a + (b or []))
+        return rows
 
     # ------------------------------------------------------------------ special tokens
     def build_inputs_with_special_tokens(
         self, token_ids_0: list[int], token_ids_1: list[int] | None = None
     ) -> list[int]:
-        """Append `</s>`: `A </s>`, or for a pair `A <sep> B </s>`.
-
-        Args:
-            token_ids_0: ids of the first sequence.
-            token_ids_1: ids of an optional second sequence.
-
-        Returns:
-            The ids with special tokens.
-        """
+        """Append `</s>`: `A </s>`, or for a pair `A <sep> B </s>`."""
         if token_ids_1 is None:
             return [*token_ids_0, EOS_ID]
         return [*token_ids_0, SEP_ID, *token_ids_1, EOS_ID]
@@ -377,17 +484,8 @@ class NDMTokenizer(PreTrainedTokenizer):
         token_ids_1: list[int] | None = None,
         already_has_special_tokens: bool = False,
     ) -> list[int]:
-        """1 where `build_inputs_with_special_tokens` puts a special token, else 0.
-
-        Args:
-            token_ids_0: ids of the first sequence.
-            token_ids_1: ids of an optional second sequence.
-            already_has_special_tokens: the ids already contain special tokens;
-                mark every special id found in them.
-
-        Returns:
-            The mask, one entry per id of the built sequence.
-        """
+        """1 where `build_inputs_with_special_tokens` puts a special token (or, with
+        `already_has_special_tokens`, at every special id of the ids), else 0."""
         if already_has_special_tokens:
             special = set(self.all_special_ids)
             ids = token_ids_0 + (token_ids_1 or [])
@@ -412,10 +510,10 @@ class NDMTokenizer(PreTrainedTokenizer):
         if skip_special_tokens:
             special_ids = set(self.all_special_ids)
             ids = [i for i in ids if i not in special_ids]
-        # SentencePiece decodes runs of ordinary ids (this handles byte-fallback
-        # pieces, which a piece-by-piece join would not); special and added
-        # tokens become their strings, separated by single spaces.
-        text = self._join_segments(
+        # SentencePiece decodes runs of ordinary ids (byte-fallback pieces
+        # included); special and added tokens become their strings, separated
+        # by single spaces.
+        text = join_segments(
             ids,
             self.sp_model.decode_ids,
             self.added_tokens_decoder,
@@ -427,117 +525,9 @@ class NDMTokenizer(PreTrainedTokenizer):
             text = self.clean_up_tokenization(text)
         return text
 
-    @staticmethod
-    def _join_segments(items, decode, special, render=str) -> str:
-        """Decode runs of non-special items with `decode`; join all parts with spaces."""
-        parts: list[str] = []
-        run: list = []
-        for item in items:
-            if item in special:
-                if run:
-                    parts.append(decode(run))
-                    run = []
-                parts.append(render(item))
-            else:
-                run.append(item)
-        if run:
-            parts.append(decode(run))
-        return " ".join(p for p in parts if p)
-
-    def normalize(self, text: str) -> str:
-        """The canonical form of `text`: what decoding its encoding gives back.
-
-        SentencePiece's normalisation (the rule chosen at training: NFKC,
-        whitespace runs collapsed and trimmed, optional case folding) applied
-        to the text between special tokens; special tokens kept, every part
-        joined by one space. For every string `x`,
-        `decode(encode(x, add_special_tokens=False)) == normalize(x)`.
-
-        Args:
-            text: any string.
-
-        Returns:
-            The normalised string.
-        """
-        added = self.added_tokens_encoder
-        # Split at added tokens as `tokenize` does: leftmost match, the longest one there.
-        pattern = "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True))
-        parts = []
-        for chunk in re.split(f"({pattern})", text) if pattern else [text]:
-            if chunk in added:
-                parts.append(chunk)
-                continue
-            norm = self.sp_model.normalize(chunk).replace(_SPIECE_UNDERLINE, " ")
-            # SentencePiece prefixes one (dummy) space that decoding removes again.
-            parts.append(norm[1:] if norm.startswith(" ") else norm)
-        return " ".join(p for p in parts if p)
-
-    # ------------------------------------------------------------------ contexts
-    def join_turns(self, turns: Sequence[str]) -> str:
-        """The text form of a context: `turns` joined by `" <sep> "`.
-
-        `tokenizer(join_turns(turns))["input_ids"] == encode_context(turns)`.
-
-        Args:
-            turns: the turns of a dialogue context, oldest first.
-
-        Returns:
-            One string.
-        """
-        if isinstance(turns, str):
-            raise TypeError("turns must be a sequence of strings, not one string")
-        return f" {SEP_TOKEN} ".join(turns)
-
-    def encode_context(self, turns: Sequence[str], max_length: int | None = None) -> list[int]:
-        """Encode a dialogue context: `t1 <sep> t2 <sep> ... tn </s>`.
-
-        Longer than `max_length`, the sequence is cut from the left, token by
-        token, so the most recent turns stay whole and the oldest kept turn
-        may be partial; `</s>` is always kept, and a `<sep>` left at the very
-        start by the cut is dropped (the result is then one id shorter).
-
-        Args:
-            turns: the turns, oldest first (strings; an empty list gives `[</s>]`).
-            max_length: maximum number of ids, `</s>` included (>= 1), or None.
-
-        Returns:
-            The ids.
-        """
-        if isinstance(turns, str):
-            raise TypeError("encode_context takes a list of turns, not one string")
-        if max_length is not None and max_length < 1:
-            raise ValueError(f"max_length must be >= 1 (room for </s>), got {max_length}")
-        ids: list[int] = []
-        for i, turn in enumerate(turns):
-            if i:
-                ids.append(SEP_ID)
-            ids.extend(self.encode(turn, add_special_tokens=False))
-        if max_length is not None and len(ids) + 1 > max_length:
-            ids = ids[len(ids) - (max_length - 1) :] if max_length > 1 else []
-            if ids and ids[0] == SEP_ID:
-                ids = ids[1:]
-        return [*ids, EOS_ID]
-
-    def batch_encode_contexts(
-        self,
-        contexts: Sequence[Sequence[str]],
-        max_length: int | None = None,
-        padding: bool | str = True,
-        return_tensors: str | None = None,
-    ) -> BatchEncoding:
-        """`encode_context` for a batch, padded with `<pad>` (id 0) on the right.
-
-        Args:
-            contexts: B contexts, each a list of turns.
-            max_length: per-context limit (left truncation, see `encode_context`).
-            padding: as transformers' `pad` (True = to the longest).
-            return_tensors: None (lists), "pt", "np".
-
-        Returns:
-            `input_ids` and `attention_mask`, each (B, T) when padded.
-        """
-        features = {"input_ids": [self.encode_context(c, max_length) for c in contexts]}
-        return self.pad(features, padding=padding, return_tensors=return_tensors)
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        """Join pieces into text; special tokens stay as their strings, spaced."""
+        return join_segments(tokens, self.sp_model.decode_pieces, self.added_tokens_encoder)
 
 
 def register_tokenizer(config_class: type | None = None) -> None:
@@ -558,34 +548,3 @@ def register_tokenizer(config_class: type | None = None) -> None:
 
         config_class = NDMConfig
     AutoTokenizer.register(config_class, tokenizer_class=NDMTokenizer, exist_ok=True)
-
-
-def _load_processor(vocab_file: str | None, proto: bytes | None) -> spm.SentencePieceProcessor:
-    sp = spm.SentencePieceProcessor()
-    if proto is not None:
-        sp.LoadFromSerializedProto(proto)
-        return sp
-    if not os.path.isfile(vocab_file):
-        raise FileNotFoundError(f"NDMTokenizer: SentencePiece model file '{vocab_file}' not found")
-    try:
-        sp.Load(vocab_file)
-    except (OSError, RuntimeError) as e:
-        raise ValueError(
-            f"NDMTokenizer: '{vocab_file}' is not a readable SentencePiece model: {e}"
-        ) from e
-    return sp
-
-
-def _check_special_pieces(sp: spm.SentencePieceProcessor, source: str) -> None:
-    found = {
-        token: (sp.id_to_piece(i) if i < sp.get_piece_size() else None)
-        for token, i in SPECIAL_TOKENS.items()
-    }
-    wrong = {t: p for t, p in found.items() if p != t}
-    if wrong:
-        raise ValueError(
-            f"NDMTokenizer: SentencePiece model {source} has the wrong special pieces: expected "
-            f"{SPECIAL_TOKENS}, found "
-            + ", ".join(f"id {SPECIAL_TOKENS[t]} = {p!r}" for t, p in wrong.items())
-            + "; train it with NDMTokenizer.train"
-        )

@@ -20,6 +20,7 @@ from ndm_seq.tokenization_ndm import (
     PAD_ID,
     SEP_ID,
     SPECIAL_TOKENS,
+    TOKENIZER_FILE,
     UNK_ID,
     VOCAB_FILE,
     NDMTokenizer,
@@ -234,7 +235,12 @@ def _assert_same_tokenizer(loaded, tok, texts):
 
 def test_save_pretrained_writes_model_and_config(tok, tmp_path):
     tok.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [VOCAB_FILE, "tokenizer_config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "chat_template.jinja",
+        VOCAB_FILE,
+        TOKENIZER_FILE,
+        "tokenizer_config.json",
+    ]
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "NDMTokenizer"
     assert "sp_model_proto" not in config and "vocab_file" not in config

@@ -37,7 +37,13 @@ def digest(obj: Any) -> str:
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """Identity of a tokenizer: a hash of the files `save_pretrained` writes
-    (all but `tokenizer_config.json`) and of its special tokens.
+    (all but `tokenizer_config.json` and the tokenizer's `derived_files`) and of
+    its special tokens.
+
+    `NDMTokenizer` lists `tokenizer.json` (and the chat template) as derived from
+    `spiece.model`: its ids come from the SentencePiece model alone, so a folder
+    of the slow tokenizer of earlier versions (`spiece.model` only) and the fast
+    one of the same model hash alike, and prepared data stays cached.
 
     Falls back to the class name and the sorted vocabulary for tokenizers
     without `save_pretrained`.
@@ -50,12 +56,13 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     """
     h = hashlib.sha256(type(tokenizer).__qualname__.encode())
     if hasattr(tokenizer, "save_pretrained"):
+        skip = {"tokenizer_config.json", *getattr(tokenizer, "derived_files", ())}
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer.save_pretrained(tmp)
             for p in sorted(Path(tmp).rglob("*")):
                 # tokenizer_config.json also records how the object was loaded
                 # (`is_local`, ...): hash what decides encoding instead.
-                if p.is_file() and p.name != "tokenizer_config.json":
+                if p.is_file() and p.name not in skip:
                     h.update(p.relative_to(tmp).as_posix().encode() + b"\0" + p.read_bytes())
         specials = getattr(tokenizer, "special_tokens_map", {})
         h.update(json.dumps(specials, sort_keys=True, default=str).encode())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,10 @@ class TokenizePairs:
     `max_target_tokens - 1` ids and the eos. For `NDMTokenizer` this equals
     its `encode_context(turns, max_source_tokens)` and `encode(response)`.
 
+    One tokenizer call per batch, on the batch's distinct texts: with the fast
+    `NDMTokenizer` that is one SentencePiece batch encode in C++
+    (benchmarks/bench_tokenize.py).
+
     Args:
         tokenizer: any callable returning `{"input_ids": [[int, ...], ...]}` for a list of texts.
         max_source_tokens: context length limit.
@@ -46,27 +51,31 @@ class TokenizePairs:
             raise ValueError("the tokenizer needs a sep_token_id or eos_token_id to join turns")
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        flat = [t for turns in batch["context"] for t in turns] + list(batch["response"])
-        ids = self.tok(flat, add_special_tokens=False)["input_ids"]
-        pos = 0
-        input_ids, labels = [], []
-        for turns in batch["context"]:
+        contexts, responses = batch["context"], batch["response"]
+        # Consecutive pairs share turns (a turn is a response, then up to K contexts'
+        # turn): each distinct text of the batch goes to the tokenizer once, in one call.
+        distinct = list(dict.fromkeys(chain(chain.from_iterable(contexts), responses)))
+        encoded = self.tok(distinct, add_special_tokens=False, return_attention_mask=False)
+        ids_of = dict(zip(distinct, encoded["input_ids"], strict=True))
+        sep, eos, first_sep = self.sep, self.eos, self.sep[:1]
+        max_source, max_response = self.max_source, self.max_target - len(self.eos)
+        input_ids = []
+        for turns in contexts:
             seq: list[int] = []
-            for k in range(len(turns)):
+            for k, turn in enumerate(turns):
                 if k:
-                    seq += self.sep
-                seq += ids[pos + k]
-            pos += len(turns)
-            seq = (seq + self.eos)[-self.max_source :]
-            if len(seq) > 1 and seq[:1] == self.sep:
-                seq = seq[1:]  # a separator left first by the cut separates nothing
+                    seq += sep
+                seq += ids_of[turn]
+            seq += eos
+            if len(seq) > max_source:
+                seq = seq[-max_source:]
+            if len(seq) > 1 and seq[:1] == first_sep:
+                seq = seq[1:]  # a separator left first (by the cut) separates nothing
             input_ids.append(seq)
-        for r in ids[pos:]:
-            labels.append(r[: self.max_target - len(self.eos)] + self.eos)
         return {
             "input_ids": input_ids,
             "attention_mask": [[1] * len(s) for s in input_ids],
-            "labels": labels,
+            "labels": [ids_of[r][:max_response] + eos for r in responses],
         }
 
 

@@ -169,6 +169,9 @@ def train_tokenizer(run: RunConfig, folder: Path):
         vocab_size=run.tokenizer.vocab_size,
         lowercase=run.tokenizer.lowercase,
         seed=run.seed,
+        # The context length the model is trained on: `tok(ctx, truncation=True)` then
+        # cuts a long context from the left exactly as prepare did for training.
+        model_max_length=run.data.max_context_tokens,
     )
     tok.save_pretrained(folder)
     return tok
