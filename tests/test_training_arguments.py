@@ -127,6 +127,7 @@ def test_bad_trainer_argument_is_one_line_exit_2_nothing_written(
 
 
 def test_tensorboard_run_writes_event_files_provenance_and_no_bars(tmp_path, prepared, capfd):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra (make install has it)")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     raw = _raw(tmp_path, prepared, report_to="tensorboard", gradient_accumulation_steps=2)
