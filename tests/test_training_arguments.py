@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from training_runs import jsonl_run_config, synthetic_corpus
+from training_runs import jsonl_run_config, synthetic_corpus, train_in_subprocess
 
 from ndm_seq import cli
 from ndm_seq.training import RESUME_MAY_CHANGE, run_config_from_dict, train
@@ -224,6 +224,34 @@ def test_early_stopping_stops_before_max_steps(tmp_path, prepared):
     # load_best_model_at_end is implied: the best by the validation loss (no threshold).
     best_step = min(evals, key=evals.get)
     assert Path(state["best_model_checkpoint"]).name == f"checkpoint-{best_step}"
+
+
+def test_a_resumed_run_stops_early_at_the_same_step(tmp_path, prepared):
+    # Patience 2: validations at 2 (best), 4 and 6 (no improvement: stop at 6). Killed
+    # at step 5, the run resumes from checkpoint-4 with the count of 1 it had there.
+    def run_dir(name, kill_at=None):
+        raw = _raw(
+            tmp_path / name, prepared, max_steps=20, eval_steps=2, save_steps=2,
+            early_stopping_patience=2, early_stopping_threshold=100.0,
+        )  # fmt: skip
+        (tmp_path / name).mkdir()
+        config = tmp_path / name / "run.yaml"
+        config.write_text(yaml.safe_dump(raw))
+        if kill_at is not None:
+            assert train_in_subprocess(config, kill_at=kill_at).returncode != 0
+        result = train_in_subprocess(config)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return tmp_path / name / "run"
+
+    ref, cut = run_dir("ref"), run_dir("cut", kill_at=5)
+    for run in (ref, cut):
+        state = json.loads((run / "checkpoints/checkpoint-6/trainer_state.json").read_text())
+        assert state["global_step"] == 6, run
+        assert not (run / "checkpoints/checkpoint-8").exists()
+    (resumed,) = json.loads((cut / "provenance.json").read_text())["launches"][1:]
+    assert resumed["resumed_from"] == "checkpoint-4"
+    ref_w, cut_w = (load_file(r / "model" / "model.safetensors") for r in (ref, cut))
+    assert all(torch.equal(ref_w[k], cut_w[k]) for k in ref_w)
 
 
 # ----------------------------------------------------------------------------- provenance

@@ -200,9 +200,12 @@ def check_best_model(training, where: str) -> None:
 
 def trainer_arguments(training) -> dict:
     """What ``training:`` passes to ``TrainingArguments`` besides ndm-seq's own settings:
-    the passed-through keys, with the best-model settings early stopping implies."""
+    the passed-through keys, with what early stopping implies (the best checkpoint by
+    the validation loss unless set, and its patience count restored on resume)."""
     passed = dict(training.trainer_arguments)
     if training.early_stopping_patience is not None:
         passed.setdefault("load_best_model_at_end", True)
         passed.setdefault("metric_for_best_model", "loss")
+        # A resume continues the count of validations without improvement (exact resume).
+        passed.setdefault("restore_callback_states_from_checkpoint", True)
     return passed
