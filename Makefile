@@ -19,7 +19,7 @@ STAMP  := $(VENV)/.installed
 # install; if this release does not exist for the platform, fall back to the
 # newest torch. Override with e.g. `make test TORCH_SPEC='torch==2.5.1'`.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS     ?= dev,chitchat,analysis
+EXTRAS     ?= dev,chitchat,analysis,tensorboard
 # Installs are reproducible: every other package comes at the version tested, from
 # constraints.txt (its torch line equals TORCH_SPEC). `CONSTRAINTS=` (empty) lifts the
 # pins: the newest releases pyproject.toml allows, as `make test-latest` does in its

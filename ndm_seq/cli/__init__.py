@@ -23,6 +23,9 @@ from ndm_seq.cli.train import add_train
 
 __all__ = ["build_parser", "main"]
 
+QUIET_COMMANDS = ("sample", "chat")
+"""Subcommands that never show the libraries' progress bars (their output is the text)."""
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The `ndm-seq` parser with every registered subcommand."""
@@ -43,5 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run `ndm-seq` with `argv` (default: the command line); returns the exit status."""
+    from ndm_seq.progress import library_progress_bars
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    # The libraries' bars (datasets' map, transformers' "Loading weights"): off with
+    # --no-progress, and in sample and chat, whose output is the responses.
+    quiet = getattr(args, "no_progress", False) or args.command in QUIET_COMMANDS
+    with library_progress_bars(not quiet):
+        return args.func(args)

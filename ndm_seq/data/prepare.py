@@ -109,6 +109,9 @@ class PrepareConfig:
     """Tokenised context length (left-truncated: the latest turns survive)."""
     max_target_tokens: int = 64
     """Tokenised response length (eos kept)."""
+    max_train_pairs: int | None = None
+    """Tokenise only the first this-many training pairs (``data.max_train_pairs`` of a
+    run); None: all. A tokenised set of all pairs, or of at least as many, is reused."""
     options: PairOptions = field(default_factory=PairOptions)
     """Pair building and split options."""
 
@@ -333,9 +336,13 @@ def _add_tokenized(
         }
     )
     done = report.get("tokenized") or {}
+    # The stored set's training pairs (None: all) must hold the first max_train_pairs.
+    limit, stored = cfg.max_train_pairs, done.get("max_train_pairs")
+    covers = stored is None or (limit is not None and stored >= limit)
     if (
         cfg.force
         or done.get("fingerprint") != tok_fp
+        or not covers
         or not (output / TOKENIZED / "dataset_dict.json").is_file()
     ):
         tokenized = write_tokenized(
@@ -345,6 +352,7 @@ def _add_tokenized(
             cfg.max_source_tokens,
             cfg.max_target_tokens,
             cfg.num_proc,
+            max_train_pairs=limit,
         )
         report["tokenized"] = {**tokenized, "cached": False}
     else:

@@ -99,6 +99,7 @@ def write_tokenized(
     max_source_tokens: int,
     max_target_tokens: int,
     num_proc: int | None,
+    max_train_pairs: int | None = None,
 ) -> dict:
     """Tokenise the pairs DatasetDict in `output` into `output/tokenized/`.
 
@@ -109,6 +110,8 @@ def write_tokenized(
         max_source_tokens: context length limit.
         max_target_tokens: response length limit.
         num_proc: `Dataset.map` workers; None for min(4, CPUs).
+        max_train_pairs: tokenise only the first this-many training pairs (None: all);
+            the other splits whole.
 
     Returns:
         The report's `tokenized` section (without `cached`).
@@ -130,6 +133,8 @@ def write_tokenized(
             }
         )
         for name, ds in dd.items():
+            if name == "train" and max_train_pairs is not None:
+                ds = ds.select(range(min(max_train_pairs, len(ds))))
             if len(ds) == 0:
                 # map never calls the function on an empty split, so it would lack the new columns.
                 out[name] = datasets.Dataset.from_dict({k: [] for k in features}, features=features)
@@ -159,6 +164,7 @@ def write_tokenized(
         "path": str(output / TOKENIZED),
         "tokenizer": type(tokenizer).__name__,
         "num_proc": num_proc,
+        "max_train_pairs": max_train_pairs,
         "max_source_tokens": max_source_tokens,
         "max_target_tokens": max_target_tokens,
         "lengths": {

@@ -27,6 +27,12 @@ what is specific to latent-variable dialogue models:
   whose config changed beyond ``RESUME_MAY_CHANGE`` is refused before anything is
   written;
 * every config value type- and range-checked when the config loads (:class:`ConfigError`);
+  any ``TrainingArguments`` field may be set under ``training:`` too (checked against its
+  annotation; the ones ndm-seq sets itself refused), e.g. ``report_to: tensorboard``
+  (event files in ``tensorboard/``), ``gradient_accumulation_steps``,
+  ``load_best_model_at_end`` / ``metric_for_best_model``, and ``early_stopping_patience``
+  adds transformers' ``EarlyStoppingCallback``;
+* ``provenance.json``: per launch, the git commit, package versions, device and CPU;
 * SIGTERM saves a checkpoint and stops (:class:`TrainingInterrupted`); a full disk
   gives :class:`DiskFullError` and leaves the newest complete checkpoint.
 
@@ -34,7 +40,8 @@ The global batch is ``training.batch_size`` whatever the number of processes:
 batches are split across processes (accelerate's ``split_batches``), so a
 2-process run sees the same examples per step as a 1-process run.
 
-Where the parts live: ``config`` (:class:`RunConfig`, loading and checks), ``schedule``
+Where the parts live: ``config`` (:class:`RunConfig`, loading and checks; ``config_types``
+the type check, ``trainer_args`` the passed-through Trainer arguments), ``provenance``, ``schedule``
 (KL annealing), ``budget`` (schedules fitted to ``max_minutes``), ``trainer`` (the
 ``Trainer`` subclass and callbacks), ``checkpoints`` (pending marker, manifest, validation, rotation), ``checkpoint_writer`` (the callbacks
 that drive them), ``run_folder`` (claim, lock, resume config check,

@@ -251,21 +251,25 @@ def _collated(trainer, rows: list[dict]) -> dict:
 
 def _step_seconds(trainer, model, run: RunConfig):
     """Seconds per optimizer step (the median of the timed steps: one step slowed by
-    another process does not decide the fit) and the copy's optimizer."""
+    another process does not decide the fit; a step is ``gradient_accumulation_steps``
+    forward and backward passes) and the copy's optimizer."""
     t = run.training
     world = max(1, trainer.args.world_size)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay
     )
     size = max(1, t.batch_size // world)  # each process's share of the global batch
-    batches = _rows(trainer.train_dataset, size, CALIBRATION_STEPS)
+    accumulate = max(1, trainer.args.gradient_accumulation_steps)  # batches per step
+    rows = _rows(trainer.train_dataset, size, CALIBRATION_STEPS * accumulate)
+    batches = [rows[i : i + accumulate] for i in range(0, len(rows), accumulate)]
     model.train()
 
-    def step(rows):
-        batch = _collated(trainer, rows)  # timed too: the Trainer collates every step
-        with trainer.accelerator.autocast():
-            loss = model(**batch, return_logits=False).loss
-        loss.backward()
+    def step(micro_batches):
+        for micro in micro_batches:
+            batch = _collated(trainer, micro)  # timed too: the Trainer collates every step
+            with trainer.accelerator.autocast():
+                loss = model(**batch, return_logits=False).loss
+            (loss / accumulate).backward()
         if t.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
         optimizer.step()

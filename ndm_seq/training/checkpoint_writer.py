@@ -63,7 +63,8 @@ class CheckpointWriter:
             folder = self.folder()
             complete_checkpoint(folder, step)
             keep = folder / f"{PREFIX_CHECKPOINT_DIR}-{step}"
-            _rotate_checkpoints(folder, self.save_total_limit, keep=keep)
+            best = self.trainer.state.best_model_checkpoint  # load_best_model_at_end's
+            _rotate_checkpoints(folder, self.save_total_limit, keep=keep, best=best)
         self.pending = None
         self.trainer.accelerator.wait_for_everyone()
 

@@ -283,8 +283,11 @@ def _latest_checkpoint(folder: Path) -> str | None:
     return None
 
 
-def _rotate_checkpoints(folder: Path, limit: int | None, keep: Path) -> None:
-    """Keep the ``limit`` newest *valid* checkpoints (``keep``, just written, among them).
+def _rotate_checkpoints(
+    folder: Path, limit: int | None, keep: Path, best: str | None = None
+) -> None:
+    """Keep the ``limit`` newest *valid* checkpoints (``keep``, just written, among them),
+    and ``best`` (the best checkpoint ``load_best_model_at_end`` loads) besides.
 
     Replaces transformers' rotation, which keeps the newest by name or mtime whatever
     its state: a broken newer checkpoint could survive while the last valid one is
@@ -298,5 +301,7 @@ def _rotate_checkpoints(folder: Path, limit: int | None, keep: Path) -> None:
     kept = valid[-limit:]
     oldest_kept = found.index(kept[0])
     for path in found[:oldest_kept]:
+        if best is not None and path.name == Path(best).name:
+            continue
         logger.info("deleting %s (save_total_limit=%d)", path, limit)
         shutil.rmtree(path, ignore_errors=True)

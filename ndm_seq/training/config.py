@@ -7,7 +7,6 @@ Every value is type- and range-checked when the config loads (:class:`ConfigErro
 from __future__ import annotations
 
 import copy
-import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ndm_seq.training.config_types import _describe, _typed
 
 
 @dataclass(kw_only=True)
@@ -65,7 +66,11 @@ class TokenizerSection:
 
 @dataclass(kw_only=True)
 class TrainingSection:
-    """Optimisation and bookkeeping; passed on to ``TrainingArguments`` where it can."""
+    """Optimisation and bookkeeping; passed on to ``TrainingArguments`` where it can.
+
+    Any other key is a ``transformers.TrainingArguments`` field, passed through as given
+    (``report_to``, ``gradient_accumulation_steps``, ``metric_for_best_model``, ...;
+    checked by :mod:`ndm_seq.training.trainer_args`) and kept in ``trainer_arguments``."""
 
     max_steps: int = 2000
     """Optimizer steps (a wall-clock budget may stop earlier)."""
@@ -80,7 +85,8 @@ class TrainingSection:
     (:mod:`ndm_seq.training.budget`). Training also stops (and saves) once this many
     minutes of the training loop have passed in this session."""
     batch_size: int = 64
-    """Global batch (split across processes)."""
+    """Global batch (split across processes); an optimizer step takes
+    ``gradient_accumulation_steps`` such batches."""
     learning_rate: float = 1e-3
     warmup_steps: int = 100
     lr_scheduler: str = "linear"
@@ -115,7 +121,8 @@ class TrainingSection:
     ``training.save_total_limit``, ``training.validation_contexts``,
     ``training.validation_samples``, ``training.progress``, ``training.resume``,
     ``training.dataloader_workers``, ``training.torch_threads``,
-    ``training.max_nonfinite_steps`` and every ``evaluation.*`` key (``RESUME_MAY_CHANGE``).
+    ``training.max_nonfinite_steps``, ``training.report_to``, ``training.run_name`` and
+    every ``evaluation.*`` key (``RESUME_MAY_CHANGE``).
     Any other change is refused, naming the keys, unless ``force``: then the stored
     ``model``, ``tokenizer`` and ``data`` sections are kept (the checkpoint and tokenizer
     were built with them) and the other changes are used, and a warning says which.
@@ -128,11 +135,21 @@ class TrainingSection:
     torch_threads: int | None = None
     """``torch.set_num_threads`` for CPU runs; None keeps PyTorch's default."""
     progress: bool = True
-    """The Trainer's progress bar."""
+    """Progress bars: the Trainer's, and those of datasets and transformers (``map``,
+    loading and writing weights) while the run lasts."""
     max_nonfinite_steps: int = 5
     """A step whose loss or gradient is NaN or inf is skipped (no weight or optimizer-state
     change, a logged warning); this many skipped steps in a row stop the run with
     ``NonFiniteTrainingError``."""
+    early_stopping_patience: int | None = None
+    """Stop once ``metric_for_best_model`` (the validation loss unless set) has not improved
+    by more than ``early_stopping_threshold`` for this many validations in a row
+    (transformers' ``EarlyStoppingCallback``); also keeps the best checkpoint
+    (``load_best_model_at_end``) unless that is set false. None: no early stopping."""
+    early_stopping_threshold: float = 0.0
+    """The improvement that counts as one (in the metric's units)."""
+    trainer_arguments: dict = field(default_factory=dict)
+    """The passed-through ``TrainingArguments`` fields (written flat under ``training:``)."""
 
 
 @dataclass(kw_only=True)
@@ -160,7 +177,10 @@ class RunConfig:
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The config as YAML writes it: passed-through Trainer arguments flat in ``training``."""
+        d = asdict(self)
+        d["training"].update(d["training"].pop("trainer_arguments"))
+        return d
 
 
 RESUME_MAY_CHANGE = (
@@ -178,6 +198,8 @@ RESUME_MAY_CHANGE = (
     "training.dataloader_workers",
     "training.torch_threads",
     "training.max_nonfinite_steps",
+    "training.report_to",
+    "training.run_name",
     "evaluation.*",
 )
 """Keys of a run config that may differ from the run folder's stored ``config.yaml`` on
@@ -242,6 +264,8 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "training.dataloader_workers": (_non_negative, ">= 0"),
     "training.torch_threads": (_positive, "> 0 (or null for PyTorch's default)"),
     "training.max_nonfinite_steps": (_positive, "> 0"),
+    "training.early_stopping_patience": (_positive, "> 0 (or null for no early stopping)"),
+    "training.early_stopping_threshold": (_non_negative, ">= 0"),
     "evaluation.samples": (_positive, "> 0"),
     "evaluation.max_contexts": (_positive, "> 0 (or null for the whole split)"),
 }
@@ -259,73 +283,15 @@ _CHOICES: dict[str, Any] = {
 def section_fields(name: str) -> dict[str, Any]:
     """The keys section ``name`` accepts and their annotations (the type check's source).
 
-    One place to widen a section: a later ``training:`` that also takes the Trainer's
-    own arguments adds them here and every key is checked the same way.
+    ``training:`` also takes the Trainer's own arguments (:func:`_check_training`); they
+    are kept apart, in ``TrainingSection.trainer_arguments``, which is no key itself.
     """
     import typing
 
     cls = RunConfig if name == "" else _SECTIONS[name]
-    return typing.get_type_hints(cls)
-
-
-def _describe(annotation) -> str:
-    """``int | None`` -> ``an integer or null`` (what the type check expects, in words)."""
-    import types
-    import typing
-
-    words = {
-        int: "an integer",
-        float: "a number",
-        bool: "true or false",
-        str: "a string",
-        dict: "a mapping",
-        type(None): "null",
-    }
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args)
-    return words.get(annotation, getattr(annotation, "__name__", str(annotation)))
-
-
-def _typed(value, annotation):
-    """``value`` checked against ``annotation``; returns the value (a numeric string becomes a
-    float for a float key: YAML 1.1 reads ``1e-3`` as a string). Raises TypeError."""
-    import types
-    import typing
-
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        for option in typing.get_args(annotation):
-            try:
-                return _typed(value, option)
-            except TypeError:
-                continue
-        raise TypeError
-    if annotation is type(None):
-        if value is None:
-            return None
-        raise TypeError
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise TypeError
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise TypeError
-    if annotation is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise TypeError from None
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return value
-        raise TypeError
-    if annotation in (str, dict):
-        if isinstance(value, annotation):
-            return value
-        raise TypeError
-    return value  # an annotation this check does not know: left to the consumer
+    hints = typing.get_type_hints(cls)
+    hints.pop("trainer_arguments", None) if name == "training" else None
+    return hints
 
 
 def _check_key(key: str, value, annotation, where: str):
@@ -358,12 +324,27 @@ def _check_section(name: str, values, where: str) -> dict:
         )
     known = section_fields(name)
     unknown = sorted(set(values) - set(known))
+    if unknown and name == "training":
+        return _check_training(values, known, where)
     if unknown:
         raise ConfigError(
             f"{where}: unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
             f"valid {name} keys: {', '.join(sorted(known))}"
         )
     return {k: _check_key(f"{name}.{k}", v, known[k], where) for k, v in values.items()}
+
+
+def _check_training(values: dict, known: dict, where: str) -> dict:
+    """``training:`` with keys besides ndm-seq's: those go to ``trainer_arguments``."""
+    from ndm_seq.training.trainer_args import check_passed
+
+    passed = check_passed({k: v for k, v in values.items() if k not in known}, list(known), where)
+    own = {
+        k: _check_key(f"training.{k}", v, a, where)
+        for k, v in values.items()
+        if (a := known.get(k))
+    }
+    return {**own, "trainer_arguments": passed}
 
 
 def _one_line(err: Exception) -> str:
@@ -458,6 +439,9 @@ def run_config_from_dict(raw: dict, where: str = "config") -> RunConfig:
         raise ConfigError(f"{where}: output_dir={kwargs['output_dir']!r}: expected a folder path")
     run = RunConfig(**kwargs)
     _check_pair_options(run.data.options, run.data.vmed_preprocessing, where)
+    from ndm_seq.training.trainer_args import check_best_model
+
+    check_best_model(run.training, where)
     return run
 
 

@@ -84,8 +84,7 @@ class NDMTrainer(Trainer):
         self.nonfinite_in_a_row = 0
         self.nonfinite_skipped = 0
         self._loss_nonfinite = False
-        self.add_callback(NonFiniteGuard(self))
-        self.add_callback(writer.mark)
+        self.add_callback(NonFiniteGuard(self))  # and, after it, writer.mark (add_callback)
 
     def add_callback(self, callback):
         """Add ``callback``, keeping the pending-checkpoint marker last (it reads the final
@@ -164,13 +163,25 @@ class NDMTrainer(Trainer):
             self._term_count += 1
         return (loss, outputs) if return_outputs else loss
 
-    def evaluate(self, *args, **kwargs):
-        """Validation loss, plus the evaluation metrics on a few sampled validation contexts."""
-        metrics = super().evaluate(*args, **kwargs)
-        pairs = getattr(self, "text_validation", None)
-        if pairs is not None and self.is_world_process_zero():
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None,
+                        ignore_keys=None, metric_key_prefix="eval"):  # fmt: skip
+        """The validation loss, plus the evaluation metrics on a few sampled validation
+        contexts (``eval_bleu_1``, ...): in the metrics ``evaluate`` logs and passes to
+        the callbacks, so ``metric_for_best_model`` and early stopping can use them."""
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+        )
+        if getattr(self, "text_validation", None) is not None and metric_key_prefix == "eval":
+            output.metrics.update(self._text_metrics())
+        return output
+
+    def _text_metrics(self) -> dict:
+        """The sampled validation metrics (process 0 samples; every process gets them)."""
+        extra = None
+        if self.is_world_process_zero():
             from ndm_seq.evaluation import evaluate_pairs
 
+            pairs = self.text_validation
             model = self.accelerator.unwrap_model(self.model)
             # Seeded sampling must not reseed training: fork the RNG state.
             devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
@@ -186,9 +197,13 @@ class NDMTrainer(Trainer):
                 for k, v in text.items()
                 if isinstance(v, (int, float)) and math.isfinite(v)
             }
-            self.log(extra)
-            metrics.update(extra)
-        return metrics
+        if self.args.world_size > 1:
+            from accelerate.utils import broadcast_object_list
+
+            payload = [extra]
+            broadcast_object_list(payload, from_process=0)
+            extra = payload[0]
+        return extra
 
     def log(self, logs, start_time=None):
         if "loss" in logs and self._term_count:

@@ -26,6 +26,7 @@ from ndm_seq.training.checkpoints import (
     recover_pending,
 )
 from ndm_seq.training.config import ConfigError, RunConfig, build_model_config, run_config_from_dict
+from ndm_seq.training.provenance import write_provenance
 from ndm_seq.training.run_folder import (
     _file_log,
     _publish_model,
@@ -139,6 +140,7 @@ def prepare_data(run: RunConfig, tokenizer=None) -> dict:
         options=options,
         max_source_tokens=d.max_context_tokens,
         max_target_tokens=d.max_response_tokens,
+        max_train_pairs=d.max_train_pairs,
         progress=run.training.progress,
     )
     return prepare(cfg, tokenizer)
@@ -195,10 +197,13 @@ def train(run: RunConfig) -> Path:
         TrainingInterrupted: SIGTERM: a checkpoint was saved, no final model written.
         DiskFullError: a write failed with ENOSPC (the newest complete checkpoint is kept).
     """
+    from ndm_seq.progress import library_progress_bars
+
     stop = _StopOnSignal()
     stop.install()
     try:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(library_progress_bars(run.training.progress))
             return _train(run, stop, stack)
     except OSError as e:
         if e.errno == errno.ENOSPC:
@@ -222,6 +227,8 @@ def _train(run: RunConfig, stop: _StopOnSignal, stack: contextlib.ExitStack) -> 
     tokenizer, tokenized, train_ds, eval_ds = _datasets(run, t, args, out)
     trainer = _build_trainer(run, t, args, tokenizer, tokenized, train_ds, eval_ds, stop)
     resume = _resume_point(t, trainer, out)
+    if trainer.is_world_process_zero():
+        write_provenance(out, args, resume)
     fit = budget_fit(run, trainer, out, resuming=resume is not None)
     if fit is not None:  # the schedules fitted to training.max_minutes
         args.max_steps, args.warmup_steps = fit.max_steps, fit.warmup_steps
@@ -254,10 +261,12 @@ def _training_arguments(run: RunConfig, out: Path):
     """The ``TrainingArguments`` of the run (checkpoints under ``out/checkpoints``)."""
     from transformers import TrainingArguments
 
+    from ndm_seq.training.trainer_args import trainer_arguments
+
     t = run.training
     # Built before the folder is touched (creating them writes nothing); it sets up the
     # process group the ranks use to wait for process 0's claim of the folder.
-    return TrainingArguments(
+    settings = dict(
         output_dir=str(out / "checkpoints"),
         max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size,  # global: split across processes below
@@ -289,6 +298,14 @@ def _training_arguments(run: RunConfig, out: Path):
         dataloader_pin_memory=torch.cuda.is_available(),
         **_precision(t.precision),
     )
+    settings.update(trainer_arguments(t))  # the passed-through keys (report_to, ...)
+    try:
+        return TrainingArguments(**settings)
+    except ValueError as e:  # a combination the Trainer refuses: one line, nothing written
+        lines = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise ConfigError(
+            f"training: transformers' TrainingArguments refused it: {lines}"
+        ) from None
 
 
 def _claim_and_share(run: RunConfig, args, out: Path, stack: contextlib.ExitStack) -> RunConfig:
@@ -378,12 +395,23 @@ def _build_trainer(run: RunConfig, t, args, tokenizer, tokenized, train_ds, eval
 
         stop.reduce = any_rank
     trainer.add_callback(stop.callback())
+    _tensorboard_in_run_folder(trainer, Path(run.output_dir))
     if eval_ds is not None and t.validation_contexts:
         val = tokenized["validation"]
         n = min(t.validation_contexts, len(val))
         rows = val.select(range(n)).select_columns(["context", "response"])
         trainer.text_validation = _text_validation(run, rows)
     return trainer
+
+
+def _tensorboard_in_run_folder(trainer, out: Path) -> None:
+    """``report_to: tensorboard`` writes to ``<run folder>/tensorboard`` (the callback's
+    default is under ``checkpoints/``); ``TENSORBOARD_LOGGING_DIR`` still wins."""
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = str(out / "tensorboard")
 
 
 def _text_validation(run: RunConfig, rows):

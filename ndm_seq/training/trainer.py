@@ -90,6 +90,11 @@ def _callbacks(run: RunConfig, schedule: KLSchedule):
     out = [KLAnneal(), JsonlLog(Path(run.output_dir))]
     if run.training.max_minutes is not None:
         out.append(WallClockBudget(run.training.max_minutes))
+    if run.training.early_stopping_patience is not None:
+        from transformers import EarlyStoppingCallback
+
+        t = run.training
+        out.append(EarlyStoppingCallback(t.early_stopping_patience, t.early_stopping_threshold))
     return out
 
 
