@@ -168,6 +168,11 @@ def test_cli_protocol_without_embeddings_is_one_line(model_dirs, data_dir, tmp_p
     assert code == 2 and err.count("\n") == 1
     assert err.startswith("ndm-seq evaluate: error: --protocol vmed needs word vectors")
     assert "--embeddings" in err and not (tmp_path / "o").exists()
+    # The CLI's lists (kept there so that --help imports nothing heavy) match the protocols.
+    from ndm_seq.cli.evaluate import _NEEDS_EMBEDDINGS, _PROTOCOLS
+
+    assert set(_PROTOCOLS) == set(PROTOCOLS)
+    assert set(_NEEDS_EMBEDDINGS) == {n for n, p in PROTOCOLS.items() if p.needs_embeddings}
 
 
 def test_evaluate_prints_no_detokenize_warning(

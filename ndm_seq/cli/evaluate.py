@@ -121,23 +121,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
         help="output folder: new, empty or written by an earlier evaluate; any other is "
         "refused, untouched (default: MODEL_DIR/eval-SPLIT)",
     )
-    p.add_argument(
-        "--protocol",
-        choices=("full", *_PROTOCOLS),
-        default="full",
-        help="full: every metric (docs/design.md §5); vmed, kgcvae, plato: score as that "
-        "paper's code does, fixing the samples per context (1, 10, 1) and decoding each "
-        "prior draw greedily, so that the numbers sit beside its tables (docs/metrics.md)",
-    )
-    p.add_argument(
-        "--embeddings",
-        "--word-vectors",
-        dest="word_vectors",
-        metavar="PATH_OR_URL",
-        help="GloVe-format word vectors (.txt or .txt.gz, or an http(s) URL downloaded "
-        "once; a .zip URL takes #MEMBER) for the embedding metrics (A-glove, average, "
-        "extrema, greedy); needed by --protocol vmed and kgcvae",
-    )
+    _add_protocol_options(p)
     p.add_argument("--seed", type=int, default=0, help="seed for the subset and the sampling")
     p.add_argument(
         "--decoding",
@@ -168,3 +152,24 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
         "max_position_embeddings)",
     )
     p.set_defaults(func=_evaluate)
+
+
+def _add_protocol_options(p: argparse.ArgumentParser) -> None:
+    """``--protocol`` and ``--embeddings`` (``--word-vectors``, its older name)."""
+    p.add_argument(
+        "--protocol",
+        choices=("full", *_PROTOCOLS),
+        default="full",
+        help="full: every metric (docs/design.md §5); vmed, kgcvae, plato: score as that "
+        "paper's code does, fixing the samples per context (1, 10, 1) and decoding each "
+        "prior draw greedily, so that the numbers sit beside its tables (docs/metrics.md)",
+    )
+    p.add_argument(
+        "--embeddings",
+        "--word-vectors",
+        dest="word_vectors",
+        metavar="PATH_OR_URL",
+        help="GloVe-format word vectors (.txt or .txt.gz, or an http(s) URL downloaded "
+        "once; a .zip URL takes #MEMBER) for the embedding metrics (A-glove, average, "
+        "extrema, greedy); needed by --protocol vmed and kgcvae",
+    )
