@@ -261,6 +261,8 @@ def evaluate(
     proto = _protocol(protocol, word_vectors)
     if proto is not None:  # the protocol fixes the count and decodes each draw greedily
         sampling = sampling.replace(num_samples=proto.num_samples, greedy=True)
+        if not proto.needs_embeddings:
+            word_vectors = None  # no embedding metric in it: nothing to read or download
     if word_vectors is not None:  # a URL is downloaded (once) before the model loads
         word_vectors = resolve_embeddings(word_vectors)
     limits = scoring_limits(model_dir, max_context_tokens, max_response_tokens, run_config)
