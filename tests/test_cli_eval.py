@@ -18,7 +18,7 @@ import pytest
 from test_evaluation import conversations, data_dir, eval_tokenizer, model_dirs  # noqa: F401
 
 from ndm_seq.cli import build_parser, main
-from ndm_seq.evaluation import metric_keys
+from ndm_seq.evaluation import metric_keys, metric_values
 
 
 @pytest.mark.parametrize("command", ["evaluate", "sample", "chat"])
@@ -44,9 +44,11 @@ def test_evaluate_cli_writes_files_and_prints_the_table(model_dirs, data_dir, tm
     printed = capsys.readouterr().out
     assert "| ndm-tiny |" in printed and "slot_weight_entropy" in printed
     assert str(out / "metrics.json") in printed
-    metrics = json.loads((out / "metrics.json").read_text())
+    written = json.loads((out / "metrics.json").read_text())
+    metrics = metric_values(written)
     assert "latent_recon_error" in metrics and list(metrics) == list(metric_keys("ndm"))
     assert len(metrics) == 26  # 17 text metrics, 7 model-side, 2 of ndm
+    assert written["settings"]["sampling"]["num_samples"] == 2 and written["settings"]["seed"] == 1
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 5 and all(len(r["samples"]) == 2 for r in rows)
     assert (out / "results.md").read_text().count("| ndm-tiny |") == 1

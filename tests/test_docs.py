@@ -110,3 +110,80 @@ def test_design_python_examples_run(tmp_path, monkeypatch):
         script = tmp_path / f"block{i}.py"
         script.write_text(block, encoding="utf-8")
         runpy.run_path(str(script), run_name="__main__")
+
+
+# --------------------------------------------------------------------------- docs/metrics.md
+
+METRICS_PAGE = ROOT / "docs" / "metrics.md"
+
+
+def test_metrics_page_python_examples_run(tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", METRICS_PAGE.read_text(encoding="utf-8"), re.S)
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    for i, block in enumerate(blocks):
+        script = tmp_path / f"metrics{i}.py"
+        script.write_text(block, encoding="utf-8")
+        runpy.run_path(str(script), run_name="__main__")
+
+
+def test_metrics_page_commands_run(tmp_path, monkeypatch, capsys):
+    """Every ``ndm-seq`` line of docs/metrics.md, run as written in a folder laid out as the
+    page assumes: a tiny NDM model at the recipe's model path, a prepared dataset at its
+    data path, and ``glove.6B.50d.txt`` in the real format holding the test words."""
+    import shlex
+
+    from ndm_seq.cli import main
+
+    text = METRICS_PAGE.read_text(encoding="utf-8")
+    commands = [
+        line
+        for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+        for line in block.splitlines()
+        if line.startswith("ndm-seq ")
+    ]
+    assert len(commands) == 3
+    tiny = _tiny_model_and_data(tmp_path / "work")
+    monkeypatch.chdir(tmp_path / "work")
+    for command in commands:
+        args = shlex.split(command)[1:]
+        assert main(args) == 0, (command, capsys.readouterr().err)
+        out = Path(args[args.index("--output") + 1])
+        assert (out / "metrics.json").is_file() and (out / "results.md").is_file()
+    assert tiny.is_dir()
+
+
+def _tiny_model_and_data(root: Path) -> Path:
+    """runs/chitchat/ndm_gru/model (an untrained tiny NDM), data/chitchat/prepared (8 test
+    pairs) and glove.6B.50d.txt under ``root``, as docs/metrics.md's commands expect."""
+    import itertools
+
+    import chitchat_dataset
+    import datasets
+    import torch
+
+    import ndm_seq
+    from ndm_seq.metrics import tokenize
+
+    convs = [list(c) for c in itertools.islice(chitchat_dataset.ConversationDataset(), 6)]
+    pairs = {"context": [], "response": []}
+    for conv in convs:
+        for i in range(1, len(conv)):
+            pairs["context"].append(conv[max(0, i - 3) : i])
+            pairs["response"].append(conv[i])
+    test = {k: v[:8] for k, v in pairs.items()}
+    data = root / "data" / "chitchat" / "prepared"
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict(test)}).save_to_disk(str(data))
+    tok = ndm_seq.NDMTokenizer.train([t for c in convs for t in c], vocab_size=600, num_threads=1)
+    torch.manual_seed(0)
+    config = ndm_seq.NDMConfig.preset("tiny", variant="ndm", backbone="gru", vocab_size=len(tok))
+    model = root / "runs" / "chitchat" / "ndm_gru" / "model"
+    ndm_seq.NDMForConversation(config).save_pretrained(model)
+    tok.save_pretrained(model)
+    words = sorted({w for r in test["response"] for w in tokenize(r)})
+    lines = [
+        f"{w} " + " ".join(f"{(i * 7 + d) % 11 / 10 - 0.5:.5f}" for d in range(50))
+        for i, w in enumerate(words)
+    ]
+    (root / "glove.6B.50d.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return model

@@ -26,6 +26,7 @@ from ndm_seq.evaluation import (
     generate_samples,
     load_model,
     metric_keys,
+    metric_values,
     read_metrics,
     score_model,
     slot_weight_entropy,
@@ -112,8 +113,11 @@ def test_evaluate_writes_the_contract_files(name, model_dirs, data_dir, tmp_path
         progress=False,
     )
     variant = name.split("-")[0]
-    on_disk = json.loads((out / "metrics.json").read_text())
-    assert on_disk == metrics
+    written = json.loads((out / "metrics.json").read_text())
+    assert written == metrics
+    # The flat metric keys, then the one `settings` key (ndm_seq.evaluation.settings).
+    assert list(written)[-1] == "settings" and written["settings"]["protocol"] == "full"
+    on_disk = metric_values(written)
     expected = [*TEXT_METRIC_KEYS, "kl", "nll", "ppl", "active_units", "context_gain"]
     expected += ["prior_nll", "kl_per_step"]
     if variant == "ndm":
@@ -150,7 +154,9 @@ def test_evaluate_writes_the_contract_files(name, model_dirs, data_dir, tmp_path
         assert ("greedy" in row) == (variant == "seq2seq")
 
     md = (out / "results.md").read_text()
-    header = "| model | " + " | ".join(expected) + " |"
+    header = (
+        "| model | " + " | ".join(expected).replace("corpus_bleu", "corpus_bleu (0-100)") + " |"
+    )
     assert header in md
     row_name = name if "-" in name else f"{name}-gru"  # default row name: VARIANT-BACKBONE
     table_rows = [line for line in md.splitlines() if line.startswith(f"| {row_name} |")]
@@ -351,7 +357,8 @@ def test_comparison_table_and_chart(tmp_path):
     }
     table = comparison_table(runs)
     lines = table.splitlines()
-    assert lines[0] == "| model | " + " | ".join(MAIN_COLUMNS) + " |"
+    labels = [c if c != "corpus_bleu" else "corpus_bleu (0-100)" for c in MAIN_COLUMNS]
+    assert lines[0] == "| model | " + " | ".join(labels) + " |"
     assert len(lines) == 4
     cvae = lines[2].removesuffix(" |").split(" | ")
     assert cvae[0] == "| cvae" and cvae[MAIN_COLUMNS.index("ppl") + 1] == "123.46"
@@ -472,6 +479,7 @@ def test_word_vectors_add_embedding_metrics_and_one_sample_gives_null_self_bleu(
         model_dirs["cvae"], data_dir, sampling=SamplingConfig(num_samples=1), max_contexts=4,
         output_dir=out, word_vectors=glove, progress=False,
     )  # fmt: skip
+    metrics = metric_values(metrics)
     assert list(metrics) == list(metric_keys("cvae", word_vectors=True))
     assert list(metrics)[-5:] == [
         "a_glove", "embedding_average", "embedding_extrema", "embedding_greedy",

@@ -17,6 +17,11 @@ from ndm_seq.cli.common import (
 )
 from ndm_seq.decoding import EVALUATE_TOP_P
 
+#: The named protocols (ndm_seq.metrics.protocols.PROTOCOLS; listed here so that
+#: `ndm-seq --help` imports nothing heavy) and those that need word vectors.
+_PROTOCOLS = ("vmed", "kgcvae", "plato")
+_NEEDS_EMBEDDINGS = ("vmed", "kgcvae")
+
 
 def _evaluate(args: argparse.Namespace) -> int:
     from ndm_seq.evaluation import evaluate
@@ -32,6 +37,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         )
     except ValueError as err:  # a usage error, reported before the model loads
         return _model_error("evaluate", err, code=2)
+    if args.protocol in _NEEDS_EMBEDDINGS and args.word_vectors is None:
+        return _model_error(
+            "evaluate",
+            f"--protocol {args.protocol} needs word vectors: pass --embeddings PATH_OR_URL, "
+            "a GloVe text file (VMED: glove.6B.50d.txt from "
+            "https://nlp.stanford.edu/data/glove.6B.zip)",
+            code=2,
+        )
     try:
         metrics = evaluate(
             args.model_dir,
@@ -48,6 +61,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             device=args.device,
             name=args.name,
             progress=not args.no_progress,
+            protocol=args.protocol,
         )
     except FolderError as err:  # a usage error: the output folder is not evaluate's
         return _model_error("evaluate", err, code=2)
@@ -67,14 +81,17 @@ _DESCRIPTION = (
     "spiece.model, tokenizer_config.json) on a split of a prepared dataset "
     "(`ndm-seq prepare`). Latent variants get S responses per context, each from its "
     "own prior draw; seq2seq gets its greedy response plus S token samples. Writes "
-    "metrics.json (BLEU-1..4, corpus BLEU, BLEU precision/recall, distinct, "
+    "metrics.json (BLEU-1..4, corpus BLEU on sacreBLEU's 0-100 scale, BLEU precision/recall, distinct, "
     "intra/inter distinct, entropy-4, self-BLEU, KL, NLL, perplexity bound, active "
     "units, NDM diagnostics; definitions in ndm_seq.metrics and ndm_seq.evaluation), "
     "samples.jsonl and results.md. NLL, KL and perplexity are scored with the token "
     "limits the model was trained with (the data section of the config.yaml of the "
     "run folder holding MODEL_DIR), unless --max-context-tokens or "
     "--max-response-tokens is given; a model folder outside a run folder gets the "
-    "defaults (128 and 64), and results.md says which. Deterministic given --seed."
+    "defaults (128 and 64), and results.md says which. metrics.json also records every "
+    "setting that changes a number under its one `settings` key. --protocol vmed, kgcvae "
+    "or plato scores as that paper's code does instead (docs/metrics.md). Deterministic "
+    "given --seed."
 )
 
 
@@ -105,12 +122,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
         help="output folder: new, empty or written by an earlier evaluate; any other is "
         "refused, untouched (default: MODEL_DIR/eval-SPLIT)",
     )
-    p.add_argument(
-        "--word-vectors",
-        metavar="FILE",
-        help="GloVe-format word vectors (.txt or .txt.gz) for the embedding metrics "
-        "(A-glove, average, extrema, greedy)",
-    )
+    _add_protocol_options(p)
     p.add_argument("--seed", type=int, default=0, help="seed for the subset and the sampling")
     p.add_argument(
         "--decoding",
@@ -141,3 +153,24 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
         "max_position_embeddings)",
     )
     p.set_defaults(func=_evaluate)
+
+
+def _add_protocol_options(p: argparse.ArgumentParser) -> None:
+    """``--protocol`` and ``--embeddings`` (``--word-vectors``, its older name)."""
+    p.add_argument(
+        "--protocol",
+        choices=("full", *_PROTOCOLS),
+        default="full",
+        help="full: every metric (docs/design.md §5); vmed, kgcvae, plato: score as that "
+        "paper's code does, fixing the samples per context (1, 10, 1) and decoding each "
+        "prior draw greedily, so that the numbers sit beside its tables (docs/metrics.md)",
+    )
+    p.add_argument(
+        "--embeddings",
+        "--word-vectors",
+        dest="word_vectors",
+        metavar="PATH_OR_URL",
+        help="GloVe-format word vectors (.txt or .txt.gz, or an http(s) URL downloaded "
+        "once; a .zip URL takes #MEMBER) for the embedding metrics (A-glove, average, "
+        "extrema, greedy); needed by --protocol vmed and kgcvae",
+    )

@@ -78,6 +78,7 @@ multi-sample metrics use the S samples.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ndm_seq import folders
 from ndm_seq.evaluation.chat import (
@@ -103,6 +104,7 @@ from ndm_seq.evaluation.loading import (
 from ndm_seq.evaluation.pairs import (
     _embedding_metrics,
     evaluate_pairs,
+    protocol_pairs,
     text_metrics,  # noqa: F401 (public, not in __all__)
 )
 from ndm_seq.evaluation.reports import (
@@ -111,6 +113,7 @@ from ndm_seq.evaluation.reports import (
     MAIN_COLUMNS,
     _earlier_evaluation,
     _finite_or_none,
+    _results_header,
     _write_metrics,
     _write_samples,
     comparison_chart,
@@ -127,6 +130,14 @@ from ndm_seq.evaluation.scoring import (
     score_model,
     slot_weight_entropy,
 )
+from ndm_seq.evaluation.settings import (
+    SETTINGS_KEY,
+    evaluation_settings,
+    metric_values,
+    settings_of,
+)
+from ndm_seq.metrics.glove import GLOVE_6B_50D, GLOVE_6B_URL, resolve_embeddings
+from ndm_seq.metrics.protocols import NORMALIZATION, PROTOCOLS
 
 __all__ = [
     "EMBEDDING_METRIC_KEYS",
@@ -147,10 +158,12 @@ __all__ = [
     "generate_samples",
     "load_model",
     "metric_keys",
+    "metric_values",
     "one_line",
     "read_metrics",
     "score_model",
     "scoring_limits",
+    "settings_of",
     "slot_weight_entropy",
     "stream_samples",
 ]
@@ -173,13 +186,17 @@ def evaluate(
     device: str | None = None,
     name: str | None = None,
     progress: bool = True,
-) -> dict[str, float | int | None]:
+    protocol: str = "full",
+) -> dict[str, Any]:
     """Evaluate a model directory on a prepared split and write the reports.
 
     Writes into ``output_dir`` (default ``MODEL_DIR/eval-SPLIT``):
 
-    * ``metrics.json``: the flat keys of :func:`metric_keys` (docs/design.md §7); a
-      value that is not finite (``self_bleu`` with one sample) is ``null``;
+    * ``metrics.json``: the flat keys of :func:`metric_keys` (docs/design.md §7), or of
+      the protocol (:data:`ndm_seq.metrics.protocols.PROTOCOLS`), plus one key
+      ``settings`` with every setting that changes a number
+      (:func:`~ndm_seq.evaluation.settings.evaluation_settings`); a value that is not
+      finite (``self_bleu`` with one sample) is ``null``;
     * ``samples.jsonl``: one object per context, ``{"context": [...],
       "reference": str, "samples": [S strings]}`` (seq2seq adds ``"greedy"``);
     * ``results.md``: the metrics as a one-row Markdown table
@@ -204,7 +221,9 @@ def evaluate(
         output_dir: where to write: a new or empty folder (created and marked as
             ``ndm-seq evaluate``'s, :mod:`ndm_seq.folders`) or one evaluate wrote before;
             any other folder is refused before anything is generated.
-        word_vectors: a GloVe-format file for the embedding metrics.
+        word_vectors: a GloVe-format file, or an ``http(s)`` URL of one (downloaded once,
+            :func:`~ndm_seq.metrics.glove.resolve_embeddings`), for the embedding metrics;
+            required by the ``vmed`` and ``kgcvae`` protocols.
         seed: seed for the subset and for sampling.
         batch_size: contexts per forward / generate call.
         max_context_tokens: context length limit (None: the run config's, else 128).
@@ -216,14 +235,22 @@ def evaluate(
         device: torch device (default: cuda if available, else cpu).
         name: row name in ``results.md`` (default: ``VARIANT-BACKBONE``, e.g. ``ndm-gru``).
         progress: show tqdm bars.
+        protocol: ``"full"`` (every metric of docs/design.md §5), or ``"vmed"``,
+            ``"kgcvae"``, ``"plato"``: score as that anchor's code does
+            (:mod:`ndm_seq.metrics.protocols`, docs/metrics.md); the protocol fixes the
+            number of responses per context and decodes each prior draw greedily,
+            the rest of ``sampling`` still applies.
 
     Returns:
-        The metrics as written to ``metrics.json``.
+        The metrics as written to ``metrics.json`` (``settings`` included;
+        :func:`metric_values` drops it).
 
     Raises:
         FileNotFoundError: missing model files or data directory.
         KeyError: the dataset has no such split.
-        ValueError: bad arguments, an empty split, a run config that cannot be read.
+        ValueError: bad arguments, an empty split, a run config that cannot be read, an
+            unknown protocol, a protocol that needs word vectors without them.
+        OSError: word vectors given as a URL that cannot be downloaded.
         ndm_seq.folders.FolderError: ``output_dir`` is a file, a user's folder or another
             command's output (a ``ValueError``); ``FolderBusy`` while another launch
             writes it.
@@ -231,8 +258,13 @@ def evaluate(
     sampling = check_sampling(sampling)
     if max_contexts is not None and max_contexts < 1:
         raise ValueError(f"max_contexts must be >= 1, got {max_contexts}")
-    if word_vectors is not None and not Path(word_vectors).is_file():
-        raise FileNotFoundError(f"word-vector file {str(word_vectors)!r} does not exist")
+    proto = _protocol(protocol, word_vectors)
+    if proto is not None:  # the protocol fixes the count and decodes each draw greedily
+        sampling = sampling.replace(num_samples=proto.num_samples, greedy=True)
+        if not proto.needs_embeddings:
+            word_vectors = None  # no embedding metric in it: nothing to read or download
+    if word_vectors is not None:  # a URL is downloaded (once) before the model loads
+        word_vectors = resolve_embeddings(word_vectors)
     limits = scoring_limits(model_dir, max_context_tokens, max_response_tokens, run_config)
     ds = _load_split(data_dir, split)  # before the model: a wrong split fails fast
     model, tokenizer = load_model(model_dir, device)
@@ -241,35 +273,40 @@ def evaluate(
     folders.claim(out, "evaluate", adopt=_earlier_evaluation)
     with folders.exclusive(out, "evaluate"):
         contexts, references = _select(ds, max_contexts, seed)
-        metrics, generated = evaluate_pairs(
-            model, tokenizer, contexts, references, sampling, batch_size=batch_size,
-            max_context_tokens=limits.max_context_tokens,
-            max_response_tokens=limits.max_response_tokens, seed=seed, progress=progress,
+        common = dict(
+            batch_size=batch_size, max_context_tokens=limits.max_context_tokens, seed=seed,
+            progress=progress,
         )  # fmt: skip
-        if word_vectors is not None:
-            metrics.update(_embedding_metrics(word_vectors, references, generated.first))
+        if proto is None:
+            metrics, generated = evaluate_pairs(
+                model, tokenizer, contexts, references, sampling,
+                max_response_tokens=limits.max_response_tokens, **common,
+            )  # fmt: skip
+            if word_vectors is not None:
+                metrics.update(_embedding_metrics(word_vectors, references, generated.first))
+        else:
+            metrics, generated = protocol_pairs(
+                model, tokenizer, contexts, references, protocol, sampling,
+                word_vectors=word_vectors, **common,
+            )  # fmt: skip
         metrics = {k: _finite_or_none(v) for k, v in metrics.items()}
-
-        _write_metrics(out / "metrics.json", metrics)
-        _write_samples(out / "samples.jsonl", contexts, references, generated)
         cfg = model.config
+        settings = evaluation_settings(
+            protocol=protocol, split=split, contexts=len(contexts), split_size=len(ds),
+            seed=seed, sampling=sampling, decoding=sampling.describe(cfg.is_latent),
+            limits=limits, batch_size=batch_size, device=str(model.device),
+            normalization=NORMALIZATION if proto is None else proto.normalization,
+            word_vectors=None if word_vectors is None else str(word_vectors),
+        )  # fmt: skip
+        written = {**metrics, SETTINGS_KEY: settings}
+        _write_metrics(out / "metrics.json", written)
+        _write_samples(out / "samples.jsonl", contexts, references, generated)
         label = name or f"{cfg.variant}-{cfg.backbone}"
-        first = "greedy" if generated.greedy is not None else "the first latent draw"
-        subset = "" if len(contexts) == len(ds) else f" (a subset drawn with seed {seed})"
-        header = (
-            f"# Evaluation of `{label}`\n\n"
-            f"- model: `{model_dir}` ({cfg.variant}, {cfg.backbone})\n"
-            f"- data: `{data_dir}`, split `{split}`, {len(contexts)} of {len(ds)} contexts"
-            f"{subset}\n"
-            f"- samples: {sampling.describe(cfg.is_latent)}; BLEU-1..4 and corpus BLEU score "
-            f"{first}\n"
-            f"- token limits: {limits.describe()}\n"
-            f"- seed {seed}; definitions: `ndm_seq.metrics`, `ndm_seq.evaluation`\n\n"
-        )
+        header = _results_header(label, model_dir, data_dir, cfg, settings, generated)
         table = comparison_table({label: metrics}, columns=list(metrics))
         (out / "results.md").write_text(header + table)
         _add_to_card(model_dir, split, label, header, metrics, out)
-        return metrics
+        return written
 
 
 def _add_to_card(model_dir, split: str, label: str, header: str, metrics, out: Path) -> None:
@@ -278,10 +315,27 @@ def _add_to_card(model_dir, split: str, label: str, header: str, metrics, out: P
     from ndm_seq.model_card import add_evaluation
 
     details = header.split("\n\n", 1)[1].strip()  # the header's list, without its title
-    columns = [c for c in MAIN_COLUMNS if c in metrics]
+    columns = [c for c in MAIN_COLUMNS if c in metrics] or list(metrics)
     body = (
         f"## Evaluation: split `{split}` (`ndm-seq evaluate`)\n\n{details}\n"
         f"- all metrics: `{out / 'metrics.json'}`, `{out / 'results.md'}`\n\n"
         + comparison_table({label: metrics}, columns=columns)
     )
     add_evaluation(model_dir, split, body)
+
+
+def _protocol(protocol: str, word_vectors):
+    """The :class:`~ndm_seq.metrics.protocols.Protocol` named (None for ``full``), checked."""
+    if protocol == "full":
+        return None
+    if protocol not in PROTOCOLS:
+        raise ValueError(
+            f"unknown protocol {protocol!r}; choose one of full, {', '.join(PROTOCOLS)}"
+        )
+    proto = PROTOCOLS[protocol]
+    if proto.needs_embeddings and word_vectors is None:
+        raise ValueError(
+            f"protocol {protocol!r} needs word vectors: pass a GloVe text file or URL "
+            f"(--embeddings; VMED used {GLOVE_6B_50D} from {GLOVE_6B_URL})"
+        )
+    return proto

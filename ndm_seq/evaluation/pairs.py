@@ -124,3 +124,40 @@ def _embedding_metrics(
     vocab = {t for text in [*references, *first] for t in tokenize(text)}
     wv = load_word_vectors(word_vectors, vocabulary=vocab)
     return embedding_similarity([[f] for f in first], references, wv)
+
+
+def protocol_pairs(
+    model,
+    tokenizer,
+    contexts: Sequence[Sequence[str]],
+    references: Sequence[str],
+    protocol: str,
+    sampling: SamplingConfig,
+    *,
+    word_vectors: str | Path | None = None,
+    batch_size: int = 32,
+    max_context_tokens: int | None = None,
+    seed: int | None = 0,
+    progress: bool = False,
+) -> tuple[dict[str, float], GeneratedResponses]:
+    """The metrics of a named protocol (:mod:`ndm_seq.metrics.protocols`) over pairs.
+
+    Generates ``sampling.num_samples`` responses per context (the caller sets the
+    protocol's count, each prior draw decoded greedily), then scores them with
+    :func:`~ndm_seq.metrics.protocols.score_protocol`; word vectors, when the protocol
+    needs them, are read from the GloVe file keeping the words that occur.
+    """
+    from ndm_seq.metrics.protocols import PROTOCOLS, score_protocol
+
+    proto = PROTOCOLS[protocol]
+    generated = generate_samples(
+        model, tokenizer, contexts, sampling, batch_size=batch_size,
+        max_context_tokens=max_context_tokens, seed=seed, progress=progress,
+    )  # fmt: skip
+    vectors = None
+    if proto.needs_embeddings:
+        texts = [*references, *generated.first, *(s for c in generated.samples for s in c)]
+        vocab = {t for text in texts for t in proto.tokenize(text)}
+        vectors = load_word_vectors(word_vectors, vocabulary=vocab)
+    metrics = score_protocol(protocol, generated.samples, generated.first, references, vectors)
+    return metrics, generated

@@ -17,6 +17,7 @@ import numpy as np
 
 from ndm_seq import folders
 from ndm_seq.evaluation.sampling import GeneratedResponses
+from ndm_seq.evaluation.settings import settings_of
 
 #: Default columns of :func:`comparison_table`.
 MAIN_COLUMNS: tuple[str, ...] = (
@@ -116,6 +117,10 @@ def read_metrics(path: str | Path) -> dict[str, Any]:
 
 
 _INT_KEYS = {"active_units", "embedding_empty_pairs"}
+#: Column headers that differ from the key: the scale of ``corpus_bleu``, which stays
+#: sacreBLEU's 0-100 (so that older metrics.json files compare as they are), while every
+#: other BLEU column is NLTK's 0-1.
+COLUMN_LABELS = {"corpus_bleu": "corpus_bleu (0-100)"}
 _TWO_DECIMALS = {"corpus_bleu", "kl", "nll", "ppl"}
 
 
@@ -138,7 +143,12 @@ def comparison_table(
 
     Numbers are rounded for reading (4 decimals; ``corpus_bleu``, ``kl``,
     ``nll``, ``ppl`` 2; counts as integers); a metric a run does not have (e.g.
-    ``latent_recon_error`` outside ndm) or a ``null`` shows as "–".
+    ``latent_recon_error`` outside ndm) or a ``null`` shows as "–". Headers are the
+    keys, except ``corpus_bleu (0-100)`` (:data:`COLUMN_LABELS`).
+
+    Runs scored under different protocols (``settings.protocol`` of their
+    ``metrics.json``; a file without ``settings`` is the full report) are refused: the
+    same key means another number under another protocol (e.g. ``bleu_1``).
 
     Args:
         named_metrics: run name (e.g. ``"ndm-gru"``) -> its metrics
@@ -147,12 +157,22 @@ def comparison_table(
 
     Returns:
         The table, ending with a newline.
+
+    Raises:
+        ValueError: no run, or runs of different protocols.
     """
     if not named_metrics:
         raise ValueError("comparison_table needs at least one run")
+    protocols = {run: settings_of(m).get("protocol", "full") for run, m in named_metrics.items()}
+    if len(set(protocols.values())) > 1:
+        which = ", ".join(f"{run}: {p}" for run, p in protocols.items())
+        raise ValueError(
+            f"these runs were scored under different protocols ({which}); a key means "
+            "another number under another protocol: compare runs of one protocol"
+        )
     cols = list(MAIN_COLUMNS if columns is None else columns)
     lines = [
-        "| model | " + " | ".join(cols) + " |",
+        "| model | " + " | ".join(COLUMN_LABELS.get(c, c) for c in cols) + " |",
         "|---|" + "---:|" * len(cols),
     ]
     for run, metrics in named_metrics.items():
@@ -207,3 +227,26 @@ def comparison_chart(named_metrics: Mapping[str, Mapping[str, Any]], path: str |
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     return out
+
+
+def _results_header(label: str, model_dir, data_dir, cfg, settings, generated) -> str:
+    """The lines above the table of ``results.md``: model, data, protocol, sampling, limits."""
+    first = "greedy" if generated.greedy is not None else "the first latent draw"
+    n, size = settings["contexts"], settings["split_size"]
+    subset = f" (a subset drawn with seed {settings['seed']})" if settings["subset"] else ""
+    protocol = settings["protocol"]
+    scored = (
+        f"BLEU-1..4 and corpus BLEU score {first}"
+        if protocol == "full"
+        else f"protocol `{protocol}` (docs/metrics.md); single-response metrics score {first}"
+    )
+    return (
+        f"# Evaluation of `{label}`\n\n"
+        f"- model: `{model_dir}` ({cfg.variant}, {cfg.backbone})\n"
+        f"- data: `{data_dir}`, split `{settings['split']}`, {n} of {size} contexts{subset}\n"
+        f"- samples: {settings['decoding']}; {scored}\n"
+        f"- token limits: context {settings['max_context_tokens']}, response "
+        f"{settings['max_response_tokens']} tokens ({settings['token_limits_source']})\n"
+        f"- seed {settings['seed']}; every setting in metrics.json's `settings`; "
+        "definitions: `ndm_seq.metrics`, `ndm_seq.evaluation`\n\n"
+    )

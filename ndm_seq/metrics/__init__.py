@@ -9,7 +9,11 @@ lives in its own module and is re-exported here:
 * :mod:`ndm_seq.metrics.bleu`: sentence BLEU (VMED), corpus BLEU, precision/recall, self-BLEU;
 * :mod:`ndm_seq.metrics.diversity`: distinct-n, intra/inter distinct, n-gram entropy;
 * :mod:`ndm_seq.metrics.latent`: unit activity and active units;
-* :mod:`ndm_seq.metrics.embedding`: word vectors and embedding similarity.
+* :mod:`ndm_seq.metrics.embedding`: word vectors and embedding similarity;
+* :mod:`ndm_seq.metrics.glove`: word vectors from a file or a URL (downloaded once);
+* :mod:`ndm_seq.metrics.protocols`: the named protocols of ``evaluate --protocol``
+  (``vmed``, ``kgcvae``, ``plato``), each scoring as one anchor's code does
+  (docs/metrics.md).
 
 Text metrics (:func:`score_responses`) take, per test context, a list of
 sampled responses and the one reference response. Every string goes through
@@ -21,10 +25,12 @@ whitespace, so every model is scored on equal terms whatever its tokenizer.
 key                    definition                                                  source
 =====================  ==========================================================  ===========
 ``bleu_1``..``bleu_4`` sentence BLEU-n (cumulative, uniform ``1/n`` weights, NLTK  VMED
-                       ``method7``), first sample vs the reference, mean over
-                       contexts
-``corpus_bleu``        sacreBLEU corpus BLEU-4 (``exp`` smoothing, 0-100 scale),   sacreBLEU
-                       first sample per context
+                       ``method7``), first sample vs the reference, mean over      (paper;
+                       contexts (VMED's code zero-pads the weights to 4 orders:    its code:
+                       ``--protocol vmed``)                                        protocol)
+``corpus_bleu``        sacreBLEU corpus BLEU-4 (``exp`` smoothing, **0-100**       sacreBLEU
+                       scale, unlike the 0-1 NLTK columns; tables label it
+                       ``corpus_bleu (0-100)``), first sample per context
 ``bleu_precision``     BLEU-3 (``method7``, weights 1/3) of every sample, mean     kgCVAE,
                        over samples, then mean over contexts                       DialogWAE
 ``bleu_recall``        same, max over samples, then mean over contexts             kgCVAE,
@@ -57,7 +63,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ndm_seq.metrics.bleu import bleu_precision_recall, corpus_bleu, self_bleu, vmed_bleu
+from ndm_seq.metrics.bleu import (
+    bleu_precision_recall,
+    corpus_bleu,
+    sacrebleu_signature,
+    self_bleu,
+    vmed_bleu,
+)
 from ndm_seq.metrics.diversity import (
     distinct,
     distinct_responses,
@@ -71,12 +83,17 @@ from ndm_seq.metrics.embedding import (
     embedding_similarity,
     load_word_vectors,
 )
+from ndm_seq.metrics.glove import GLOVE_6B_URL, resolve_embeddings
 from ndm_seq.metrics.latent import active_units, unit_activity
+from ndm_seq.metrics.protocols import PROTOCOLS, Protocol, score_protocol, vmed_tokenize
 from ndm_seq.metrics.text import _check_pairs, normalize, tokenize
 
 __all__ = [
     "ENGLISH_STOPWORDS",
+    "GLOVE_6B_URL",
+    "PROTOCOLS",
     "TEXT_METRIC_KEYS",
+    "Protocol",
     "WordVectorReport",
     "WordVectors",
     "active_units",
@@ -89,11 +106,15 @@ __all__ = [
     "load_word_vectors",
     "ngram_entropy",
     "normalize",
+    "resolve_embeddings",
+    "sacrebleu_signature",
+    "score_protocol",
     "score_responses",
     "self_bleu",
     "tokenize",
     "unit_activity",
     "vmed_bleu",
+    "vmed_tokenize",
 ]
 
 #: The keys of :func:`score_responses`, in the order of docs/design.md §7.

@@ -17,7 +17,13 @@ from sacrebleu.metrics import BLEU
 
 from ndm_seq.metrics.text import Tokens, normalize
 
-__all__ = ["bleu_precision_recall", "corpus_bleu", "self_bleu", "vmed_bleu"]
+__all__ = [
+    "bleu_precision_recall",
+    "corpus_bleu",
+    "sacrebleu_signature",
+    "self_bleu",
+    "vmed_bleu",
+]
 
 # One instance: SmoothingFunction only stores epsilon (0.1), alpha (5) and k (5).
 _SMOOTHING = SmoothingFunction()
@@ -33,7 +39,13 @@ def _sentence_bleu(refs: list[Tokens], hyp: Tokens, order: int, smoothing) -> fl
 
 
 def vmed_bleu(hypotheses: Sequence[Tokens], references: Sequence[Tokens]) -> dict[str, float]:
-    """BLEU-1..4 as VMED reports them: sentence BLEU, averaged over contexts.
+    """BLEU-1..4 of the full report: sentence BLEU as VMED reports it, averaged over contexts.
+
+    The cumulative weights ``(1/n,) * n`` differ from VMED's code, which zero-pads them
+    to four orders (``(1, 0, 0, 0)``, ...); under ``method7`` that changes the number.
+    ``ndm-seq evaluate --protocol vmed`` scores with VMED's own weights and tokens
+    (:mod:`ndm_seq.metrics.protocols`); this function keeps the full report's numbers
+    unchanged.
 
     For each context, NLTK ``sentence_bleu([ref], hyp)`` with
     ``SmoothingFunction().method7`` and cumulative uniform weights
@@ -75,7 +87,20 @@ def vmed_bleu(hypotheses: Sequence[Tokens], references: Sequence[Tokens]) -> dic
 #: sacreBLEU settings for ``corpus_bleu``. ``tokenize="none"``: the text is
 #: already :func:`normalize`d (punctuation split, lowercased), so sacreBLEU
 #: must not re-tokenize it with 13a; its default ``exp`` smoothing is kept.
-_SACREBLEU = BLEU(tokenize="none", smooth_method="exp")
+#: ``force=True``: scoring tokenized text is deliberate here, so sacreBLEU's "It looks
+#: like you forgot to detokenize your test data" warning (printed when 100 hypotheses
+#: end in " .") would be wrong; ``force`` only silences that check, the score is the same.
+_SACREBLEU_ARGS = {"tokenize": "none", "smooth_method": "exp", "force": True}
+_SACREBLEU = BLEU(**_SACREBLEU_ARGS)
+
+
+def sacrebleu_signature() -> str:
+    """sacreBLEU's signature of :func:`corpus_bleu`, e.g.
+    ``nrefs:1|case:mixed|eff:no|tok:none|smooth:exp|version:2.6.0`` (``metrics.json``'s
+    ``settings``)."""
+    bleu = BLEU(**_SACREBLEU_ARGS)
+    bleu.corpus_score(["a"], [["a"]])  # the signature needs the number of references
+    return str(bleu.get_signature())
 
 
 def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
