@@ -1,4 +1,4 @@
-"""Issue 14 §3: the Trainer's own arguments under ``training:`` (checked against
+"""Issue 14, point 3: the Trainer's own arguments under ``training:`` (checked against
 ``TrainingArguments``), TensorBoard logs in the run folder, the best checkpoint and early
 stopping, ``provenance.json``, quiet progress bars, and ``data.max_train_pairs`` applied
 before tokenizing."""
