@@ -4,15 +4,13 @@ worked out by hand, the GloVe loader on a file in the real format, its download 
 
 from __future__ import annotations
 
-import functools
-import http.server
 import logging
 import math
-import threading
 import zipfile
 from pathlib import Path
 
 import pytest
+import test_data_download
 from sacrebleu.metrics import BLEU
 
 from ndm_seq.metrics import corpus_bleu, load_word_vectors
@@ -205,27 +203,11 @@ def test_score_protocol_keys_and_errors(tmp_path):
 # --------------------------------------------------------------------------- vectors
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):  # no request lines on stderr
-        pass
+server = test_data_download.server  # the fixture serving files on 127.0.0.1
 
 
-@pytest.fixture
-def local_server(tmp_path):
-    """An HTTP server on 127.0.0.1 serving ``tmp_path / "site"`` (a stand-in for Stanford's)."""
-    site = tmp_path / "site"
-    site.mkdir()
-    handler = functools.partial(_Quiet, directory=str(site))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield site, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
-def test_glove_file_and_url_downloads_once(local_server, tmp_path):
-    site, base = local_server
+def test_glove_file_and_url_downloads_once(server, tmp_path):
+    site, base = server  # a stand-in for Stanford's server
     glove_file(site / "glove.6B.50d.txt", {"cat": (1.0, 0.0), "dog": (0.0, 1.0)})
     with zipfile.ZipFile(site / "glove.6B.zip", "w") as z:
         z.write(site / "glove.6B.50d.txt", "glove.6B.50d.txt")
