@@ -102,14 +102,19 @@ def test_paths_named_by_the_design_page_exist():
     assert not missing, missing
 
 
-def test_design_python_examples_run(tmp_path, monkeypatch):
-    blocks = re.findall(r"```python\n(.*?)```", DESIGN.read_text(encoding="utf-8"), flags=re.S)
+def run_python_blocks(page, tmp_path, monkeypatch):
+    """Run every ```python block of ``page`` in order, as a script in ``tmp_path``."""
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), flags=re.S)
     assert blocks
     monkeypatch.chdir(tmp_path)
     for i, block in enumerate(blocks):
-        script = tmp_path / f"block{i}.py"
+        script = tmp_path / f"{page.stem}{i}.py"
         script.write_text(block, encoding="utf-8")
         runpy.run_path(str(script), run_name="__main__")
+
+
+def test_design_python_examples_run(tmp_path, monkeypatch):
+    run_python_blocks(DESIGN, tmp_path, monkeypatch)
 
 
 # --------------------------------------------------------------------------- docs/metrics.md
@@ -118,13 +123,7 @@ METRICS_PAGE = ROOT / "docs" / "metrics.md"
 
 
 def test_metrics_page_python_examples_run(tmp_path, monkeypatch):
-    blocks = re.findall(r"```python\n(.*?)```", METRICS_PAGE.read_text(encoding="utf-8"), re.S)
-    assert blocks
-    monkeypatch.chdir(tmp_path)
-    for i, block in enumerate(blocks):
-        script = tmp_path / f"metrics{i}.py"
-        script.write_text(block, encoding="utf-8")
-        runpy.run_path(str(script), run_name="__main__")
+    run_python_blocks(METRICS_PAGE, tmp_path, monkeypatch)
 
 
 def test_metrics_page_commands_run(tmp_path, monkeypatch, capsys):
