@@ -21,7 +21,7 @@ from test_evaluation import (  # noqa: F401
     eval_tokenizer,
     model_dirs,
 )
-from test_metrics_protocols import glove_file, local_server  # noqa: F401
+from test_metrics_protocols import glove_file, server  # noqa: F401
 
 import ndm_seq.metrics.bleu
 from ndm_seq.cli import build_parser, main
@@ -135,9 +135,9 @@ def test_vmed_protocol_needs_vectors_and_scores_the_greedy_of_seq2seq(
 
 
 def test_cli_kgcvae_protocol_with_embeddings_from_a_url(
-    model_dirs, data_dir, tmp_path, local_server, capsys
+    model_dirs, data_dir, tmp_path, server, capsys
 ):
-    site, base = local_server
+    site, base = server  # 127.0.0.1 stands in for the vectors' host
     _vectors(site, data_dir, "vectors.txt")
     out = tmp_path / "k"
     code = main(
