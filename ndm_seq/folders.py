@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+logger = logging.getLogger("ndm_seq.folders")
 
 MARKER = ".ndm-seq.json"
 """The marker file a command writes into a folder it creates."""
@@ -150,9 +153,16 @@ def exclusive(path: str | os.PathLike, command: str, wait: float = 0) -> Iterato
     from filelock import FileLock, Timeout
 
     path = Path(path)
-    lock = FileLock(str(path / LOCK), timeout=wait)
+    lock = FileLock(str(path / LOCK), timeout=0)
     try:
-        lock.acquire()
+        try:
+            lock.acquire()
+        except Timeout:
+            if wait <= 0:
+                raise
+            # Say once why nothing happens, then wait for the holder.
+            logger.warning("%s is in use by %s; waiting for it", path, describe_holder(path))
+            lock.acquire(timeout=wait)
     except Timeout:
         raise FolderBusy(
             f"{path} is in use by {describe_holder(path)}; wait for it to finish "

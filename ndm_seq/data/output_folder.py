@@ -122,14 +122,17 @@ def _non_main_rank() -> bool:
         return False
 
 
-def locked(output: Path) -> contextlib.AbstractContextManager:
+def locked(output: Path, wait: float = 0) -> contextlib.AbstractContextManager:
     """Hold `output`'s prepare lock; a second launch is refused at once (`FolderBusy`).
 
-    The other ranks of one torchrun launch run prepare after rank 0 (under
-    `main_process_first`) but together with each other; they wait for the lock
-    (each finds rank 0's cache and is done in moments) instead of being refused.
+    `wait`: seconds to wait for the holder instead (what `ndm-seq train` does, so that
+    two recipes started together on one prepared folder both run). The other ranks of
+    one torchrun launch run prepare after rank 0 (under `main_process_first`) but
+    together with each other; they wait for the lock (each finds rank 0's cache and is
+    done in moments) instead of being refused.
     """
-    wait = _RANK_WAIT_SECONDS if _non_main_rank() else 0
+    if _non_main_rank():
+        wait = max(wait, _RANK_WAIT_SECONDS)
     return folders.exclusive(output, "prepare", wait=wait)
 
 

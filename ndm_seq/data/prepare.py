@@ -228,7 +228,7 @@ def _pairs_cached(output: Path, previous: dict | None, fp: str) -> bool:
 # entry point
 
 
-def prepare(cfg: PrepareConfig, tokenizer: Any = None) -> dict[str, Any]:
+def prepare(cfg: PrepareConfig, tokenizer: Any = None, wait: float = 0) -> dict[str, Any]:
     """Prepare a corpus: pairs DatasetDict in `cfg.output`, report in `cfg.output/report.json`.
 
     The output folder must be new, empty, or prepare's own (its `.ndm-seq.json`
@@ -236,12 +236,15 @@ def prepare(cfg: PrepareConfig, tokenizer: Any = None) -> dict[str, Any]:
     before a byte is written. A rebuild replaces only the entries prepare
     writes (the split folders, `dataset_dict.json`, `report.json`,
     `tokenized/`); other files a user put in the folder stay. One prepare at a
-    time per folder: a second launch gets `FolderBusy` naming the holder.
+    time per folder: a second launch gets `FolderBusy` naming the holder (or,
+    with `wait`, waits for it and then finds its cache).
 
     Args:
         cfg: corpus, source, output and options.
         tokenizer: optional transformers-style tokenizer; when given, the
             tokenised DatasetDict is written to `cfg.output/tokenized/`.
+        wait: seconds to wait for another prepare of the same folder to finish
+            (0: refuse at once with `FolderBusy`).
 
     Returns:
         The report (also written to report.json); `report["cached"]` says
@@ -259,7 +262,7 @@ def prepare(cfg: PrepareConfig, tokenizer: Any = None) -> dict[str, Any]:
     existed = output.exists()
     fresh = not folders.claim(output, "prepare", adopt=is_legacy_output)
     try:
-        with locked(output):
+        with locked(output, wait):
             return _prepare_locked(cfg, output, fp, tokenizer)
     except folders.FolderBusy:
         raise

@@ -112,6 +112,9 @@ class _StopOnSignal:
 
 # ----------------------------------------------------------------------------- data
 
+PREPARE_WAIT_SECONDS = 3600.0
+"""How long ``ndm-seq train`` waits for another process preparing its data folder."""
+
 
 def prepare_data(run: RunConfig, tokenizer=None) -> dict:
     """Run ``ndm_seq.data.prepare`` for the run's data section (cached by fingerprint)."""
@@ -143,7 +146,9 @@ def prepare_data(run: RunConfig, tokenizer=None) -> dict:
         max_train_pairs=d.max_train_pairs,
         progress=run.training.progress,
     )
-    return prepare(cfg, tokenizer)
+    # Recipes started together share one prepared folder: the later ones wait for
+    # the first to write it, then reuse its cache, instead of being refused.
+    return prepare(cfg, tokenizer, wait=PREPARE_WAIT_SECONDS)
 
 
 def train_tokenizer(run: RunConfig, folder: Path):
