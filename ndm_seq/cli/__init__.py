@@ -7,13 +7,15 @@ parsed arguments.
 One module per subcommand: `prepare`, `train`, `evaluate`, `session` (`sample` and
 `chat`, which share their options), `compare`, `analyze`; `common` holds what they share. The
 modules import torch, transformers and datasets only inside the functions that run a
-subcommand, so that `--help` stays quick.
+subcommand, so that `--help` stays quick: the console script starts in `ndm_seq_cli`,
+which keeps `import ndm_seq` from loading them (see there).
 """
 
 from __future__ import annotations
 
 import argparse
 
+from ndm_seq import __version__
 from ndm_seq.cli.analyze import add_analyze
 from ndm_seq.cli.compare import add_compare
 from ndm_seq.cli.evaluate import add_evaluate
@@ -33,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ndm-seq",
         description="Dialogue sequence modeling with Neural Decompositional Memory.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_prepare(sub)
     add_train(sub)
@@ -49,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     from ndm_seq.progress import library_progress_bars
 
     args = build_parser().parse_args(argv)
+    # Started as the console script, `import ndm_seq` left the Auto classes to here
+    # (ndm_seq_cli.py), so that --help and --version need neither torch nor transformers.
+    import ndm_seq.models  # noqa: F401  (registers model_type "ndm" with the Auto classes)
+
     # The libraries' bars (datasets' map, transformers' "Loading weights"): off with
     # --no-progress, and in sample and chat, whose output is the responses.
     quiet = getattr(args, "no_progress", False) or args.command in QUIET_COMMANDS

@@ -13,6 +13,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from ndm_seq.cli.common import _DefaultsHelp
 from ndm_seq.data.log import CorpusError
 
 
@@ -196,7 +197,7 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
             "writes (the split folders, dataset_dict.json, report.json, tokenized/); other "
             "files in OUTPUT stay. A second prepare on the same OUTPUT stops at once."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelp,
     )
     from ndm_seq.data.prepare import CORPORA
 

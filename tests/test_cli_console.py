@@ -1,0 +1,97 @@
+"""The `ndm-seq` console script itself: what `--help` and `--version` load, the help text.
+
+These drive the installed console script in a subprocess (what a user runs); the
+other CLI tests call `ndm_seq.cli.main` in-process.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from ndm_seq import __version__
+from ndm_seq.cli import build_parser
+
+HEAVY = ("torch", "transformers")
+
+
+def _console_script() -> str:
+    exe = shutil.which("ndm-seq", path=os.path.dirname(sys.executable)) or shutil.which("ndm-seq")
+    if exe is None:
+        pytest.skip("the ndm-seq console script is not installed (pip install -e .)")
+    return exe
+
+
+def _imported_modules(args: list[str]) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run the console script with Python's import log on; the top-level modules it loaded."""
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
+    out = subprocess.run(
+        [_console_script(), *args], capture_output=True, text=True, timeout=120, env=env
+    )
+    names = set()
+    for line in out.stderr.splitlines():
+        match = re.match(r"import time:\s+\d+ \|\s+\d+ \|\s*([\w.]+)$", line)
+        if match:
+            names.add(match.group(1).split(".")[0])
+    return out, names
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["sample", "--help"]])
+def test_help_and_version_load_neither_torch_nor_transformers(args):
+    out, modules = _imported_modules(args)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ndm_seq" in modules and "argparse" in modules  # the import log is read
+    assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
+    if args == ["--version"]:
+        assert out.stdout.strip() == f"ndm-seq {__version__}"
+        assert __version__ == importlib.metadata.version("ndm-seq")
+
+
+def _python(code: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_import_ndm_seq_still_registers_the_auto_classes():
+    printed = _python(
+        "import sys, ndm_seq\n"
+        "from transformers import AutoConfig, AutoModelForSeq2SeqLM\n"
+        "from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING\n"
+        "config = AutoConfig.for_model('ndm')\n"
+        "print(type(config).__name__, type(AutoModelForSeq2SeqLM.from_config(config)).__name__,\n"
+        "      TOKENIZER_MAPPING[type(config)].__name__, 'torch' in sys.modules)\n"
+    )
+    assert printed.split() == ["NDMConfig", "NDMForConversation", "NDMTokenizer", "True"]
+
+
+def test_behind_the_console_script_the_classes_load_and_register_on_first_use():
+    printed = _python(
+        "import sys, ndm_seq_cli, ndm_seq\n"
+        "print('torch' in sys.modules, 'transformers' in sys.modules)\n"
+        "name = ndm_seq.NDMForConversation.__name__\n"
+        "from transformers import AutoConfig\n"
+        "print(name, type(AutoConfig.for_model('ndm')).__name__)\n"
+    )
+    assert printed.split() == ["False", "False", "NDMForConversation", "NDMConfig"]
+
+
+def test_every_default_is_shown_once_in_every_subcommand_help():
+    subparsers = build_parser()._subparsers._group_actions[0].choices
+    for name, sub in subparsers.items():
+        formatter = sub.formatter_class(prog=sub.prog)
+        for action in sub._actions:
+            text = formatter._expand_help(action) if action.help else ""
+            assert text.lower().count("default") <= 1, (name, action.dest, text)
+            assert "(default: None)" not in text and "(default: False)" not in text, (name, text)
+    out = subprocess.run(
+        [_console_script(), "prepare", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and "(default 3)" in out.stdout  # --max-context-turns
+    assert "(default: None)" not in out.stdout
