@@ -67,8 +67,7 @@ test-all: lint
 # of training (the fit keeps 10% free; the budget stops training at the latest)
 # + about 2.5 min for installation (torch wheel cached), data preparation, the
 # tokenizers and the two evaluations.
-DEMO_SET := --set 'output_dir=runs/demo/{name}' --set training.max_minutes=5.5 \
-	--set evaluation.max_contexts=300
+DEMO_SET := 'output_dir=runs/demo/{name}' training.max_minutes=5.5 evaluation.max_contexts=300
 
 demo: $(STAMP)
 	$(VPY) -m ndm_seq.cli compare recipes/chitchat/ndm_gru.yaml recipes/chitchat/cvae_gru.yaml \

@@ -14,7 +14,7 @@ three responses side by side (:func:`sample_comparison`, read from the evaluatio
 The output folder is claimed for ``ndm-seq compare`` (:func:`ndm_seq.folders.claim`)
 before anything is trained: a new or empty folder, or one an earlier comparison
 wrote; a user's folder is refused, its files untouched. The run folders may live
-inside it (``make demo``: ``--output runs/demo --set output_dir=runs/demo/{name}``),
+inside it (``make demo``: ``--output runs/demo output_dir=runs/demo/{name}``),
 so a second run on the same folder reuses the finished models.
 """
 
@@ -76,7 +76,7 @@ def compare(
     runs = []
     for path in configs:
         run = load_run_config(path, list(overrides))
-        # `--set output_dir=runs/demo/{name}` gives every config its own folder.
+        # The override `output_dir=runs/demo/{name}` gives every config its own folder.
         run.output_dir = run.output_dir.replace("{name}", Path(path).stem)
         runs.append((path, run))
     names = [run_name(path, run) for path, run in runs]

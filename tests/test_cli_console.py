@@ -95,3 +95,80 @@ def test_every_default_is_shown_once_in_every_subcommand_help():
     )
     assert out.returncode == 0 and "(default 3)" in out.stdout  # --max-context-turns
     assert "(default: None)" not in out.stdout
+
+
+# --------------------------------------------------------------------------- one name per thing
+
+
+def _parse(argv: list[str]):
+    return build_parser().parse_args(argv)
+
+
+def test_samples_is_one_option_in_evaluate_sample_and_chat(capsys):
+    for command in (
+        ["evaluate", "M", "--data", "D"],
+        ["sample", "M", "--context", "hi"],
+        ["chat", "M"],
+    ):
+        for flag in ("-n", "--samples"):
+            args = _parse([*command, flag, "4"])
+            assert (args.samples if command[0] == "evaluate" else args.num_samples) == 4
+    assert capsys.readouterr().err == ""
+    old = _parse(["sample", "M", "--context", "hi", "--num-samples", "3"])
+    assert old.num_samples == 3
+    err = capsys.readouterr().err
+    assert err == "ndm-seq sample: warning: --num-samples is deprecated, use -n/--samples\n"
+    assert (
+        "--num-samples"
+        not in build_parser()._subparsers._group_actions[0].choices["sample"].format_help()
+    )
+
+
+def test_token_limits_are_named_as_in_the_run_config(capsys):
+    args = _parse(["prepare", "jsonl", "--max-context-tokens", "50", "--max-response-tokens", "9"])
+    assert (args.max_context_tokens, args.max_response_tokens) == (50, 9)
+    assert capsys.readouterr().err == ""
+    old = _parse(["prepare", "jsonl", "--max-source-tokens", "40", "--max-target-tokens", "7"])
+    assert (old.max_context_tokens, old.max_response_tokens) == (40, 7)
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "ndm-seq prepare: warning: --max-source-tokens is deprecated, use --max-context-tokens",
+        "ndm-seq prepare: warning: --max-target-tokens is deprecated, use --max-response-tokens",
+    ]
+    defaults = _parse(["prepare", "jsonl"])
+    assert (defaults.max_context_tokens, defaults.max_response_tokens) == (128, 64)
+    for command in ("evaluate", "sample", "analyze"):
+        sub = build_parser()._subparsers._group_actions[0].choices[command]
+        flags = {f for a in sub._actions for f in a.option_strings}
+        assert "--max-context-tokens" in flags and "--max-source-tokens" not in flags
+
+
+def test_compare_takes_overrides_as_train_does(tmp_path, monkeypatch, capsys):
+    import ndm_seq.compare
+    from ndm_seq.cli import main
+
+    seen = []
+
+    def fake_compare(configs, output, overrides, **kwargs):
+        seen.append((list(configs), output, list(overrides)))
+        return "table\n"
+
+    monkeypatch.setattr(ndm_seq.compare, "compare", fake_compare)
+    a, b = tmp_path / "a.yaml", tmp_path / "b=1.yaml"  # a config whose name holds "="
+    a.write_text("x: 1\n")
+    b.write_text("x: 1\n")
+    want = ([str(a), str(b)], "out", ["training.max_steps=5", "seed=2"])
+    assert (
+        main(["compare", str(a), str(b), "training.max_steps=5", "seed=2", "--output", "out"]) == 0
+    )
+    assert (
+        main(["compare", str(a), str(b), "--output", "out", "training.max_steps=5", "seed=2"]) == 0
+    )
+    assert capsys.readouterr().err == ""
+    old = ["compare", str(a), str(b), "--output", "out", "--set", "training.max_steps=5"]
+    assert main([*old, "--set", "seed=2"]) == 0
+    assert "--set is deprecated, use KEY=VALUE after the configs" in capsys.readouterr().err
+    assert seen == [want, want, want]
+    with pytest.raises(SystemExit) as stop:
+        main(["compare", str(a), "--output", "out", "--bogus"])
+    assert stop.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err

@@ -135,7 +135,7 @@ def test_compare_refuses_a_user_folder_before_any_work(model_dirs, data_dir, tmp
     config = _config(tmp_path, data_dir)
     run = tmp_path / "runs" / "run"
     shutil.copytree(model_dirs["ndm"], run / "model")  # finished: compare would evaluate it
-    code = main(["compare", str(config), "--output", str(mine), "--set", f"output_dir={run}"])
+    code = main(["compare", str(config), "--output", str(mine), f"output_dir={run}"])
     line = _one_error_line(capsys.readouterr().err, "compare")
     assert code == 2
     assert f"{mine} is not empty and was not written by `ndm-seq compare`" in line
@@ -147,7 +147,7 @@ def test_compare_refuses_an_output_inside_a_run_folder(data_dir, tmp_path, capsy
     config = _config(tmp_path, data_dir)
     run = tmp_path / "runs" / "run"
     for output in (run, run / "compare"):
-        code = main(["compare", str(config), "--output", str(output), "--set", f"output_dir={run}"])
+        code = main(["compare", str(config), "--output", str(output), f"output_dir={run}"])
         assert code == 2
         assert "lies inside, the run folder" in _one_error_line(capsys.readouterr().err, "compare")
     assert not (tmp_path / "runs").exists()
@@ -165,7 +165,6 @@ def test_compare_reuses_its_own_folder_and_adopts_an_unmarked_one(
         str(config),
         "--output",
         str(out),
-        "--set",
         f"output_dir={run}",
         "--no-progress",
     ]
@@ -197,7 +196,7 @@ def test_make_demo_layout_runs_twice_on_its_own_folder(tmp_path, capsys):
     out = tmp_path / "demo"
     args = [
         "compare", str(ROOT / "recipes" / "chitchat" / "smoke.yaml"), "--output", str(out),
-        "--set", f"data.prepared_dir={tmp_path / 'prepared'}", "--set", f"output_dir={out}/{{name}}",
+        f"data.prepared_dir={tmp_path / 'prepared'}", f"output_dir={out}/{{name}}",
         "--no-progress",
     ]  # fmt: skip
     assert main(args) == 0
@@ -225,7 +224,7 @@ def test_compare_reports_a_training_failure_in_one_line(
     monkeypatch.setattr(ndm_seq.compare, "train", failing_train)
     config = _config(tmp_path, data_dir)
     run = tmp_path / "runs" / "run"
-    args = ["compare", str(config), "--output", str(tmp_path / "cmp"), "--set", f"output_dir={run}"]
+    args = ["compare", str(config), "--output", str(tmp_path / "cmp"), f"output_dir={run}"]
     assert main(args) == code
     assert (
         _one_error_line(capsys.readouterr().err, "compare") == f"ndm-seq compare: simulated {error}"

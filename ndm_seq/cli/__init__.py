@@ -51,7 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run `ndm-seq` with `argv` (default: the command line); returns the exit status."""
     from ndm_seq.progress import library_progress_bars
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "compare" and not any(e.startswith("-") for e in extra):
+        # KEY=VALUE overrides after compare's options (`--output DIR k=v`), as train takes them.
+        args.configs.extend(extra)
+    elif extra:
+        parser.parse_args(argv)  # argparse's own "unrecognized arguments" error (exit 2)
     # Started as the console script, `import ndm_seq` left the Auto classes to here
     # (ndm_seq_cli.py), so that --help and --version need neither torch nor transformers.
     import ndm_seq.models  # noqa: F401  (registers model_type "ndm" with the Auto classes)

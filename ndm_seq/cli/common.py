@@ -24,6 +24,40 @@ class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class _DeprecatedAlias(argparse.Action):
+    """An option's old name: it still works (recorded commands still run) and says once,
+    on stderr, which name replaced it. Hidden from ``--help``."""
+
+    def __init__(self, option_strings, dest, new: str, append: bool = False, **kwargs):
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, **kwargs)
+        self.new, self.append = new, append
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(
+            f"{parser.prog}: warning: {option_string} is deprecated, use {self.new}",
+            file=sys.stderr,
+        )
+        if self.append:
+            values = [*(getattr(namespace, self.dest, None) or []), values]
+        setattr(namespace, self.dest, values)
+
+
+def _add_deprecated_alias(
+    p: argparse.ArgumentParser | argparse._ArgumentGroup, old: str, new: argparse.Action
+) -> None:
+    """Accept ``old`` as a hidden, deprecated name of the option ``new`` (added before)."""
+    p.add_argument(
+        old,
+        dest=new.dest,
+        type=new.type,
+        metavar=new.metavar,
+        action=_DeprecatedAlias,
+        new="/".join(new.option_strings),
+        append=isinstance(new, argparse._AppendAction),
+        help=argparse.SUPPRESS,
+    )
+
+
 def _model_error(cmd: str, err: Exception | str, code: int = 1) -> int:
     """Print ``ndm-seq CMD: error: ...`` as one line on stderr; return ``code``.
 

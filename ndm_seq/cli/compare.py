@@ -1,11 +1,21 @@
-"""`ndm-seq compare CONFIG... --output DIR`: prepare, train and evaluate several configs
+"""`ndm-seq compare CONFIG... [KEY=VALUE ...] --output DIR`: prepare, train and evaluate several configs
 and write a comparison table."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from ndm_seq.cli.common import _interrupted, _training_exit
+from ndm_seq.cli.common import _DeprecatedAlias, _interrupted, _training_exit
+
+
+def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """Split compare's positional arguments into config files and KEY=VALUE overrides.
+
+    An argument is an override when it holds "=" and is not an existing file.
+    """
+    overrides = [a for a in items if "=" in a and not Path(a).is_file()]
+    return [a for a in items if a not in overrides], overrides
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -15,10 +25,11 @@ def _compare(args: argparse.Namespace) -> int:
     from ndm_seq.training import DiskFullError, TrainingInterrupted
 
     try:
+        configs, overrides = split_overrides(args.configs)
         report = compare(
-            args.configs,
+            configs,
             args.output,
-            args.overrides,
+            [*getattr(args, "overrides", []), *overrides],
             retrain=args.retrain,
             progress=not args.no_progress,
         )
@@ -32,7 +43,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def add_compare(sub: argparse._SubParsersAction) -> None:
-    """`ndm-seq compare CONFIG... --output DIR [key=value ...]`."""
+    """`ndm-seq compare CONFIG... [KEY=VALUE ...] --output DIR`."""
     p = sub.add_parser(
         "compare",
         help="prepare, train and evaluate several configs, then write a comparison table",
@@ -47,8 +58,10 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "configs",
         nargs="+",
-        metavar="CONFIG",
-        help="YAML run configs, e.g. recipes/chitchat/*_gru.yaml",
+        metavar="CONFIG|KEY=VALUE",
+        help="YAML run configs, e.g. recipes/chitchat/*_gru.yaml, and overrides applied "
+        "to every config, as after train: dotted and YAML-typed, e.g. "
+        "training.max_minutes=7 'output_dir=runs/mine/{name}'",
     )
     p.add_argument(
         "--output",
@@ -60,10 +73,11 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--set",
         dest="overrides",
-        action="append",
-        default=[],
+        action=_DeprecatedAlias,
+        append=True,
+        new="KEY=VALUE after the configs, as with train",
         metavar="KEY=VALUE",
-        help="override applied to every config (repeatable), e.g. --set training.max_minutes=7",
+        help=argparse.SUPPRESS,
     )
     p.add_argument(
         "--retrain",

@@ -108,7 +108,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
         "--data", required=True, metavar="DIR", help="prepared dataset folder (ndm-seq prepare)"
     )
     p.add_argument("--split", default="test", help="split to evaluate")
-    p.add_argument("--samples", type=int, default=10, help="S, sampled responses per context")
+    p.add_argument("-n", "--samples", type=int, default=10, help="S, sampled responses per context")
     p.add_argument(
         "--max-contexts",
         type=int,

@@ -13,7 +13,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from ndm_seq.cli.common import _DefaultsHelp
+from ndm_seq.cli.common import _add_deprecated_alias, _DefaultsHelp
 from ndm_seq.data.log import CorpusError
 
 
@@ -124,8 +124,8 @@ def _prepare(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             force=args.force,
             num_proc=args.num_proc,
-            max_source_tokens=args.max_source_tokens,
-            max_target_tokens=args.max_target_tokens,
+            max_source_tokens=args.max_context_tokens,
+            max_target_tokens=args.max_response_tokens,
             options=options,
         )
         report = prepare(cfg, tokenizer=tokenizer)
@@ -320,12 +320,15 @@ def _add_tokenisation_options(p: argparse.ArgumentParser) -> None:
         "(input_ids, attention_mask, labels)",
     )
     g.add_argument("--num-proc", type=int, help="tokenisation workers (default min(4, CPUs))")
-    g.add_argument(
-        "--max-source-tokens", type=int, default=128, help="context tokens kept (the latest)"
+    context = g.add_argument(
+        "--max-context-tokens", type=int, default=128, help="context tokens kept (the latest)"
     )
-    g.add_argument(
-        "--max-target-tokens", type=int, default=64, help="response tokens kept (eos included)"
+    response = g.add_argument(
+        "--max-response-tokens", type=int, default=64, help="response tokens kept (eos included)"
     )
+    # The names of the run config (data.max_context_tokens) and of evaluate's options.
+    _add_deprecated_alias(g, "--max-source-tokens", context)
+    _add_deprecated_alias(g, "--max-target-tokens", response)
 
 
 def _add_behaviour_options(p: argparse.ArgumentParser) -> None:

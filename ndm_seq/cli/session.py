@@ -12,6 +12,7 @@ import sys
 
 from ndm_seq.cli.common import (
     _add_decoding_options,
+    _add_deprecated_alias,
     _DefaultsHelp,
     _interrupted,
     _load_errors,
@@ -25,7 +26,7 @@ from ndm_seq.decoding import SAMPLE_TOP_P
 def _sampling(args: argparse.Namespace):
     """The options' ``SamplingConfig``; ``ValueError`` naming the option (exit status 2)."""
     return _sampling_config(
-        args, num_samples=args.num_samples, greedy=args.greedy, samples_flag="-n/--num-samples"
+        args, num_samples=args.num_samples, greedy=args.greedy, samples_flag="-n/--samples"
     )
 
 
@@ -125,13 +126,15 @@ def _sample_run(args: argparse.Namespace) -> int:
 
 def _add_session_options(p: argparse.ArgumentParser, num_samples: int, max_history: int) -> None:
     p.add_argument("model_dir", metavar="MODEL_DIR", help="trained model directory")
-    p.add_argument(
+    samples = p.add_argument(
         "-n",
-        "--num-samples",
+        "--samples",
+        dest="num_samples",
         type=int,
         default=num_samples,
         help="responses to sample (latent variants: each from its own prior draw)",
     )
+    _add_deprecated_alias(p, "--num-samples", samples)
     p.add_argument(
         "--max-history",
         type=int,
