@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import shutil
@@ -26,6 +27,8 @@ def test_every_option_has_help(command):
     sub = build_parser()._subparsers._group_actions[0].choices[command]
     text = sub.format_help()
     for action in sub._actions:
+        if action.help == argparse.SUPPRESS:  # a deprecated alias (tests/test_cli_console.py)
+            continue
         for flag in action.option_strings:
             assert flag in text
         assert action.help, action.dest
@@ -113,3 +116,79 @@ def test_chat_cli_weights_message_for_cvae(model_dirs, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n/weights\n"))
     assert main(["chat", str(model_dirs["cvae"]), "--seed", "0"]) == 0
     assert "only for ndm models; this model is 'cvae'" in capsys.readouterr().out
+
+
+def test_sample_reads_contexts_from_stdin_as_from_a_file(model_dirs, tmp_path, monkeypatch, capsys):
+    lines = '["hi there"]\n{"context": ["hello", "how are you?"]}\n'
+    path = tmp_path / "contexts.jsonl"
+    path.write_text(lines)
+    args = ["sample", str(model_dirs["cvae"]), "-n", "2", "--seed", "0", "--max-new-tokens", "6"]
+    assert main([*args, "--contexts", str(path)]) == 0
+    from_file = capsys.readouterr().out
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(lines.encode())))
+    assert main([*args, "--contexts", "-"]) == 0
+    assert capsys.readouterr().out == from_file
+    rows = [json.loads(line) for line in from_file.splitlines()]
+    assert [r["context"] for r in rows] == [["hi there"], ["hello", "how are you?"]]
+    assert all(len(r["samples"]) == 2 for r in rows)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"not json\n")))
+    assert main([*args, "--contexts", "-"]) == 1  # as for a file
+    assert "<stdin>:1: not JSON" in capsys.readouterr().err
+
+
+def test_sample_json_for_one_context_matches_its_lines(model_dirs, capsys):
+    args = ["sample", str(model_dirs["ndm"]), "--context", "hi!", "--context", "how are you?"]
+    args += ["-n", "3", "--seed", "0", "--max-new-tokens", "8"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert main([*args, "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["context"] == ["hi!", "how are you?"]
+    from ndm_seq.evaluation import one_line
+
+    assert [one_line(s) for s in row["samples"]] == lines
+
+
+def test_sample_of_a_run_folder_names_its_model(model_dirs, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(model_dirs["ndm"], run / "model")
+    assert main(["sample", str(run), "--context", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a run folder, not a model directory: its trained " in err
+    assert repr(str(run / "model")) in err
+
+
+def test_terminal_output_escapes_control_characters(model_dirs, monkeypatch, capsys):
+    from ndm_seq.evaluation import ChatSession, one_line
+
+    said = "hi\x1b[2J\x07 there\u202e\nnext\x85line\ud800"
+    assert one_line(said) == "hi\\x1b[2J\\x07 there\\u202e next line\\ud800"
+    assert one_line("caf\u00e9 \U0001f600") == "caf\u00e9 \U0001f600"  # printable: kept
+    monkeypatch.setattr(ChatSession, "respond", lambda self, text: [said])
+    assert main(["sample", str(model_dirs["ndm"]), "--context", "hi", "-n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out == one_line(said) + "\n" and out[:-1].isprintable()
+    # What a byte-fallback piece decodes to reaches the terminal escaped.
+    import ndm_seq
+
+    tok = ndm_seq.NDMTokenizer.from_pretrained(model_dirs["ndm"])
+    esc = tok.decode(tok.convert_tokens_to_ids(["<0x1B>", "<0x07>"]))
+    assert esc == "\x1b\x07" and one_line(esc) == "\\x1b\\x07"
+
+
+def test_sample_with_beams(model_dirs, capsys):
+    base = ["--context", "hello there", "--seed", "0", "--max-new-tokens", "8"]
+    for name in ("ndm", "vmed"):
+        model = str(model_dirs[name])
+        assert main(["sample", model, *base, "-n", "2", "--beams", "3"]) == 0
+        first = capsys.readouterr().out
+        assert main(["sample", model, *base, "-n", "2", "--beams", "3"]) == 0
+        assert capsys.readouterr().out == first and len(first.splitlines()) == 2
+    seq2seq = str(model_dirs["seq2seq"])
+    assert main(["sample", seq2seq, *base, "-n", "3", "--beams", "4"]) == 0
+    best = capsys.readouterr().out.splitlines()
+    assert len(best) == 3 and len(set(best)) == 3  # the 3 best beams differ
+    assert main(["sample", seq2seq, *base, "-n", "5", "--beams", "4"]) == 1
+    assert "5 best beams need num_beams >= 5, got 4" in capsys.readouterr().err
+    assert main(["sample", seq2seq, *base, "--beams", "0"]) == 2
+    assert "argument --beams: num_beams must be >= 1" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from ndm_seq.evaluation import ChatSession, SamplingConfig, SamplingConfigError,
 
 def test_defaults_are_the_evaluation_protocol_and_the_config_is_frozen():
     cfg = SamplingConfig()
-    assert dataclasses.astuple(cfg) == (10, True, 1.0, 1.0, 0, 30)
+    assert dataclasses.astuple(cfg) == (10, True, 1.0, 1.0, 0, 30, 1)
     assert ChatSession.DEFAULT_SAMPLING == SamplingConfig(num_samples=3, greedy=False, top_p=0.9)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.temperature = 2.0
@@ -37,6 +37,7 @@ def test_defaults_are_the_evaluation_protocol_and_the_config_is_frozen():
         ("top_p", 1.5, "top_p must be in (0, 1], got 1.5"),
         ("top_k", -1, "top_k must be >= 0 (0 = off), got -1"),
         ("max_new_tokens", 0, "max_new_tokens must be >= 1, got 0"),
+        ("num_beams", 0, "num_beams must be >= 1, got 0"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_field(field, value, message):
@@ -64,6 +65,20 @@ def test_generate_kwargs_are_explicit():
     # seq2seq samples even when latent draws are decoded greedily, and vice versa.
     assert greedy.generate_kwargs(sample=True)["do_sample"] is True
     assert "temperature" not in sample.generate_kwargs(sample=False)
+    # Beam search is deterministic: never sampled, whatever the caller asks.
+    beams = SamplingConfig(num_samples=2, num_beams=4, max_new_tokens=9)
+    assert beams.generate_kwargs(sample=True) == {
+        "max_new_tokens": 9, "num_beams": 4, "do_sample": False
+    }  # fmt: skip
+    with pytest.raises(SamplingConfigError, match="beam search decodes deterministically"):
+        SamplingConfig(greedy=False, num_beams=2)
+    assert beams.describe(latent=True) == (
+        "2 per context, each from its own prior draw, decoded by beam search (4 beams); "
+        "at most 9 new tokens"
+    )
+    assert beams.describe(latent=False) == (
+        "the 2 best beams per context, decoded by beam search (4 beams); at most 9 new tokens"
+    )
 
 
 def test_describe():

@@ -116,6 +116,7 @@ _SAMPLING_FLAGS = {
     "top_p": "--top-p",
     "top_k": "--top-k",
     "max_new_tokens": "--max-new-tokens",
+    "num_beams": "--beams",
 }
 
 
@@ -140,6 +141,7 @@ def _sampling_config(
             top_p=args.top_p,
             top_k=args.top_k,
             max_new_tokens=args.max_new_tokens,
+            num_beams=getattr(args, "beams", 1),  # sample and chat (beam search is greedy)
         )
     except SamplingConfigError as err:
         flag = samples_flag if err.field == "num_samples" else _SAMPLING_FLAGS[err.field]

@@ -7,6 +7,7 @@ answers given contexts (or a JSON Lines file of them), `chat` talks on stdin/std
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -25,8 +26,9 @@ from ndm_seq.decoding import SAMPLE_TOP_P
 
 def _sampling(args: argparse.Namespace):
     """The options' ``SamplingConfig``; ``ValueError`` naming the option (exit status 2)."""
+    greedy = args.greedy or args.beams > 1  # beam search is deterministic decoding
     return _sampling_config(
-        args, num_samples=args.num_samples, greedy=args.greedy, samples_flag="-n/--samples"
+        args, num_samples=args.num_samples, greedy=greedy, samples_flag="-n/--samples"
     )
 
 
@@ -45,15 +47,23 @@ def _session(args: argparse.Namespace, sampling):
 
 
 def _read_contexts(path: str):
-    """Contexts from a JSON Lines file, lazily: a list of turns or ``{"context": [...]}`` a line.
+    """Contexts from a JSON Lines file (``-``: stdin), lazily: a list of turns or
+    ``{"context": [...]}`` a line.
 
     Invalid UTF-8 is read as lone surrogates (``surrogateescape``) so that the error
     names the file and line instead of the codec's byte offset.
     """
     from ndm_seq.evaluation import check_text
 
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        for number, line in enumerate(f, 1):
+    if path == "-":
+        stdin = sys.stdin
+        if hasattr(stdin, "reconfigure"):
+            stdin.reconfigure(errors="surrogateescape")
+        f, path = contextlib.nullcontext(stdin), "<stdin>"
+    else:
+        f = open(path, encoding="utf-8", errors="surrogateescape")
+    with f as lines:
+        for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
@@ -74,8 +84,11 @@ def _read_contexts(path: str):
 def _sample_file(args: argparse.Namespace, session) -> None:
     from ndm_seq.evaluation import stream_samples
 
-    if args.greedy and not session.model.config.is_latent:
-        raise ValueError("--greedy with --contexts needs a latent variant (seq2seq samples tokens)")
+    if args.greedy and args.beams == 1 and not session.model.config.is_latent:
+        raise ValueError(
+            "--greedy with --contexts needs a latent variant (seq2seq samples tokens, or "
+            "gives its best beams with --beams)"
+        )
     contexts = (turns[-args.max_history :] for turns in _read_contexts(args.contexts))
     stream = stream_samples(
         session.model, session.tokenizer, contexts, session.sampling, batch_size=args.batch_size,
@@ -117,6 +130,9 @@ def _sample_run(args: argparse.Namespace) -> int:
         responses = session.respond(turns[-1])
     except _load_errors() as err:
         return _model_error("sample", _load_message(err, args.model_dir))
+    if args.json:  # the line --contexts prints for each context
+        print(json.dumps({"context": turns[-args.max_history :], "samples": responses}))
+        return 0
     from ndm_seq.evaluation import one_line
 
     for r in responses:
@@ -145,6 +161,14 @@ def _add_session_options(p: argparse.ArgumentParser, num_samples: int, max_histo
         "--greedy",
         action="store_true",
         help="decode each latent draw greedily instead of sampling tokens (seq2seq: needs -n 1)",
+    )
+    p.add_argument(
+        "--beams",
+        type=int,
+        default=1,
+        metavar="B",
+        help="decode by beam search of width B instead of sampling tokens: each latent draw "
+        "keeps its best beam; seq2seq gives its N best beams (N <= B)",
     )
     p.add_argument(
         "--seed",
@@ -179,9 +203,14 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
     source.add_argument(
         "--contexts",
         metavar="FILE",
-        help="many contexts, a JSON Lines file (a list of turns, or an object with 'context', "
-        "a line), read and sampled BATCH_SIZE at a time; prints one JSON line per context: "
-        '{"context": [...], "samples": [...]}',
+        help="many contexts, a JSON Lines file (- reads stdin; a list of turns, or an object "
+        "with 'context', a line), read and sampled BATCH_SIZE at a time; prints one JSON "
+        'line per context: {"context": [...], "samples": [...]}',
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="with --context: print the JSON line --contexts prints instead of one response a line",
     )
     p.add_argument(
         "--batch-size", type=int, default=32, help="with --contexts: contexts per generate call"

@@ -63,10 +63,16 @@ class ChatSession:
         sampling = self.sampling = check_sampling(self.sampling)
         if self.max_history < 1:
             raise ValueError(f"max_history must be >= 1, got {self.max_history}")
-        if sampling.greedy and not self.model.config.is_latent and sampling.num_samples > 1:
+        seq2seq = not self.model.config.is_latent
+        if seq2seq and sampling.num_beams > 1 and sampling.num_samples > sampling.num_beams:
             raise ValueError(
-                "greedy decoding of a seq2seq model gives one response: use num_samples=1 "
-                "or sample tokens"
+                f"a seq2seq model's {sampling.num_samples} best beams need num_beams >= "
+                f"{sampling.num_samples}, got {sampling.num_beams}"
+            )
+        if seq2seq and sampling.greedy and sampling.num_beams == 1 and sampling.num_samples > 1:
+            raise ValueError(
+                "greedy decoding of a seq2seq model gives one response: use num_samples=1, "
+                "sample tokens or decode by beam search"
             )
         self._ctx_len, max_new = _length_limits(
             self.model, self.max_context_tokens, sampling.max_new_tokens, "max_new_tokens"
@@ -198,11 +204,18 @@ class ChatSession:
 
 
 def one_line(text: str) -> str:
-    """``text`` for display on one line: every whitespace run (line breaks too) -> one space.
+    """``text`` for display on one line of a terminal.
 
-    Byte-fallback pieces let a model emit any character, newlines included.
+    Byte-fallback pieces let a model emit any character: every whitespace run (line
+    breaks too) becomes one space, and every other character that is not printable
+    (controls such as ESC or BEL, format characters such as a right-to-left override,
+    unassigned code points, lone surrogates) is shown as its Python escape (``\\x1b``), so
+    that what a model says can neither move the cursor nor recolour the terminal.
     """
-    return " ".join(text.split())
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+        for c in " ".join(text.split())
+    )
 
 
 CHAT_HELP = """\

@@ -47,6 +47,11 @@ def load_model(model_dir: str | Path, device: str | torch.device | None = None):
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
     missing = [name for name in MODEL_FILES + TOKENIZER_FILES if not (path / name).is_file()]
+    if missing and (path / "model" / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} is a run folder, not a model directory: its trained model is "
+            f"{str(path / 'model')!r}"
+        )
     if missing:
         found = sorted(p.name for p in path.iterdir())
         hint = []

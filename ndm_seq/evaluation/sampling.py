@@ -71,6 +71,8 @@ def generate_samples(
       decoding of a deterministic model would repeat one response), plus the
       greedy response in :attr:`GeneratedResponses.greedy` when
       ``include_greedy``.
+    * ``sampling.num_beams > 1``: beam search instead (deterministic): each latent
+      draw's best beam; seq2seq's ``num_samples`` best beams.
 
     With ``seed`` set, each batch re-seeds torch from ``(seed, index of its first
     context)``: the same call gives the same responses, and a context's responses
@@ -102,6 +104,10 @@ def generate_samples(
     )
     # Latent variants follow `greedy`; seq2seq always samples its S responses.
     kw = sampling.generate_kwargs(sample=None if latent else True, max_new_tokens=max_new)
+    if not latent and n > sampling.num_beams > 1:
+        raise ValueError(
+            f"a seq2seq model's {n} best beams need num_beams >= {n}, got {sampling.num_beams}"
+        )
     device = _device(model)
     was_training = model.training
     model.eval()

@@ -57,6 +57,10 @@ class SamplingConfig:
     max_new_tokens: int = MAX_NEW_TOKENS
     """Longest response in tokens (>= 1; the transformer backbone clamps it to
     ``max_position_embeddings - 1``)."""
+    num_beams: int = 1
+    """Beam width (>= 1; 1 = no beam search). Above 1, decoding is beam search, which is
+    deterministic and so needs ``greedy``: latent variants keep each prior draw's best
+    beam; seq2seq returns its ``num_samples`` best beams (at most ``num_beams``)."""
 
     def __post_init__(self) -> None:
         _integer("num_samples", self.num_samples, 1)
@@ -74,6 +78,11 @@ class SamplingConfig:
             raise SamplingConfigError("top_p", f"top_p must be in (0, 1], got {self.top_p!r}")
         _integer("top_k", self.top_k, 0, " (0 = off)")
         _integer("max_new_tokens", self.max_new_tokens, 1)
+        _integer("num_beams", self.num_beams, 1)
+        if self.num_beams > 1 and not self.greedy:
+            raise SamplingConfigError(
+                "num_beams", "beam search decodes deterministically: it needs greedy=True"
+            )
 
     def replace(self, **changes: Any) -> SamplingConfig:
         """A copy with ``changes`` applied (and checked), e.g. ``cfg.replace(num_samples=1)``."""
@@ -94,13 +103,15 @@ class SamplingConfig:
                 callers pass it clamped to what the backbone can decode).
 
         Returns:
-            ``{"max_new_tokens", "num_beams": 1, "do_sample"}`` plus, when sampling,
-            ``temperature``, ``top_p`` and ``top_k``.
+            ``{"max_new_tokens", "num_beams", "do_sample"}`` plus, when sampling,
+            ``temperature``, ``top_p`` and ``top_k`` (never with beams).
         """
         sample = not self.greedy if sample is None else sample
+        if self.num_beams > 1:
+            sample = False  # beam search: deterministic, whatever the caller's default
         kwargs: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens if max_new_tokens is None else max_new_tokens,
-            "num_beams": 1,
+            "num_beams": self.num_beams,
             "do_sample": sample,
         }
         if sample:
@@ -121,6 +132,11 @@ class SamplingConfig:
         tokens = "token sampling (" + ", ".join(parts) + ")"
         limit = f"; at most {self.max_new_tokens} new tokens"
         n = self.num_samples
+        if self.num_beams > 1:
+            beams = f"by beam search ({self.num_beams} beams)"
+            if latent:
+                return f"{n} per context, each from its own prior draw, decoded {beams}{limit}"
+            return f"the {n} best beams per context, decoded {beams}{limit}"
         if latent:
             how = "greedily" if self.greedy else tokens
             return f"{n} per context, each from its own prior draw, decoded {how}{limit}"
