@@ -182,11 +182,16 @@ def comparison_table(
 
 
 #: Panels of :func:`comparison_chart`: (title, metric keys).
-CHART_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("BLEU (NLTK method7)", ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "bleu_recall")),
-    ("distinct", ("distinct_1", "distinct_2", "inter_distinct_1", "inter_distinct_2")),
-    ("KL (nats per response)", ("kl",)),
+CHART_PANELS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("BLEU (NLTK method7)", "BLEU (0-1)", ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "bleu_recall")),
+    (
+        "distinct",
+        "distinct n-grams / n-grams",
+        ("distinct_1", "distinct_2", "inter_distinct_1", "inter_distinct_2"),
+    ),
+    ("KL", "nats per response", ("kl",)),
 )
+"""Panels of ``comparison.png``: (title, y-axis label, metrics drawn)."""
 
 
 def comparison_chart(named_metrics: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:
@@ -194,7 +199,9 @@ def comparison_chart(named_metrics: Mapping[str, Mapping[str, Any]], path: str |
 
     Three panels (:data:`CHART_PANELS`): BLEU-1..4 and BLEU recall, corpus and
     inter distinct-1/2, KL; in each, one group of bars per metric and one bar
-    per run. Missing values are drawn as empty bars.
+    per run. Missing values are drawn as empty bars. The title says what was
+    measured (split, contexts, responses per context) when the metrics carry
+    their ``settings``.
 
     Args:
         named_metrics: run name -> metrics, as for :func:`comparison_table`.
@@ -203,17 +210,26 @@ def comparison_chart(named_metrics: Mapping[str, Mapping[str, Any]], path: str |
     Returns:
         The path written.
     """
+    fig = comparison_figure(named_metrics)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def comparison_figure(named_metrics: Mapping[str, Mapping[str, Any]]):
+    """The matplotlib ``Figure`` that :func:`comparison_chart` writes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     if not named_metrics:
         raise ValueError("comparison_chart needs at least one run")
     runs = list(named_metrics)
-    fig = Figure(figsize=(4.5 * len(CHART_PANELS), 4), layout="constrained")
+    fig = Figure(figsize=(4.5 * len(CHART_PANELS), 4.3), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(CHART_PANELS))
     width = 0.8 / len(runs)
-    for ax, (title, keys) in zip(axes, CHART_PANELS, strict=True):
+    for ax, (title, ylabel, keys) in zip(axes, CHART_PANELS, strict=True):
         x = np.arange(len(keys))
         for i, run in enumerate(runs):
             values = [named_metrics[run].get(k) for k in keys]
@@ -221,12 +237,31 @@ def comparison_chart(named_metrics: Mapping[str, Mapping[str, Any]], path: str |
             ax.bar(x + (i - (len(runs) - 1) / 2) * width, heights, width, label=run)
         ax.set_xticks(x, keys, rotation=30, ha="right")
         ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        ax.set_xlabel("metric")
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize="small")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    return out
+    axes[0].legend(fontsize="small", title="model")
+    fig.suptitle(_chart_title(named_metrics))
+    return fig
+
+
+def _chart_title(named_metrics: Mapping[str, Mapping[str, Any]]) -> str:
+    """``"3 models on the test split: 300 contexts, 10 responses each"`` (what is known)."""
+    n = len(named_metrics)
+    title = f"{n} model{'s' if n > 1 else ''}"
+    first = next(iter(named_metrics.values()))
+    settings = first.get("settings") if isinstance(first, Mapping) else None
+    if not isinstance(settings, Mapping):
+        return title
+    if settings.get("split"):
+        title += f" on the {settings['split']} split"
+    parts = []
+    if settings.get("contexts"):
+        parts.append(f"{settings['contexts']} contexts")
+    sampling = settings.get("sampling")
+    if isinstance(sampling, Mapping) and sampling.get("num_samples"):
+        parts.append(f"{sampling['num_samples']} responses each")
+    return title + (": " + ", ".join(parts) if parts else "")
 
 
 def _results_header(label: str, model_dir, data_dir, cfg, settings, generated) -> str:

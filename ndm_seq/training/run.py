@@ -258,7 +258,7 @@ def _train(run: RunConfig, stop: _StopOnSignal, stack: contextlib.ExitStack) -> 
     if trainer.is_world_process_zero():
         from ndm_seq.plots import plot_training_curves
 
-        plot_training_curves(trainer.state.log_history, out / "training_curves.png")
+        plot_training_curves(trainer.state.log_history, out / "training_curves.png", title=str(out))
     return final
 
 
