@@ -102,10 +102,14 @@ def test_paths_named_by_the_design_page_exist():
     assert not missing, missing
 
 
-def run_python_blocks(page, tmp_path, monkeypatch):
-    """Run every ```python block of ``page`` in order, as a script in ``tmp_path``."""
+def run_python_blocks(page, tmp_path, monkeypatch, one_session=False):
+    """Run every ```python block of ``page`` in order, each as a script in ``tmp_path``
+    (``one_session``: all of them as one script, for a guide whose steps build on each
+    other)."""
     blocks = re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), flags=re.S)
     assert blocks
+    if one_session:
+        blocks = ["\n".join(blocks)]
     monkeypatch.chdir(tmp_path)
     for i, block in enumerate(blocks):
         script = tmp_path / f"{page.stem}{i}.py"
@@ -186,3 +190,19 @@ def _tiny_model_and_data(root: Path) -> Path:
     ]
     (root / "glove.6B.50d.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return model
+
+
+# --------------------------------------------------------------------------- docs/decomposition.md
+
+DECOMPOSITION_PAGE = ROOT / "docs" / "decomposition.md"
+
+
+def test_decomposition_guide_runs_on_a_model_where_it_looks(tmp_path, monkeypatch):
+    """docs/decomposition.md's code, on a tiny untrained NDM at the recipe's model path."""
+    _tiny_model_and_data(tmp_path)
+    run_python_blocks(DECOMPOSITION_PAGE, tmp_path, monkeypatch, one_session=True)
+    png = tmp_path / "decomposition.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = DECOMPOSITION_PAGE.read_text(encoding="utf-8")
+    figure = re.search(r"\]\((figures/[\w.]+\.png)\)", text).group(1)
+    assert (DECOMPOSITION_PAGE.parent / figure).is_file()
