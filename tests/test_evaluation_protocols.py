@@ -60,7 +60,7 @@ def test_settings_record_what_changes_a_number(model_dirs, data_dir, tmp_path):
     assert s["contexts"] == 5 and s["split_size"] == 12 and s["subset"] is True
     assert s["sampling"] == {
         "num_samples": 2, "greedy": False, "temperature": 0.7, "top_p": 0.9, "top_k": 0,
-        "max_new_tokens": 30,
+        "max_new_tokens": 30, "num_beams": 1,
     }  # fmt: skip
     assert "top-p 0.9" in s["decoding"] and "temperature 0.7" in s["decoding"]
     assert (s["max_context_tokens"], s["max_response_tokens"]) == (40, 20)

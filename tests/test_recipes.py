@@ -163,9 +163,11 @@ def test_readme_commands_parse_and_name_existing_configs(readme, line):
     import shlex
 
     from ndm_seq.cli import build_parser
+    from ndm_seq.cli.compare import split_overrides
 
     argv = shlex.split(line.split("#")[0])[1:]
     args = build_parser().parse_args(argv)
-    for path in [getattr(args, "config", None), *(getattr(args, "configs", None) or [])]:
+    configs, _ = split_overrides(getattr(args, "configs", None) or [])  # KEY=VALUE: overrides
+    for path in [getattr(args, "config", None), *configs]:
         if path is not None:
             assert (ROOT / path).is_file(), f"{readme}: {path} does not exist"
