@@ -18,7 +18,7 @@ import pytest
 from ndm_seq import __version__
 from ndm_seq.cli import build_parser
 
-HEAVY = ("torch", "transformers")
+HEAVY = ("torch", "transformers", "datasets")  # datasets: a second more
 
 
 def _console_script() -> str:

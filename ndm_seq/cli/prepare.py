@@ -199,7 +199,7 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
         ),
         formatter_class=_DefaultsHelp,
     )
-    from ndm_seq.data.prepare import CORPORA
+    from ndm_seq.data.readers import CORPORA
 
     p.add_argument("corpus", choices=CORPORA, help="corpus format of the input")
     _add_input_output_options(p)

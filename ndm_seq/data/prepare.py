@@ -51,6 +51,7 @@ from ndm_seq.data.output_folder import (
 )
 from ndm_seq.data.pairs import SPLITS, Example, PairBuilder, PairOptions
 from ndm_seq.data.readers import (
+    CORPORA,
     chitchat_default_path,
     has_surrogate,
     read_chitchat,
@@ -74,8 +75,6 @@ __all__ = [
     "tokenizer_fingerprint",
 ]
 
-CORPORA = ("cornell_movies", "opensubtitles", "chitchat", "jsonl")
-"""Corpus names `prepare` accepts."""
 
 FORMAT_VERSION = 1
 """Bump when the written data would differ for the same input and options (invalidates caches)."""

@@ -10,13 +10,13 @@ import hashlib
 import os
 from itertools import chain
 from pathlib import Path
-from typing import Any
-
-import datasets
-import pyarrow as pa
-import pyarrow.compute as pc
+from typing import TYPE_CHECKING, Any
 
 from ndm_seq.data.output_folder import TOKENIZED, Staging
+
+if TYPE_CHECKING:  # imported where used: `import ndm_seq.data` stays quick for --help
+    import datasets
+    import pyarrow as pa
 
 
 class TokenizePairs:
@@ -80,6 +80,8 @@ class TokenizePairs:
 
 
 def _length_stats(column: pa.ChunkedArray) -> dict[str, float]:
+    import pyarrow.compute as pc
+
     lengths = pc.list_value_length(column)
     return {
         "mean": round(pc.mean(lengths).as_py() or 0.0, 3),
@@ -116,6 +118,8 @@ def write_tokenized(
     Returns:
         The report's `tokenized` section (without `cached`).
     """
+    import datasets
+
     dd = datasets.load_from_disk(str(output))
     encode = TokenizePairs(tokenizer, max_source_tokens, max_target_tokens)
     num_proc = num_proc or min(4, os.cpu_count() or 1)

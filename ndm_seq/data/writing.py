@@ -16,23 +16,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import datasets
-import pyarrow as pa
-
 from ndm_seq.data.log import CorpusError
 from ndm_seq.data.pairs import SPLITS, Example, PairOptions, split_of
 
-FEATURES = datasets.Features(
-    {
-        "context": datasets.List(datasets.Value("string")),
-        "response": datasets.Value("string"),
-        "conversation_id": datasets.Value("string"),
-        "group": datasets.Value("string"),
-        "source": datasets.Value("string"),
-    }
-)
+COLUMNS = ("context", "response", "conversation_id", "group", "source")
 """Columns of the pairs dataset: context turns (oldest first), response, the
 adjacency id, the split unit (movie/film/conversation) and `path:line`."""
+
+
+def pair_features():
+    """The `datasets.Features` of :data:`COLUMNS` (datasets is imported here, on first use,
+    so that importing `ndm_seq.data` stays quick for `ndm-seq --help`)."""
+    import datasets
+
+    string = datasets.Value("string")
+    return datasets.Features(
+        {
+            "context": datasets.List(string),
+            "response": string,
+            "conversation_id": string,
+            "group": string,
+            "source": string,
+        }
+    )
+
 
 _BATCH_ROWS = 10_000  # rows per Arrow record batch: bounded memory, few batch headers
 _COVERAGE_SAMPLE = 200_000  # pairs per split whose words feed the coverage report
@@ -46,11 +53,13 @@ class SplitWriter:
     def __init__(self, folder: Path, name: str) -> None:
         folder.mkdir(parents=True)
         self.folder, self.name = folder, name
-        self.schema = FEATURES.arrow_schema
+        import pyarrow as pa
+
+        self.schema = pair_features().arrow_schema
         # The IPC *stream* format is what datasets writes and memory-maps.
         self.sink = pa.OSFile(str(folder / self.FILE), "wb")
         self.writer = pa.ipc.new_stream(self.sink, self.schema)
-        self.cols: dict[str, list] = {k: [] for k in FEATURES}
+        self.cols: dict[str, list] = {k: [] for k in COLUMNS}
         self.rows = 0
         self.stats = SplitStats()
 
@@ -68,15 +77,19 @@ class SplitWriter:
     def flush(self) -> None:
         if not self.cols["response"]:
             return
+        import pyarrow as pa
+
         batch = pa.record_batch(
-            [pa.array(self.cols[k], type=self.schema.field(k).type) for k in FEATURES],
+            [pa.array(self.cols[k], type=self.schema.field(k).type) for k in COLUMNS],
             schema=self.schema,
         )
         self.writer.write_batch(batch)
         self.rows += batch.num_rows
-        self.cols = {k: [] for k in FEATURES}
+        self.cols = {k: [] for k in COLUMNS}
 
     def close(self, fingerprint: str) -> None:
+        import datasets
+
         self.flush()
         self.writer.close()
         self.sink.close()
@@ -91,7 +104,7 @@ class SplitWriter:
             "_split": self.name,
         }
         (self.folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
-        datasets.DatasetInfo(features=FEATURES).write_to_directory(str(self.folder))
+        datasets.DatasetInfo(features=pair_features()).write_to_directory(str(self.folder))
 
 
 @dataclass

@@ -46,9 +46,13 @@ from ndm_seq.data.readers.opensubtitles import (
     read_opensubtitles_xml,
 )
 
+CORPORA = ("cornell_movies", "opensubtitles", "chitchat", "jsonl")
+"""Corpus names `prepare` accepts (one reader each)."""
+
 __all__ = [
     "CORNELL_SEPARATOR",
     "CORNELL_TOP_FOLDER",
+    "CORPORA",
     "GzipStream",
     "Pair",
     "Turn",
