@@ -172,3 +172,28 @@ def test_compare_takes_overrides_as_train_does(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["compare", str(a), "--output", "out", "--bogus"])
     assert stop.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_every_command_of_the_readme_parses():
+    """The README's ndm-seq lines are valid command lines (their long runs are not run here;
+    the recipes' smoke runs and the docs' tests run commands end to end)."""
+    import shlex
+    from pathlib import Path
+
+    from ndm_seq.cli.compare import split_overrides
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    lines = [ln for b in blocks for ln in b.splitlines() if ln.startswith("ndm-seq ")]
+    assert len(lines) >= 8
+    for line in lines:
+        argv = shlex.split(line.split("  #")[0])[1:]
+        args, extra = build_parser().parse_known_args(argv)
+        if args.command == "compare":
+            configs, _ = split_overrides([*args.configs, *extra])
+            assert all((root / c).is_file() for c in configs), line
+        else:
+            assert not extra, line
+        if args.command == "train":
+            assert (root / args.config).is_file(), line
