@@ -202,3 +202,20 @@ def test_evaluate_prints_no_detokenize_warning(
     )
     assert main([*args, "--output", str(tmp_path / "b"), "--no-progress"]) == 0
     assert "forgot to detokenize" in "".join(capfd.readouterr()) + caplog.text
+
+
+def test_cli_protocol_says_which_options_it_overrides(model_dirs, data_dir, tmp_path, capsys):
+    base = ["evaluate", str(model_dirs["cvae"]), "--data", str(data_dir), "--max-contexts", "2"]
+    base += ["--no-progress", "--protocol", "plato"]
+    code = main([*base, "--output", str(tmp_path / "a"), "-n", "3", "--decoding", "sample"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert (
+        "ndm-seq evaluate: warning: --protocol plato sets the number of responses and decodes "
+        "each draw greedily: --samples and --decoding ignored"
+    ) in err
+    written = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert written["settings"]["sampling"]["num_samples"] == PROTOCOLS["plato"].num_samples
+    assert written["settings"]["sampling"]["greedy"] is True
+    assert main([*base, "--output", str(tmp_path / "b")]) == 0
+    assert "warning" not in capsys.readouterr().err  # nothing asked, nothing ignored

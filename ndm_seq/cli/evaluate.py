@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from ndm_seq.cli.common import (
@@ -21,6 +22,8 @@ from ndm_seq.decoding import EVALUATE_TOP_P
 #: `ndm-seq --help` imports nothing heavy) and those that need word vectors.
 _PROTOCOLS = ("vmed", "kgcvae", "plato")
 _NEEDS_EMBEDDINGS = ("vmed", "kgcvae")
+SAMPLES = 10
+"""Responses per context without --samples (the protocol of docs/design.md §5)."""
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -28,12 +31,22 @@ def _evaluate(args: argparse.Namespace) -> int:
     from ndm_seq.folders import FolderError
 
     output = Path(args.output) if args.output else Path(args.model_dir) / f"eval-{args.split}"
+    if args.protocol != "full":
+        # The protocol fixes how many responses and how they are decoded: say so when
+        # the command line asked for something else, instead of dropping it silently.
+        given = [f for f, v in (("--samples", args.samples), ("--decoding", args.decoding)) if v]
+        if given:
+            print(
+                f"ndm-seq evaluate: warning: --protocol {args.protocol} sets the number of "
+                f"responses and decodes each draw greedily: {' and '.join(given)} ignored",
+                file=sys.stderr,
+            )
     try:
         sampling = _sampling_config(
             args,
-            num_samples=args.samples,
-            greedy=args.decoding == "greedy",
-            samples_flag="--samples",
+            num_samples=SAMPLES if args.samples is None else args.samples,
+            greedy=(args.decoding or "greedy") == "greedy",
+            samples_flag="-n/--samples",
         )
     except ValueError as err:  # a usage error, reported before the model loads
         return _model_error("evaluate", err, code=2)
@@ -108,7 +121,13 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
         "--data", required=True, metavar="DIR", help="prepared dataset folder (ndm-seq prepare)"
     )
     p.add_argument("--split", default="test", help="split to evaluate")
-    p.add_argument("-n", "--samples", type=int, default=10, help="S, sampled responses per context")
+    p.add_argument(
+        "-n",
+        "--samples",
+        type=int,
+        help=f"S, sampled responses per context (default {SAMPLES}; a --protocol other than "
+        "full sets its own)",
+    )
     p.add_argument(
         "--max-contexts",
         type=int,
@@ -127,8 +146,8 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--decoding",
         choices=("greedy", "sample"),
-        default="greedy",
-        help="latent variants: decode each prior draw greedily, or also sample tokens "
+        help="latent variants: decode each prior draw greedily (the default), or also sample "
+        "tokens "
         "(seq2seq always samples its S responses)",
     )
     p.add_argument("--batch-size", type=int, default=32, help="contexts per forward/generate call")
