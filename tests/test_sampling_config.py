@@ -158,7 +158,7 @@ def test_sample_and_chat_options_map_onto_the_sampling_config(recorded, command,
     ("args", "message"),
     [
         (["evaluate", "M", "--data", "D", "--temperature", "0"], "argument --temperature: "),
-        (["evaluate", "M", "--data", "D", "--samples", "0"], "argument --samples: "),
+        (["evaluate", "M", "--data", "D", "--samples", "0"], "argument -n/--samples: "),
         (["sample", "M", "--context", "hi", "-n", "0"], "argument -n/--samples: "),
         (["chat", "M", "--top-p", "2"], "argument --top-p: top_p must be in (0, 1], got 2.0"),
         (["chat", "M", "--max-new-tokens", "0"], "argument --max-new-tokens: "),
