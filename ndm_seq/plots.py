@@ -158,7 +158,7 @@ def plot_decomposition(
     rows = [text if len(text) <= 40 else text[:39] + "\u2026" for text in labels]
     names = [f"slot {i + 1}" for i in range(n)]
     fig, (left, right) = plt.subplots(
-        1, 2, figsize=(1.1 * n + 5.5 + 0.9 * n + 2.5, max(3.0, 0.45 * batch + 1.8)),
+        1, 2, figsize=(2.0 * n + 8.0, max(3.0, 0.45 * batch + 1.8)),
         gridspec_kw={"width_ratios": [1.1 * n + 4, 0.9 * n + 1.5]},
     )  # fmt: skip
     _draw_heatmap(
