@@ -1,5 +1,6 @@
 """ndm_seq.folders: the marker and lock every writing command goes through."""
 
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -82,21 +83,28 @@ def _hold(path, ready, release):
         release.wait(30)
 
 
-def test_second_launch_is_refused_naming_the_holder(tmp_path):
+@contextlib.contextmanager
+def _holder(path):
+    """Another process holding ``path``'s lock until ``release`` is set: yields (proc, release)."""
     ctx = multiprocessing.get_context("spawn")
     ready, release = ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=_hold, args=(tmp_path, ready, release))
+    proc = ctx.Process(target=_hold, args=(path, ready, release))
     proc.start()
     try:
         assert ready.wait(60)
+        yield proc, release
+    finally:
+        release.set()
+        proc.join(30)
+
+
+def test_second_launch_is_refused_naming_the_holder(tmp_path):
+    with _holder(tmp_path) as (proc, _):
         with pytest.raises(folders.FolderBusy) as err:
             with folders.exclusive(tmp_path, "train"):
                 pass
         msg = str(err.value)
         assert f"pid {proc.pid}" in msg and socket.gethostname() in msg and "ndm-seq train" in msg
-    finally:
-        release.set()
-        proc.join(30)
     # released: a later launch gets it, and the holder file is gone after
     with folders.exclusive(tmp_path, "train"):
         info = json.loads((tmp_path / folders.HOLDER).read_text())
@@ -106,35 +114,20 @@ def test_second_launch_is_refused_naming_the_holder(tmp_path):
 
 def test_a_waiting_launch_says_so_once_and_gets_the_lock_when_it_is_released(tmp_path, caplog):
     """What two recipes started together on one prepared folder do (train waits)."""
-    ctx = multiprocessing.get_context("spawn")
-    ready, release = ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=_hold, args=(tmp_path, ready, release))
-    proc.start()
-    try:
-        assert ready.wait(60)
+    with _holder(tmp_path) as (proc, release):
         threading.Timer(1.0, release.set).start()
         with caplog.at_level(logging.WARNING, logger="ndm_seq.folders"):
             with folders.exclusive(tmp_path, "prepare", wait=60):
                 assert release.is_set()  # not before the holder let go
                 info = json.loads((tmp_path / folders.HOLDER).read_text())
                 assert info["pid"] == os.getpid()
-    finally:
-        release.set()
-        proc.join(30)
     waits = [r.getMessage() for r in caplog.records if "waiting for it" in r.getMessage()]
     assert len(waits) == 1 and f"pid {proc.pid}" in waits[0]
     # Without a wait, a busy folder is still refused at once.
-    ready2, release2 = ctx.Event(), ctx.Event()
-    proc2 = ctx.Process(target=_hold, args=(tmp_path, ready2, release2))
-    proc2.start()
-    try:
-        assert ready2.wait(60)
+    with _holder(tmp_path):
         with pytest.raises(folders.FolderBusy):
             with folders.exclusive(tmp_path, "prepare", wait=0):
                 pass
-    finally:
-        release2.set()
-        proc2.join(30)
 
 
 def test_lock_of_a_dead_holder_is_free(tmp_path):
