@@ -553,3 +553,13 @@ def test_prior_sample_nll_is_the_nll_under_a_prior_draw(model_dirs):
         logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
     )
     assert got.item() == pytest.approx(want.item(), rel=1e-12)
+
+
+def test_finite_or_none_makes_every_non_finite_float_none_for_strict_json():
+    from ndm_seq.evaluation.reports import finite_or_none
+
+    value = {"a": math.nan, "b": [1.0, math.inf, {"c": -math.inf, "d": 2}], "e": "nan", "f": 0.5}
+    out = finite_or_none(value)
+    assert out == {"a": None, "b": [1.0, None, {"c": None, "d": 2}], "e": "nan", "f": 0.5}
+    json.dumps(out, allow_nan=False)  # raises on any NaN/Infinity left
+    assert value["a"] is not None  # the input is not modified

@@ -28,7 +28,7 @@ from training_runs import jsonl_run_config, synthetic_corpus, train_in_subproces
 import ndm_seq.training as T
 from ndm_seq import cli, folders
 from ndm_seq.training.checkpoints import _latest_checkpoint
-from ndm_seq.training.run_folder import _is_legacy_run_folder
+from ndm_seq.training.run_folder import is_legacy_run_folder
 
 
 @pytest.fixture(scope="module")
@@ -122,19 +122,19 @@ def test_another_commands_folder_is_refused(tmp_path, prepared, capsys):
 def test_a_legacy_run_folder_is_adopted_by_its_config_content(tmp_path, reference):
     legacy = shutil.copytree(reference, tmp_path / "legacy")
     (legacy / folders.MARKER).unlink()
-    assert _is_legacy_run_folder(legacy)
-    assert folders.claim(legacy, "train", adopt=_is_legacy_run_folder) is True
+    assert is_legacy_run_folder(legacy)
+    assert folders.claim(legacy, "train", adopt=is_legacy_run_folder) is True
     assert folders.owner(legacy) == "ndm-seq train"
     # The same settings written by hand (a comment, another key order) are not train's.
     user = tmp_path / "user"
     user.mkdir()
     raw = yaml.safe_load((reference / "config.yaml").read_text())
     (user / "config.yaml").write_text("# mine\n" + yaml.safe_dump(raw, sort_keys=False))
-    assert not _is_legacy_run_folder(user)
+    assert not is_legacy_run_folder(user)
     (user / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=True))
-    assert not _is_legacy_run_folder(user)
+    assert not is_legacy_run_folder(user)
     with pytest.raises(folders.FolderError, match="is not empty"):
-        folders.claim(user, "train", adopt=_is_legacy_run_folder)
+        folders.claim(user, "train", adopt=is_legacy_run_folder)
 
 
 # ----------------------------------------------------------------------------- resume check

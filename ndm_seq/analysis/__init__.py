@@ -33,6 +33,7 @@ from ndm_seq.analysis.swap import (
     subspace_projectors,
     swap_experiment,
 )
+from ndm_seq.evaluation.reports import finite_or_none
 
 __all__ = [
     "ANALYSIS_FILES",
@@ -195,7 +196,7 @@ def analyze(
         }  # fmt: skip
         report = {"settings": settings, "skipped": skipped, **result}
         report["matrix"] = _matrix(report)
-        (out / "analysis.json").write_text(json.dumps(_finite(report), indent=2) + "\n")
+        (out / "analysis.json").write_text(json.dumps(finite_or_none(report), indent=2) + "\n")
         (out / "analysis.md").write_text(analysis_table(report))
         _plot(report, out / "slot_attributes.png")
     return report
@@ -210,17 +211,6 @@ def _matrix(report: dict) -> dict:
         for r in rows
     ]
     return {"rows": rows, "columns": columns, "effect": effect}
-
-
-def _finite(value):
-    """``value`` with every non-finite float replaced by None (strict JSON)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _cell(edit: dict | None, key: str) -> str:

@@ -112,12 +112,12 @@ from ndm_seq.evaluation.reports import (
     EVALUATION_FILES,  # noqa: F401 (public, not in __all__)
     MAIN_COLUMNS,
     _earlier_evaluation,
-    _finite_or_none,
     _results_header,
     _write_metrics,
     _write_samples,
     comparison_chart,
     comparison_table,
+    finite_or_none,
     read_metrics,
 )
 from ndm_seq.evaluation.sampling import GeneratedResponses, generate_samples, stream_samples
@@ -289,7 +289,7 @@ def evaluate(
                 model, tokenizer, contexts, references, protocol, sampling,
                 word_vectors=word_vectors, **common,
             )  # fmt: skip
-        metrics = {k: _finite_or_none(v) for k, v in metrics.items()}
+        metrics = finite_or_none(metrics)
         cfg = model.config
         settings = evaluation_settings(
             protocol=protocol, split=split, contexts=len(contexts), split_size=len(ds),

@@ -45,6 +45,7 @@ def run_folder_config(model_dir: str | os.PathLike) -> Path | None:
     out of its run, or saved by ``save_pretrained``) has none: None.
     """
     from ndm_seq import folders
+    from ndm_seq.training.run_folder import is_legacy_run_folder  # imports torch
 
     model_dir = Path(model_dir).resolve()
     candidates = [model_dir.parent]
@@ -54,15 +55,9 @@ def run_folder_config(model_dir: str | os.PathLike) -> Path | None:
         config = run / "config.yaml"
         if not config.is_file():
             continue
-        if folders.owner(run) == "ndm-seq train" or _is_legacy_run_folder(run):
+        if folders.owner(run) == "ndm-seq train" or is_legacy_run_folder(run):
             return config
     return None
-
-
-def _is_legacy_run_folder(path: Path) -> bool:
-    from ndm_seq.training.run_folder import _is_legacy_run_folder as legacy
-
-    return legacy(path)
 
 
 def scoring_limits(

@@ -44,10 +44,18 @@ MAIN_COLUMNS: tuple[str, ...] = (
 )
 
 
-def _finite_or_none(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
+def finite_or_none(value):
+    """``value`` with every non-finite float, also inside dicts and lists, made None.
+
+    ``json.dumps`` would write ``NaN``/``Infinity``, which strict JSON readers refuse.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_none(v) for v in value]
+    return value
 
 
 EVALUATION_FILES = ("metrics.json", "samples.jsonl", "results.md")

@@ -60,7 +60,7 @@ def _setup_file_log(path: Path) -> logging.Handler:
     return handler
 
 
-def _is_legacy_run_folder(path: Path) -> bool:
+def is_legacy_run_folder(path: Path) -> bool:
     """A run folder written before markers existed, recognised by content, not by names.
 
     Its ``config.yaml`` must be exactly what :func:`train` writes: a mapping with every
@@ -212,7 +212,7 @@ def _setup_run_folder(run: RunConfig, out: Path, stack: contextlib.ExitStack) ->
     """Main process: claim ``out``, lock it for the run, check the stored config, record it."""
     from ndm_seq import folders
 
-    folders.claim(out, "train", adopt=_is_legacy_run_folder)
+    folders.claim(out, "train", adopt=is_legacy_run_folder)
     stack.enter_context(folders.exclusive(out, "train"))
     _file_log(out, stack)  # the resume check's messages go to train.log too
     run = check_resume_config(run, out)
