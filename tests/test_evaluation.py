@@ -563,3 +563,14 @@ def test_finite_or_none_makes_every_non_finite_float_none_for_strict_json():
     assert out == {"a": None, "b": [1.0, None, {"c": None, "d": 2}], "e": "nan", "f": 0.5}
     json.dumps(out, allow_nan=False)  # raises on any NaN/Infinity left
     assert value["a"] is not None  # the input is not modified
+
+
+def test_evaluate_without_progress_shows_no_library_bar(model_dirs, data_dir, tmp_path, capfd):
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()  # transformers would draw "Loading weights"
+    evaluate(model_dirs["ndm"], data_dir, sampling=SamplingConfig(num_samples=1), max_contexts=2,
+             output_dir=tmp_path / "eval", progress=False)  # fmt: skip
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "█" not in err, err
+    assert hf_logging.is_progress_bar_enabled()  # the global switch is restored
