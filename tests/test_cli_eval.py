@@ -57,6 +57,37 @@ def test_evaluate_cli_writes_files_and_prints_the_table(model_dirs, data_dir, tm
     assert (out / "results.md").read_text().count("| ndm-tiny |") == 1
 
 
+def test_evaluate_cli_with_beams(model_dirs, data_dir, tmp_path, capsys):
+    def run(model, *extra, out="eval"):
+        argv = ["evaluate", str(model_dirs[model]), "--data", str(data_dir), "--max-contexts",
+                "3", "--output", str(tmp_path / out), "--no-progress", *extra]  # fmt: skip
+        return main(argv)
+
+    assert run("cvae", "-n", "2", "--beams", "3") == 0
+    settings = json.loads((tmp_path / "eval" / "metrics.json").read_text())["settings"]
+    assert settings["sampling"]["num_beams"] == 3 and settings["sampling"]["greedy"] is True
+    assert "beam search (3 beams)" in settings["decoding"]
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "eval" / "samples.jsonl").read_text().split("\n")
+        if line
+    ]
+    assert len(rows) == 3 and all(len(r["samples"]) == 2 for r in rows)
+    # seq2seq: its S best beams, which differ.
+    assert run("seq2seq", "-n", "2", "--beams", "2", out="s2s") == 0
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "s2s" / "samples.jsonl").read_text().split("\n")
+        if line
+    ]
+    assert all(len(set(r["samples"])) == 2 for r in rows)
+    capsys.readouterr()
+    # Beam search is deterministic: sampling tokens with it is refused before loading.
+    assert run("cvae", "--decoding", "sample", "--beams", "2", out="bad") == 2
+    assert "argument --beams:" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_evaluate_cli_errors(model_dirs, data_dir, tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "none"), "--data", str(data_dir)]) == 1
     assert "does not exist" in capsys.readouterr().err

@@ -141,7 +141,7 @@ def _sampling_config(
             top_p=args.top_p,
             top_k=args.top_k,
             max_new_tokens=args.max_new_tokens,
-            num_beams=getattr(args, "beams", 1),  # sample and chat (beam search is greedy)
+            num_beams=args.beams,
         )
     except SamplingConfigError as err:
         flag = samples_flag if err.field == "num_samples" else _SAMPLING_FLAGS[err.field]
@@ -164,6 +164,14 @@ def _add_decoding_options(
         "--top-p", type=float, default=top_p, help="nucleus sampling threshold (1 = off)"
     )
     g.add_argument("--top-k", type=int, default=decoding.TOP_K, help="top-k sampling (0 = off)")
+    g.add_argument(
+        "--beams",
+        type=int,
+        default=1,
+        metavar="B",
+        help="decode by beam search of width B (deterministic decoding): each latent draw "
+        "keeps its best beam; seq2seq gives its N best beams (N <= B)",
+    )
     g.add_argument(
         "--max-new-tokens",
         type=int,

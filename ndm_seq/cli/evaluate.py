@@ -34,7 +34,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.protocol != "full":
         # The protocol fixes how many responses and how they are decoded: say so when
         # the command line asked for something else, instead of dropping it silently.
-        given = [f for f, v in (("--samples", args.samples), ("--decoding", args.decoding)) if v]
+        asked = (
+            ("--samples", args.samples),
+            ("--decoding", args.decoding),
+            ("--beams", args.beams > 1),
+        )
+        given = [f for f, v in asked if v]
         if given:
             print(
                 f"ndm-seq evaluate: warning: --protocol {args.protocol} sets the number of "
@@ -45,7 +50,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         sampling = _sampling_config(
             args,
             num_samples=SAMPLES if args.samples is None else args.samples,
-            greedy=(args.decoding or "greedy") == "greedy",
+            greedy=(args.decoding or "greedy") == "greedy",  # --beams needs it
             samples_flag="-n/--samples",
         )
     except ValueError as err:  # a usage error, reported before the model loads
@@ -146,9 +151,9 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--decoding",
         choices=("greedy", "sample"),
-        help="latent variants: decode each prior draw greedily (the default), or also sample "
-        "tokens "
-        "(seq2seq always samples its S responses)",
+        help="latent variants: decode each prior draw greedily (the default; --beams B: by "
+        "beam search), or also sample tokens (seq2seq samples its S responses, or gives its "
+        "S best beams with --beams)",
     )
     p.add_argument("--batch-size", type=int, default=32, help="contexts per forward/generate call")
     p.add_argument(
@@ -156,7 +161,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="reference tokens scored for NLL/KL (eos included), as prepare's "
-        "--max-target-tokens (default: the run config's data.max_response_tokens; 64 "
+        "--max-response-tokens (default: the run config's data.max_response_tokens; 64 "
         "without one)",
     )
     p.add_argument(

@@ -163,14 +163,6 @@ def _add_session_options(p: argparse.ArgumentParser, num_samples: int, max_histo
         help="decode each latent draw greedily instead of sampling tokens (seq2seq: needs -n 1)",
     )
     p.add_argument(
-        "--beams",
-        type=int,
-        default=1,
-        metavar="B",
-        help="decode by beam search of width B instead of sampling tokens: each latent draw "
-        "keeps its best beam; seq2seq gives its N best beams (N <= B)",
-    )
-    p.add_argument(
         "--seed",
         type=int,
         default=None,
