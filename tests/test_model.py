@@ -297,6 +297,19 @@ def test_decompose_compose_and_swap():
     )
 
 
+def test_with_several_reads_the_composed_latent_is_not_m_transpose_w():
+    """What Decomposition.composed documents: the second read addresses an updated memory."""
+    torch.manual_seed(0)
+    model = make_model("ndm", "gru", ndm_read="latent", num_reads=2).double().eval()
+    ids, mask, labels = batch()
+    d = model.decompose(ids, mask, labels=labels)
+    gap = (model.compose(d.slots, d.weights) - d.composed).norm(dim=-1)
+    assert (gap > 1e-6).all(), gap
+    model.latent.memory.update_memory = False  # reads of the written slots: M^T w again
+    d = model.decompose(ids, mask, labels=labels)
+    torch.testing.assert_close(model.compose(d.slots, d.weights), d.composed, atol=1e-12, rtol=0)
+
+
 def test_decompose_rejects_other_variants():
     with pytest.raises(ValueError, match="variant 'ndm'"):
         make_model("cvae", "gru").decompose(*batch()[:2])

@@ -79,7 +79,11 @@ class Decomposition:
     weights: torch.Tensor
     """``(B, N)`` least-squares weights composing ``z'``."""
     composed: torch.Tensor
-    """``(B, d_z)`` the composed latent ``z'``."""
+    """``(B, d_z)`` the composed latent ``z'``. With one read (``num_reads=1``, every
+    recipe) it is ``compose(slots, weights)``; with more, the last read addresses a memory
+    the earlier reads updated (``update_memory``), so ``z'`` is not ``M^T w`` of these
+    slots, and edits (:meth:`swap`, :meth:`with_weights`, ``generate(slots=...)``), which
+    compose ``M^T w``, do not start from it exactly."""
 
     def swap(self, other: Decomposition, index=None) -> tuple[Decomposition, Decomposition]:
         """Exchange slots (and their weights) with ``other``: all of them, or those in ``index``.
