@@ -334,3 +334,26 @@ def test_the_saved_defaults_change_no_output_of_evaluate_or_sample(trained, tmp_
         )
         results[name] = (metrics, capsys.readouterr().out)
     assert results["new"] == results["old"]
+
+
+_TOKENIZER_ONLY = textwrap.dedent(
+    """
+    import json, sys
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
+    print("\\n" + json.dumps([type(tok).__name__, tok("i like tea.")["input_ids"]]))
+    """
+)
+
+
+def test_a_tokenizer_saved_alone_takes_its_remote_module_along(trained, tmp_path):
+    import ndm_seq
+
+    tok = ndm_seq.NDMTokenizer.from_pretrained(trained["model"])
+    alone = tmp_path / "tokenizer"
+    tok.save_pretrained(alone)
+    auto_map = json.loads((alone / "tokenizer_config.json").read_text())["auto_map"]
+    assert "ndm_seq_remote.NDMTokenizer" in auto_map["AutoTokenizer"]
+    assert (alone / "ndm_seq_remote.py").is_file()
+    name, ids = json.loads(_python(_TOKENIZER_ONLY, str(alone), tmp_path=tmp_path))
+    assert name == "NDMTokenizer" and ids == tok("i like tea.")["input_ids"]
