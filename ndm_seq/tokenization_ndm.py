@@ -40,7 +40,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerFast
@@ -310,15 +309,12 @@ class NDMTokenizer(DialogueContextsMixin, PreTrainedTokenizerFast):
         files = super()._save_pretrained(save_directory, file_names, legacy_format, filename_prefix)
         files = (*files, *self.save_vocabulary(str(save_directory), filename_prefix))
         # A tokenizer loaded from a folder with ndm_seq_remote.py keeps that folder's
-        # auto_map: take the file along, as NDMForConversation.save_pretrained does, so
-        # the copy loads with trust_remote_code too.
-        from ndm_seq.remote_code import REMOTE_MODULE, write_remote_module
+        # auto_map: the file goes along, as in NDMForConversation.save_pretrained.
+        from ndm_seq.remote_code import carry_remote_module
 
         refs = (self.init_kwargs.get("auto_map") or {}).get("AutoTokenizer") or ()
-        remote = Path(save_directory) / f"{REMOTE_MODULE}.py"
-        if any(str(r).startswith(f"{REMOTE_MODULE}.") for r in refs if r) and not remote.exists():
-            files = (*files, str(write_remote_module(save_directory, type(self).__name__)))
-        return files
+        remote = carry_remote_module(save_directory, refs, type(self).__name__)
+        return files if remote is None else (*files, str(remote))
 
     # Pickling (datasets.map with workers, deepcopy) ships the model bytes.
     def __getstate__(self) -> dict[str, Any]:

@@ -458,15 +458,12 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
         A model loaded from a folder with ``ndm_seq_remote.py`` (its config's ``auto_map``)
         takes that file along, so the copy loads with ``trust_remote_code`` too.
         """
-        from ndm_seq.remote_code import REMOTE_MODULE, write_remote_module
+        from ndm_seq.remote_code import carry_remote_module
 
         kwargs.setdefault("save_original_format", False)
         self.config.format_version = FORMAT_VERSION  # what is written is the current layout
         out = super().save_pretrained(save_directory, *args, **kwargs)
-        refs = (getattr(self.config, "auto_map", None) or {}).values()
-        remote = Path(save_directory) / f"{REMOTE_MODULE}.py"
-        if any(str(r).startswith(f"{REMOTE_MODULE}.") for r in refs) and not remote.exists():
-            write_remote_module(save_directory)
+        carry_remote_module(save_directory, (getattr(self.config, "auto_map", None) or {}).values())
         return out
 
 
