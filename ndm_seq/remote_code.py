@@ -69,16 +69,17 @@ def _edit_json(path: Path, key: str, value) -> None:
 
 
 def carry_remote_module(
-    folder: str | os.PathLike, refs, tokenizer_class: str = "NDMTokenizer"
-) -> Path | None:
-    """Write ``ndm_seq_remote.py`` into ``folder`` if ``refs`` (an ``auto_map``'s class
-    references, ``None`` entries allowed) name it and the folder lacks it: a model or
-    tokenizer loaded from a folder carrying the module takes it along when saved, so the
-    copy loads with ``trust_remote_code`` too. Returns the path written, else None."""
+    folder: str | os.PathLike, auto_map: dict | None, tokenizer_class: str = "NDMTokenizer"
+) -> tuple[str, ...]:
+    """Write ``ndm_seq_remote.py`` into ``folder`` if ``auto_map`` (a saved config's or
+    tokenizer's) names it and the folder lacks it: a model or tokenizer loaded from a
+    folder carrying the module takes it along when saved, so the copy loads with
+    ``trust_remote_code`` too. Returns the path written (one or none)."""
+    refs = [r for v in (auto_map or {}).values() for r in (v if isinstance(v, list) else [v])]
     path = Path(folder) / f"{REMOTE_MODULE}.py"
     if path.exists() or not any(str(r).startswith(f"{REMOTE_MODULE}.") for r in refs if r):
-        return None
-    return write_remote_module(folder, tokenizer_class)
+        return ()
+    return (str(write_remote_module(folder, tokenizer_class)),)
 
 
 def write_remote_module(folder: str | os.PathLike, tokenizer_class: str = "NDMTokenizer") -> Path:

@@ -45,6 +45,7 @@ from typing import Any, ClassVar
 from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerFast
 from transformers.tokenization_utils_base import PaddingStrategy, TruncationStrategy
 
+from ndm_seq.remote_code import carry_remote_module
 from ndm_seq.tokenization_contexts import DialogueContextsMixin
 from ndm_seq.tokenization_spm import (
     NORMALIZATIONS,
@@ -246,15 +247,11 @@ class NDMTokenizer(DialogueContextsMixin, PreTrainedTokenizerFast):
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any
     ) -> NDMTokenizer:
-        """Load a tokenizer saved by `save_pretrained` (see transformers' docs).
+        """Load and return a tokenizer saved by `save_pretrained` (see transformers' docs).
 
         Args:
             pretrained_model_name_or_path: a local directory (or a Hub id).
-            *args: passed to transformers' `from_pretrained`.
-            **kwargs: passed to transformers' `from_pretrained`.
-
-        Returns:
-            The tokenizer.
+            *args, **kwargs: passed to transformers' `from_pretrained`.
 
         Raises:
             FileNotFoundError: a local directory without `spiece.model`
@@ -308,13 +305,9 @@ class NDMTokenizer(DialogueContextsMixin, PreTrainedTokenizerFast):
         # tests/test_private_apis.py): the fast base writes only tokenizer.json.
         files = super()._save_pretrained(save_directory, file_names, legacy_format, filename_prefix)
         files = (*files, *self.save_vocabulary(str(save_directory), filename_prefix))
-        # A tokenizer loaded from a folder with ndm_seq_remote.py keeps that folder's
-        # auto_map: the file goes along, as in NDMForConversation.save_pretrained.
-        from ndm_seq.remote_code import carry_remote_module
-
-        refs = (self.init_kwargs.get("auto_map") or {}).get("AutoTokenizer") or ()
-        remote = carry_remote_module(save_directory, refs, type(self).__name__)
-        return files if remote is None else (*files, str(remote))
+        # A copy of a folder that carries ndm_seq_remote.py carries it too (auto_map kept).
+        auto_map, name = self.init_kwargs.get("auto_map"), type(self).__name__
+        return (*files, *carry_remote_module(save_directory, auto_map, name))
 
     # Pickling (datasets.map with workers, deepcopy) ships the model bytes.
     def __getstate__(self) -> dict[str, Any]:

@@ -138,7 +138,6 @@ from ndm_seq.evaluation.settings import (
 )
 from ndm_seq.metrics.glove import GLOVE_6B_50D, GLOVE_6B_URL, resolve_embeddings
 from ndm_seq.metrics.protocols import NORMALIZATION, PROTOCOLS
-from ndm_seq.progress import library_progress_bars
 
 __all__ = [
     "EMBEDDING_METRIC_KEYS",
@@ -268,8 +267,7 @@ def evaluate(
         word_vectors = resolve_embeddings(word_vectors)
     limits = scoring_limits(model_dir, max_context_tokens, max_response_tokens, run_config)
     ds = _load_split(data_dir, split)  # before the model: a wrong split fails fast
-    with library_progress_bars(progress):  # transformers' "Loading weights" bar
-        model, tokenizer = load_model(model_dir, device)
+    model, tokenizer = load_model(model_dir, device, progress)
     out = Path(output_dir) if output_dir is not None else Path(model_dir) / f"eval-{split}"
     # Refused before the (long) generation if the folder is a user's or another command's.
     folders.claim(out, "evaluate", adopt=_earlier_evaluation)

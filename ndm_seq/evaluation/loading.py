@@ -13,12 +13,16 @@ from pathlib import Path
 
 import torch
 
+from ndm_seq.progress import library_progress_bars
+
 #: Files a model directory must hold (the trainer's contract).
 MODEL_FILES: tuple[str, ...] = ("config.json", "model.safetensors")
 TOKENIZER_FILES: tuple[str, ...] = ("spiece.model", "tokenizer_config.json")
 
 
-def load_model(model_dir: str | Path, device: str | torch.device | None = None):
+def load_model(
+    model_dir: str | Path, device: str | torch.device | None = None, progress: bool = True
+):
     """Load a model directory written by the trainer (or ``save_pretrained`` of both parts).
 
     The directory must hold ``config.json`` and ``model.safetensors`` (the
@@ -28,6 +32,7 @@ def load_model(model_dir: str | Path, device: str | torch.device | None = None):
     Args:
         model_dir: the directory.
         device: where to put the model (default: ``cuda`` if available, else ``cpu``).
+        progress: False hides transformers' "Loading weights" bar.
 
     Returns:
         ``(model, tokenizer)``: an :class:`~ndm_seq.NDMForConversation` in eval
@@ -69,7 +74,8 @@ def load_model(model_dir: str | Path, device: str | torch.device | None = None):
         raise TypeError(
             f"{path}: expected an NDMTokenizer, AutoTokenizer loaded {type(tokenizer).__name__}"
         )
-    model = AutoModelForSeq2SeqLM.from_pretrained(str(path))
+    with library_progress_bars(progress):
+        model = AutoModelForSeq2SeqLM.from_pretrained(str(path))
     if not isinstance(model, ndm_seq.NDMForConversation):
         raise TypeError(
             f"{path}: expected an NDMForConversation, AutoModelForSeq2SeqLM loaded "

@@ -463,7 +463,7 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
         kwargs.setdefault("save_original_format", False)
         self.config.format_version = FORMAT_VERSION  # what is written is the current layout
         out = super().save_pretrained(save_directory, *args, **kwargs)
-        carry_remote_module(save_directory, (getattr(self.config, "auto_map", None) or {}).values())
+        carry_remote_module(save_directory, getattr(self.config, "auto_map", None))
         return out
 
 
