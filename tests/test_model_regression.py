@@ -110,21 +110,25 @@ def portable_init(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 FIXTURES = Path(__file__).parent / "fixtures" / "layout_v1"
 
 
-def seeded_losses(variant, backbone, dtype):
+def seeded_losses(variant, backbone, dtype, compile_backend=None):
     """The three recorded numbers for one model, computed in ``dtype``.
+
+    With ``compile_backend``, the model is called through ``torch.compile`` with that
+    backend (tests/test_compile.py).
 
     The model is ``portable_init(make_model(variant, backbone))`` as saved by the
     code before issue 12 (``tests/fixtures/layout_v1``, parameter layout 1): loading
     it maps the old parameter names, so this also checks that key map.
     """
     model = NDMForConversation.from_pretrained(FIXTURES / f"{variant}-{backbone}").to(dtype)
+    call = model if compile_backend is None else torch.compile(model, backend=compile_backend)
     ids, mask, labels = batch()
     model.eval()
     with torch.no_grad():
-        eval_loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        eval_loss = call(input_ids=ids, attention_mask=mask, labels=labels).loss
     model.train()
     torch.manual_seed(1)
-    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out = call(input_ids=ids, attention_mask=mask, labels=labels)
     out.loss.backward()
     grads = [p.grad.double() for p in model.parameters() if p.grad is not None]
     norm = torch.sqrt(sum((g**2).sum() for g in grads)).item()
@@ -137,7 +141,11 @@ CASES = [(dtype, key) for dtype, table in RECORDED.items() for key in table]
 
 @pytest.mark.parametrize("dtype,key", CASES, ids=[f"{str(d)[6:]}-{v}-{b}" for d, (v, b) in CASES])
 def test_seeded_losses_match_recorded(dtype, key):
-    got = seeded_losses(*key, dtype)
+    assert_recorded(seeded_losses(*key, dtype), dtype, key)
+
+
+def assert_recorded(got, dtype, key):
+    """``got`` (eval loss, train loss, grad norm) equals the recorded numbers within tolerance."""
     names = ("eval loss", "train loss", "grad norm")
     for name, value, want, rel in zip(
         names, got, RECORDED[dtype][key], TOLERANCE[dtype], strict=True

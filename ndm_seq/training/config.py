@@ -120,7 +120,7 @@ class TrainingSection:
     ``training.logging_steps``, ``training.eval_steps``, ``training.save_steps``,
     ``training.save_total_limit``, ``training.validation_contexts``,
     ``training.validation_samples``, ``training.progress``, ``training.resume``,
-    ``training.dataloader_workers``, ``training.torch_threads``,
+    ``training.dataloader_workers``, ``training.torch_threads``, ``training.compile``,
     ``training.max_nonfinite_steps``, ``training.report_to``, ``training.run_name`` and
     every ``evaluation.*`` key (``RESUME_MAY_CHANGE``).
     Any other change is refused, naming the keys, unless ``force``: then the stored
@@ -131,6 +131,12 @@ class TrainingSection:
     changed."""
     precision: str = "auto"
     """``auto`` (bf16 on a CUDA device that supports it, else fp32), ``fp32``, ``bf16``, ``fp16``."""
+    compile: str = "off"
+    """``torch.compile`` of the model's training forward and backward: ``off`` (eager),
+    ``default``, ``reduce-overhead`` (CUDA graphs, on GPUs) or ``max-autotune`` (the
+    inductor's modes), or ``aot_eager`` (traced but not code-generated: a cheap check that
+    the model compiles to eager's numbers). Through the Trainer's ``torch_compile``
+    arguments; what it buys per device is in benchmarks/README.md."""
     dataloader_workers: int = 0
     torch_threads: int | None = None
     """``torch.set_num_threads`` for CPU runs; None keeps PyTorch's default."""
@@ -197,6 +203,7 @@ RESUME_MAY_CHANGE = (
     "training.resume",
     "training.dataloader_workers",
     "training.torch_threads",
+    "training.compile",
     "training.max_nonfinite_steps",
     "training.report_to",
     "training.run_name",
@@ -276,6 +283,7 @@ _CHOICES: dict[str, Any] = {
     "data.opensubtitles_format": ("auto", "text", "xml"),
     "training.kl_schedule": ("constant", "linear", "cyclical"),
     "training.precision": ("auto", "fp32", "bf16", "fp16"),
+    "training.compile": ("off", "default", "reduce-overhead", "max-autotune", "aot_eager"),
     "training.lr_scheduler": _scheduler_names,
 }
 

@@ -34,7 +34,13 @@ from ndm_seq.training.run_folder import (
     _trim_log_history,
 )
 from ndm_seq.training.schedule import KLSchedule
-from ndm_seq.training.trainer import _callbacks, _make_trainer_class, _precision, _world_size
+from ndm_seq.training.trainer import (
+    _callbacks,
+    _compile,
+    _make_trainer_class,
+    _precision,
+    _world_size,
+)
 
 logger = logging.getLogger("ndm_seq.training")
 
@@ -302,6 +308,7 @@ def _training_arguments(run: RunConfig, out: Path):
         ddp_backend="gloo" if _world_size() > 1 and not torch.cuda.is_available() else None,
         dataloader_pin_memory=torch.cuda.is_available(),
         **_precision(t.precision),
+        **_compile(t.compile),
     )
     settings.update(trainer_arguments(t))  # the passed-through keys (report_to, ...)
     try:

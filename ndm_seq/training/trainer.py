@@ -110,5 +110,18 @@ def _precision(choice: str) -> dict:
     raise ValueError(f"training.precision must be auto, fp32, bf16 or fp16; got {choice!r}")
 
 
+def _compile(choice: str) -> dict:
+    """The ``TrainingArguments`` of ``training.compile`` (its choices are checked on load)."""
+    if choice == "off":
+        return {}
+    if choice == "aot_eager":
+        return {"torch_compile": True, "torch_compile_backend": "aot_eager"}
+    return {
+        "torch_compile": True,
+        "torch_compile_backend": "inductor",
+        "torch_compile_mode": choice,
+    }
+
+
 def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
