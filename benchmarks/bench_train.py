@@ -21,7 +21,14 @@ response), decoder and output-layer matrices once per target token; attention
 score products and elementwise work are left out. They are set against the
 fp32 matrix-multiply rate measured in the same run.
 
+With ``--equal-lengths`` every context has 64 tokens and every response 32 (no
+padding, so no padding work to skip). A model name ending in ``:compiled`` is that
+model trained through ``torch.compile`` (``--compile-mode``; what ``training.compile``
+does): its warm-up (first compile and the recompiles for new shapes, over two
+batches) is timed and reported apart from the steps.
+
     python benchmarks/bench_train.py [--repeats 8] [--device cpu|cuda] [--models ...]
+    python benchmarks/bench_train.py --equal-lengths --models bart ndm-transformer bart:compiled ndm-transformer:compiled
     python benchmarks/bench_train.py --profile --models bart ndm-transformer
 """
 
@@ -52,12 +59,16 @@ BACKBONES = ("transformer", "gru")
 MODELS = ("bart", *(f"{v}-{b}" for b in BACKBONES for v in VARIANTS))
 # The same transformer models with the unpadded path switched off (A/B of issue 6's packing).
 PADDED = tuple(f"{v}-transformer:padded" for v in VARIANTS)
+COMPILED = tuple(f"{m}:compiled" for m in MODELS)  # trained through torch.compile
+WARMUP_BATCHES = 2  # a compiled model compiles on the first shape and again on the second
 TARGET_VS_BART = 1.3  # transformer ndm training tokens/s vs BART
 TARGET_VS_CVAE = 1.05  # ndm step time vs cvae step time, same backbone
 
 
-def make_batches(n: int, seed: int = 0, batch: int = BATCH):
+def make_batches(n: int, seed: int = 0, batch: int = BATCH, equal: bool = False):
     """``n`` batches of random dialogue pairs: ids in [4, VOCAB), right padding.
+
+    ``equal``: every context ``MAX_CTX`` tokens and every response ``MAX_RESP`` (no padding).
 
     Returns dicts with ``input_ids (B, S)``, ``attention_mask (B, S)`` and
     ``labels (B, T)`` (``-100`` on padding, last real token ``</s>``).
@@ -65,8 +76,8 @@ def make_batches(n: int, seed: int = 0, batch: int = BATCH):
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        ctx_len = torch.randint(8, MAX_CTX + 1, (batch,), generator=g)
-        resp_len = torch.randint(4, MAX_RESP + 1, (batch,), generator=g)
+        ctx_len = torch.randint(8 if not equal else MAX_CTX, MAX_CTX + 1, (batch,), generator=g)
+        resp_len = torch.randint(4 if not equal else MAX_RESP, MAX_RESP + 1, (batch,), generator=g)
         s, t = int(ctx_len.max()), int(resp_len.max())
         ids = torch.randint(4, VOCAB, (batch, s), generator=g)
         mask = torch.arange(s)[None, :] < ctx_len[:, None]
@@ -92,7 +103,7 @@ def build(name: str, dropout: float = 0.1):
             forced_eos_token_id=None, dropout=dropout,
         )  # fmt: skip
         return BartForConditionalGeneration(cfg)
-    variant, backbone = name.removesuffix(":padded").split("-")
+    variant, backbone = name.removesuffix(":padded").split("-")  # no ":compiled": see prepare
     cfg = NDMConfig.preset(
         "small", variant=variant, backbone=backbone, vocab_size=VOCAB, d_model=D,
         encoder_layers=LAYERS, decoder_layers=LAYERS, num_heads=HEADS, ffn_dim=FFN,
@@ -101,6 +112,14 @@ def build(name: str, dropout: float = 0.1):
     model = NDMForConversation(cfg)
     model.bench_padded = name.endswith(":padded")
     return model
+
+
+def prepare(name: str, device, mode: str = "default"):
+    """``(model, optimizer, call)``: ``call`` is the model, or its ``torch.compile`` for a
+    ``:compiled`` name (the compiled module shares the model's parameters)."""
+    model = build(name.removesuffix(":compiled")).to(device).train()
+    call = torch.compile(model, mode=mode) if name.endswith(":compiled") else model
+    return model, optimizer(model), call
 
 
 @contextlib.contextmanager
@@ -171,23 +190,25 @@ def to(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def step(model, opt, batch, device):
+def step(model, opt, batch, device, call=None):
+    """One training step; ``call`` (default: the model) computes the loss."""
+    call = model if call is None else call
     with (
         padding_path(model),
         torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
     ):
         # As NDMTrainer does: the loss needs only the scored positions' logits.
         extra = {"return_logits": False} if isinstance(model, NDMForConversation) else {}
-        loss = model(**batch, **extra).loss
+        loss = call(**batch, **extra).loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
 
 
-def timed_step(model, opt, batch, device) -> float:
+def timed_step(model, opt, batch, device, call=None) -> float:
     sync(device)
     start = time.perf_counter()
-    step(model, opt, batch, device)
+    step(model, opt, batch, device, call)
     sync(device)
     return time.perf_counter() - start
 
@@ -229,25 +250,24 @@ def print_peak_memory(work, device) -> None:
     print(json.dumps({"peak": peak if peak > 0 else None}))
 
 
-def child_peak_memory(name: str, device) -> None:
+def child_peak_memory(name: str, device, mode: str = "default", equal: bool = False) -> None:
     """Child process: print the peak memory of three training steps of ``name`` (bytes)."""
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
-    batches = make_batches(3)
-    model = build(name).to(device).train()
-    opt = optimizer(model)
+    batches = make_batches(3, equal=equal)
+    model, opt, call = prepare(name, device, mode)
     batches = [to(b, device) for b in batches]
 
     def work():
         for b in batches:
-            step(model, opt, b, device)
+            step(model, opt, b, device, call)
 
     print_peak_memory(work, device)
 
 
-def peak_memory(name: str, device, script: str = __file__) -> float:
+def peak_memory(name: str, device, script: str = __file__, extra=()) -> float:
     """Run ``script --child-memory name`` in a fresh process and return its peak (bytes)."""
     env = dict(os.environ, BENCH_THREADS=str(torch.get_num_threads()))
-    cmd = [sys.executable, script, "--device", str(device), "--child-memory", name]
+    cmd = [sys.executable, script, "--device", str(device), "--child-memory", name, *extra]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak"]
 
@@ -277,16 +297,24 @@ def main():
     parser.add_argument("--repeats", type=int, default=8, help="timed steps per model")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
-        "--models", nargs="+", default=list(MODELS), choices=MODELS + PADDED,
-        help="models to run; '<variant>-transformer:padded' = with the unpadded path off",
+        "--models", nargs="+", default=list(MODELS), choices=MODELS + PADDED + COMPILED,
+        help="models to run; '<variant>-transformer:padded' = with the unpadded path off; "
+        "'<model>:compiled' = through torch.compile",
+    )  # fmt: skip
+    parser.add_argument("--equal-lengths", action="store_true", help="batches with no padding")
+    parser.add_argument(
+        "--compile-mode", default=None,
+        help="torch.compile mode of the ':compiled' models (default: reduce-overhead on "
+        "CUDA, default on CPU)",
     )  # fmt: skip
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
     parser.add_argument("--profile", action="store_true", help="torch.profiler table per model")
     parser.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
+    mode = args.compile_mode or ("reduce-overhead" if device.type == "cuda" else "default")
     if args.child_memory:
-        return child_peak_memory(args.child_memory, device)
+        return child_peak_memory(args.child_memory, device, mode, args.equal_lengths)
     if args.profile:
         return profile(args.models, device)
 
@@ -296,26 +324,37 @@ def main():
         f"cpu={platform.processor() or platform.machine()} load={os.getloadavg()[0]:.2f} "
         f"batch={BATCH} ctx<={MAX_CTX} resp<={MAX_RESP} repeats={args.repeats}"
         + (" autocast=bf16" if device.type == "cuda" else " float32")
+        + (" equal-lengths" if args.equal_lengths else "")
+        + (f" compile-mode={mode}" if any(n.endswith(":compiled") for n in args.models) else "")
     )
     # One warm-up batch plus one batch per repeat, the same for every model.
     # Before this process grows: a forked child starts with its parent's ru_maxrss.
-    memory = {} if args.no_memory else {n: peak_memory(n, device) for n in args.models}
-    batches = [to(b, device) for b in make_batches(args.repeats + 1, seed=0)]
-    tokens = [int((b["labels"] != -100).sum()) for b in batches]
-    models, opts, times, flops = {}, {}, {}, {}
+    child = ["--compile-mode", mode] + (["--equal-lengths"] if args.equal_lengths else [])
+    memory = {} if args.no_memory else {n: peak_memory(n, device, extra=child) for n in args.models}
+    # Warm-up batches, then one batch per repeat, the same for every model.
+    batches = make_batches(WARMUP_BATCHES + args.repeats, seed=0, equal=args.equal_lengths)
+    batches = [to(b, device) for b in batches]
+    warm, batches = batches[:WARMUP_BATCHES], [None, *batches[WARMUP_BATCHES:]]
+    tokens = [0] + [int((b["labels"] != -100).sum()) for b in batches[1:]]
+    models, opts, calls, times, flops, warmup = {}, {}, {}, {}, {}, {}
     for name in args.models:
-        models[name] = build(name).to(device).train()
-        opts[name] = optimizer(models[name])
-        flops[name] = sum(flops_per_step(models[name], name, b) for b in batches[1:]) / sum(
+        models[name], opts[name], calls[name] = prepare(name, device, mode)
+        base = name.removesuffix(":compiled")
+        flops[name] = sum(flops_per_step(models[name], base, b) for b in batches[1:]) / sum(
             tokens[1:]
         )
-        step(models[name], opts[name], batches[0], device)  # warm-up (allocator, AdamW state)
+        # warm-up (allocator, AdamW state; a compiled model's compiles), timed
+        warmup[name] = sum(
+            timed_step(models[name], opts[name], b, device, calls[name]) for b in warm
+        )
         times[name] = []
     rates = [matmul_rate(device)]
     # Round robin: repeat r runs every model on batch r before any model sees batch r + 1.
     for r in range(1, args.repeats + 1):
         for name in args.models:
-            times[name].append(timed_step(models[name], opts[name], batches[r], device))
+            times[name].append(
+                timed_step(models[name], opts[name], batches[r], device, calls[name])
+            )
         rates.append(matmul_rate(device, repeats=2))
     rate = max(rates)  # the least disturbed measurement of the machine's matmul rate
 
@@ -328,31 +367,32 @@ def main():
         + ("max_memory_allocated" if device.type == "cuda" else "ru_maxrss growth over 3 steps")
     )
     header = (
-        f"{'model':<22}{'step ms':>9}{'tokens/s':>10}{'vs bart':>9}{'ndm/cvae step':>15}"
-        f"{'peak MiB':>10}{'GFLOP/tok':>11}{'GFLOP/s':>9}{'of mm':>7}  target"
+        f"{'model':<26}{'step ms':>9}{'tokens/s':>10}{'vs bart':>9}{'ndm/cvae step':>15}"
+        f"{'peak MiB':>10}{'GFLOP/tok':>11}{'GFLOP/s':>9}{'of mm':>7}{'warm-up s':>11}  target"
     )
     print(header)
     for name in args.models:
+        # "vs bart": against eager BART, what a user gets by default
         vs_bart = tok_s[name] / tok_s["bart"] if "bart" in tok_s else float("nan")
         ratio_cvae, target = "", ""
-        variant, _, backbone = name.partition("-")
+        variant, _, backbone = name.partition("-")  # backbone keeps a ":compiled"
         if variant == "ndm" and f"cvae-{backbone}" in med:
             r = med[name] / med[f"cvae-{backbone}"]
             ratio_cvae = f"{r:.3f}x"
             target = (
                 f"ndm/cvae step <= {TARGET_VS_CVAE}x: {'met' if r <= TARGET_VS_CVAE else 'NOT met'}"
             )
-        if name == "ndm-transformer" and "bart" in tok_s:
+        if name.startswith("ndm-transformer") and "bart" in tok_s:
             ok = "met" if vs_bart >= TARGET_VS_BART else "NOT met"
             target = f"vs bart >= {TARGET_VS_BART}x: {ok}; " + target
-        if backbone == "gru" and not target:
+        if backbone.startswith("gru") and not target:
             target = "(reported, no target)"
         achieved = flops[name] * tok_s[name]
         mem = f"{memory[name] / 2**20:.0f}" if memory.get(name) else "-"
         print(
-            f"{name:<22}{med[name] * 1e3:>9.1f}{tok_s[name]:>10.0f}{vs_bart:>8.2f}x"
+            f"{name:<26}{med[name] * 1e3:>9.1f}{tok_s[name]:>10.0f}{vs_bart:>8.2f}x"
             f"{ratio_cvae:>15}{mem:>10}{flops[name] / 1e9:>11.4f}{achieved / 1e9:>9.1f}"
-            f"{achieved / rate:>6.0%}  {target}"
+            f"{achieved / rate:>6.0%}{warmup[name]:>11.1f}  {target}"
         )
     print(f"wall {time.perf_counter() - wall:.1f}s load={os.getloadavg()[0]:.2f}")
 
