@@ -1,6 +1,7 @@
 """The model family: every variant x backbone on the tiny preset (docs/design.md §2-§3)."""
 
 import itertools
+import math
 import os
 import pickle
 
@@ -102,6 +103,41 @@ def test_overfits_a_tiny_batch_and_reports_every_term(variant, backbone):
     expected = out.nll + out.kl_loss + c.bow_weight * out.bow + c.recon_weight * out.recon
     expected = expected + c.orth_weight * out.orth + c.key_reg_weight * out.key_reg
     torch.testing.assert_close(out.loss, expected)
+
+
+@pytest.mark.parametrize("backbone", ["gru", "transformer"])
+def test_relative_recon_is_the_error_at_unit_scale_and_ignores_shrinking(backbone):
+    """``recon_scale="relative"``: ``d_z ||z - z'||^2 / ||z||^2`` per response, batch mean.
+
+    Shrinking the latent space (the posterior's and the prior's means by 10, their
+    variances by 100: the KL is unchanged) lowers the absolute term with it (the
+    gradient that shrank the transformer NDM's latents); the relative one stays.
+    """
+    ids, mask, labels = batch()
+    got = {}
+    for scale in ("absolute", "relative"):
+        model = make_model("ndm", backbone, recon_scale=scale, ndm_read="latent").double().eval()
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        z = out.posterior_mean  # eval mode: z is the posterior mean
+        composed = model.latent.decompose(z, model.encoder(ids, mask).summary).composed
+        error = (z - composed).pow(2).sum(-1)
+        with torch.no_grad():
+            for head in (model.latent.posterior, model.encoder.prior):
+                last, d = head.net[-1], z.shape[-1]
+                last.weight[:d] /= 10
+                last.bias[:d] /= 10
+                last.bias[d:] -= 2 * math.log(10)
+        shrunk = model(input_ids=ids, attention_mask=mask, labels=labels)
+        torch.testing.assert_close(shrunk.posterior_mean, z / 10)
+        torch.testing.assert_close(shrunk.kl, out.kl)
+        got[scale] = (out.recon, shrunk.recon, error, z)
+    (absolute, absolute_shrunk, error, z), (relative, relative_shrunk, *_) = got.values()
+    torch.testing.assert_close(absolute, error.mean())
+    torch.testing.assert_close(relative, (error * z.shape[-1] / z.pow(2).sum(-1)).mean())
+    assert absolute_shrunk < absolute / 50  # the absolute term rewards shrinking
+    # Not exactly invariant (the slots are not linear in z: the controller reads it),
+    # but a shrink that takes 99% off the absolute term moves the relative one little.
+    assert abs(relative_shrunk / relative - 1) < 0.1
 
 
 def _first_step_latents(model):

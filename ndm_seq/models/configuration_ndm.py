@@ -109,6 +109,11 @@ class NDMConfig(PreTrainedConfig):
             reads the slots at every step with least-squares attention) or
             ``"both"`` (``z'`` and per-step reads).
         recon_weight: weight ``alpha`` of ``||z - z'||^2``.
+        recon_scale: ``"absolute"`` (the term is ``||z - z'||^2``) or
+            ``"relative"`` (``d_z ||z - z'||^2 / ||z||^2``: the same at the scale
+            of a standard-normal ``z``, and unchanged when the whole latent
+            space shrinks, which the absolute term rewards:
+            docs/experiments.md section 12).
         orth_weight: weight ``eta`` of the slot orthogonality penalty.
         key_reg_weight: weight of NSM's key-diversity regulariser.
         vmed_heads: ``K``, VMED read heads = mixture components of its prior.
@@ -156,6 +161,7 @@ class NDMConfig(PreTrainedConfig):
     update_memory: bool = True
     ndm_read: Literal["latent", "step", "both"] = "latent"
     recon_weight: float | int = 0.0
+    recon_scale: Literal["absolute", "relative"] = "absolute"
     orth_weight: float | int = 0.0
     key_reg_weight: float | int = 0.01
     vmed_heads: int = 4

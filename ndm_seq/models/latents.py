@@ -198,8 +198,11 @@ class NDMLatent(GaussianLatent):
             z = self.draw(inputs, out)
             mem = self.memory(z, inputs.enc.summary)
             slots, weights, composed = mem.slots, mem.weights, mem.composed
+            recon = mem.recon_error
+            if self.config.recon_scale == "relative":  # d_z ||z - z'||^2 / ||z||^2
+                recon = recon * z.shape[-1] / z.pow(2).sum(-1).clamp_min(1e-6)
             out.terms.update(
-                recon=mem.recon_error.mean(), orth=mem.orthogonality, key_reg=mem.key_regularizer
+                recon=recon.mean(), orth=mem.orthogonality, key_reg=mem.key_regularizer
             )
         out.slot_weights = weights
         out.cond = composed if self.composed_cond else z
