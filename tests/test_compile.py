@@ -99,10 +99,11 @@ def test_aot_eager_seeded_losses_match_recorded(key):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("key", list(RECORDED[torch.float64]), ids=lambda k: "-".join(k))
-def test_inductor_seeded_losses_match_recorded(key, monkeypatch):
+def test_inductor_seeded_losses_match_recorded(key):
     import torch._inductor.config as inductor_config
 
-    # dropout and the latent draw from eager's generator, not inductor's own
-    monkeypatch.setattr(inductor_config, "fallback_random", True)
-    got = seeded_losses(*key, torch.float64, compile_backend="inductor")
+    # dropout and the latent draw from eager's generator, not inductor's own (the
+    # config's own patch(): monkeypatch's undo deletes the attribute of this module)
+    with inductor_config.patch(fallback_random=True):
+        got = seeded_losses(*key, torch.float64, compile_backend="inductor")
     assert_recorded(got, torch.float64, key)
