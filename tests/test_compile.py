@@ -79,9 +79,9 @@ def test_a_compiled_run_trains_as_the_eager_one(tmp_path, prepared, monkeypatch)
     assert compiled_modules == [("NDMForConversation", "aot_eager")]
     a, b = _losses(eager.parent), _losses(compiled.parent)
     assert [r[0] for r in a] == [r[0] for r in b] == list(range(1, 9))
-    # float32 on CPU: the traced graph may order a reduction differently from eager
-    # (measured: identical on this machine); a relative 1e-4 leaves room for that
-    # and still fails on a different batch, dropout mask or latent draw.
+    # float32 on CPU: the traced graph may order a reduction differently from eager;
+    # a relative 1e-4 leaves room for that and still fails on a different batch,
+    # dropout mask or latent draw.
     for x, y in zip(a, b, strict=True):
         assert x[1:] == pytest.approx(y[1:], rel=1e-4), (x, y)
     # and the saved model is the plain one (the Trainer unwraps it to save)
