@@ -160,3 +160,47 @@ def test_training_run_on_cuda_uses_bf16_and_saves_a_loadable_model(tmp_path, pre
     assert losses and all(torch.isfinite(torch.tensor(loss)) for loss in losses)
     model = NDMForConversation.from_pretrained(final)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nonfinite_guard_on_cuda_skips_without_a_host_sync():
+    # The guard's per-step work under CUDA's sync debug mode ("error": a synchronising
+    # call raises): the verdict reaches the fused AdamW as found_inf on the device.
+    from ndm_seq.training.ndm_trainer import NonFiniteGuard
+
+    weight = torch.nn.Parameter(torch.ones(4, device=CUDA))
+
+    class Accelerator:
+        scaler = None
+
+        @staticmethod
+        def reduce(tensor, reduction):
+            return tensor
+
+    class Args:
+        device = CUDA
+
+    class State:
+        global_step = 0
+
+    class Trainer:
+        accelerator = Accelerator()
+        model = torch.nn.ParameterList([weight])
+        optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)
+
+    guard, state = NonFiniteGuard(Trainer(), 3), State()
+    for grad in (torch.full((4,), float("nan")), torch.ones(4)):
+        weight.grad = grad.to(CUDA)
+        before = weight.detach().clone()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            guard.note_loss(torch.isfinite(weight.grad.sum()))
+            guard.on_pre_optimizer_step(Args(), state, None)
+            Trainer.optimizer.step()
+            guard.on_optimizer_step(Args(), state, None)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        state.global_step += 1
+        moved = not torch.equal(before, weight.detach())
+        assert moved == bool(torch.isfinite(grad).all())  # the NaN step did not update
+    guard.on_train_end(Args(), state, None)
+    assert (guard.skipped, guard.in_a_row) == (1, 0)

@@ -5,6 +5,7 @@ JSONL corpus: preparing the full chitchat corpus would take a minute) with a NaN
 inf injected into the loss (or only into its gradient) at chosen steps.
 """
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -60,14 +61,17 @@ class _Snapshots(TrainerCallback):
 
     def __init__(self):
         self.weights: dict[int, dict[str, torch.Tensor]] = {}
+        self.optimizer_steps: dict[int, float] = {}  # the AdamW step count of every weight
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.weights[state.global_step] = {
             k: v.detach().clone() for k, v in model.state_dict().items()
         }
+        counts = {float(s["step"]) for s in optimizer.state.values()} if optimizer else set()
+        assert len(counts) <= 1, counts  # every weight stepped alike
+        self.optimizer_steps[state.global_step] = counts.pop() if counts else 0.0
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.on_train_begin(args, state, control, model=model)
+    on_step_end = on_train_begin
 
 
 def _run_config(tmp_path: Path, prepared: Path, **training) -> T.RunConfig:
@@ -90,25 +94,35 @@ def _equal(a: dict, b: dict) -> bool:
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize(
+    "optim",
+    [
+        "adamw_torch_fused",  # the default: the fused step skips itself on found_inf, no sync
+        "adamw_torch",  # any other optimizer: the verdict is read at once, .grad set to None
+    ],
+)
 def test_nonfinite_steps_are_skipped_and_weights_stay_finite(
-    tmp_path, prepared, monkeypatch, caplog
+    tmp_path, prepared, monkeypatch, caplog, optim
 ):
     plan = {3: NAN_LOSS, 4: INF_LOSS, 6: NAN_GRAD}
     _inject(monkeypatch, plan)
-    run = _run_config(tmp_path, prepared)
+    run = _run_config(tmp_path, prepared, optim=optim)
     snaps = _train_with_snapshots(monkeypatch, run)
     with caplog.at_level(logging.WARNING, logger="ndm_seq.training"):
         final = T.train(run)
 
-    w = snaps.weights
+    w, counts = snaps.weights, snaps.optimizer_steps
     assert sorted(w) == list(range(0, 9))
     for step in range(1, 9):
         if step in plan:
-            # Skipped: bit-for-bit the weights of the step before.
+            # Skipped: bit-for-bit the weights of the step before, and no optimizer step.
             assert _equal(w[step], w[step - 1]), f"step {step} changed the weights"
+            assert counts[step] == counts[step - 1], f"step {step} counted an AdamW step"
         else:
             # A finite step does move the weights (so equality above is not vacuous).
             assert not _equal(w[step], w[step - 1]), f"step {step} did not train"
+            assert counts[step] == counts[step - 1] + 1
+    assert counts[8] == 8 - len(plan)
     skipped = [r.getMessage() for r in caplog.records if "optimizer step skipped" in r.getMessage()]
     assert [m.split(":")[0] for m in skipped] == ["step 3", "step 4", "step 6"]
     assert "2 in a row" in skipped[1] and "1 in a row" in skipped[2]  # reset by step 5
@@ -161,3 +175,81 @@ def test_save_model_refuses_nonfinite_weights(tmp_path):
     with pytest.raises(T.NonFiniteTrainingError, match="refusing to save non-finite weights"):
         trainer.save_model(str(tmp_path / "out"))
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+_ORIGINAL = {name: getattr(torch.Tensor, name) for name in _READS}
+
+
+@contextlib.contextmanager
+def _host_reads(allowed: bool):
+    """While inside, reading a tensor's value on the host (``.item()``, ``bool()``, ...)
+    raises, or (``allowed``) works again; the state before is restored on exit."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the value of a tensor was read on the host")
+
+    saved = {name: getattr(torch.Tensor, name) for name in _READS}
+    try:
+        for name in _READS:
+            setattr(torch.Tensor, name, _ORIGINAL[name] if allowed else refuse)
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def test_the_guard_reads_no_tensor_on_the_host(tmp_path, prepared, monkeypatch, caplog):
+    # With the default fused AdamW the guard's own work (noting each loss, checking the
+    # gradients, handing the verdict to the optimizer) reads no tensor value: on a GPU
+    # that would be a host sync every step. Verdicts are read from their host copies.
+    from transformers import Trainer
+
+    from ndm_seq.training.ndm_trainer import NDMTrainer, NonFiniteGuard
+
+    calls = {"pre_optimizer": 0, "training_step": 0}
+
+    def wrap(cls, name, allowed, count=None):
+        original = getattr(cls, name)
+
+        def wrapped(*args, **kwargs):
+            if count:
+                calls[count] += 1
+            with _host_reads(allowed):
+                return original(*args, **kwargs)
+
+        monkeypatch.setattr(cls, name, wrapped)
+
+    wrap(Trainer, "training_step", allowed=True)  # the forward and backward may read
+    wrap(NDMTrainer, "training_step", allowed=False, count="training_step")
+    wrap(NonFiniteGuard, "on_pre_optimizer_step", allowed=False, count="pre_optimizer")
+    _inject(monkeypatch, {3: NAN_LOSS})
+    with caplog.at_level(logging.WARNING, logger="ndm_seq.training"):
+        T.train(_run_config(tmp_path, prepared, max_steps=4, save_steps=4))
+    assert calls == {"pre_optimizer": 4, "training_step": 4}
+    skipped = [r.getMessage() for r in caplog.records if "optimizer step skipped" in r.getMessage()]
+    assert [m.split(":")[0] for m in skipped] == ["step 3"]
+
+
+def test_found_inf_is_trusted_up_to_the_checked_torch_release(monkeypatch):
+    # A torch newer than the one the fused found_inf skip was checked on takes the
+    # read-at-once path; bumping FOUND_INF_CHECKED means rerunning the tests above.
+    from ndm_seq.training import ndm_trainer
+
+    assert ndm_trainer._torch_release() <= ndm_trainer.FOUND_INF_CHECKED, (
+        f"torch {torch.__version__}: check that the fused AdamW still skips on found_inf "
+        "(test_nonfinite_steps_are_skipped_and_weights_stay_finite), then raise "
+        "FOUND_INF_CHECKED"
+    )
+
+    class Accelerator:
+        scaler = None
+
+    class Trainer:
+        accelerator = Accelerator()
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], fused=True)
+
+    guard = ndm_trainer.NonFiniteGuard(Trainer(), 1)
+    assert guard._fused_optimizer() is Trainer.optimizer
+    monkeypatch.setattr(torch, "__version__", "2.99.0")
+    assert guard._fused_optimizer() is None

@@ -38,25 +38,135 @@ class TextValidation:
     max_response_tokens: int
 
 
-class NonFiniteGuard(TrainerCallback):
-    """Runs the trainer's non-finite check just before every optimizer step."""
+FOUND_INF_CHECKED = (2, 13)
+"""The newest torch release whose fused AdamW was checked to skip on ``found_inf``."""
 
-    def __init__(self, trainer):
+
+def _torch_release() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+class NonFiniteGuard(TrainerCallback):
+    """The non-finite guard: a step with a NaN/inf loss or gradient does not update.
+
+    ``training_step`` notes each micro-step's loss (:meth:`note_loss`); just before
+    the optimizer step (after clipping) the gradients are checked too. The verdict
+    stays on the device: with a fused AdamW (the Trainer's default optimizer) it is
+    handed to the optimizer as ``found_inf``, the flag ``torch.amp.GradScaler`` uses,
+    and the fused kernel skips the whole update (weights, moments, step count) with
+    no host sync; the host reads a copy of the flag later (:meth:`_settle`: at once
+    on CPU, on a GPU when the copy has landed and at the latest two steps on), to
+    warn, count and stop the run. Any other optimizer, or fp16 with a gradient
+    scaler, reads the verdict at once (one sync) and sets every ``.grad`` to None,
+    which ``torch.optim`` optimizers skip entirely.
+    """
+
+    def __init__(self, trainer, max_in_a_row: int):
+        if max_in_a_row < 1:
+            raise ValueError(f"training.max_nonfinite_steps must be >= 1; got {max_in_a_row}")
         self.trainer = trainer
+        self.max_in_a_row = max_in_a_row
+        self.in_a_row = 0
+        self.skipped = 0
+        self.loss_bad: torch.Tensor | None = None  # any micro-step loss non-finite
+        self.pending: list = []  # (step, host copy of the flag, CUDA event or None)
+
+    def note_loss(self, finite: torch.Tensor):
+        """Note a micro-step's loss verdict (a 0-dim bool tensor; not read here)."""
+        bad = torch.logical_not(finite)
+        self.loss_bad = bad if self.loss_bad is None else self.loss_bad | bad
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._skip_if_nonfinite()
+        trainer = self.trainer
+        grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+        bad = torch.logical_not(_all_finite(grads)).to(args.device)
+        if self.loss_bad is not None:
+            bad = bad | self.loss_bad.to(args.device)
+        self.loss_bad = None
+        # Every process takes the same decision (a bad loss on one rank skips all).
+        bad = trainer.accelerator.reduce(bad.float().reshape(1), reduction="sum").clamp(max=1)
+        step = state.global_step + 1
+        optimizer = self._fused_optimizer()
+        if optimizer is None:
+            verdict = bool(bad.item())  # the one sync of this path
+            if verdict:
+                for p in trainer.model.parameters():
+                    p.grad = None
+            self._verdict(step, verdict)
+            return
+        optimizer.found_inf = bad.reshape(())  # the fused step skips itself when 1
+        if bad.is_cuda:
+            host = torch.empty(1, pin_memory=True).copy_(bad, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending.append((step, host, event))
+        else:
+            self.pending.append((step, bad, None))
+        self._settle(wait_before=step - 1)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        optimizer = self._fused_optimizer()
+        if optimizer is not None and hasattr(optimizer, "found_inf"):
+            del optimizer.found_inf
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._settle(wait_before=state.global_step + 1)
+
+    def _fused_optimizer(self):
+        """The torch optimizer when it skips on ``found_inf`` by itself, else None.
+
+        ``_step_supports_amp_scaling`` and ``found_inf`` are torch's private protocol
+        between ``GradScaler`` and the fused optimizers: trusted up to the torch release
+        it was checked on (:data:`FOUND_INF_CHECKED`; tests/test_reliability_training.py
+        fails when it changes), the read-at-once path beyond it."""
+        if self.trainer.accelerator.scaler is not None:  # fp16: the scaler sets found_inf
+            return None
+        if _torch_release() > FOUND_INF_CHECKED:
+            return None
+        optimizer = getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer)
+        return optimizer if getattr(optimizer, "_step_supports_amp_scaling", False) else None
+
+    def _settle(self, wait_before: int):
+        """Read the pending verdicts in step order: every one of a step before
+        ``wait_before`` (waiting for it), later ones while their copy has landed."""
+        while self.pending:
+            step, host, event = self.pending[0]
+            if event is not None:
+                if step >= wait_before and not event.query():
+                    return
+                event.synchronize()
+            self.pending.pop(0)
+            self._verdict(step, bool(host.numpy()[0]))  # host memory: no device sync
+
+    def _verdict(self, step: int, bad: bool):
+        if not bad:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.skipped += 1
+        logger.warning(
+            "step %d: non-finite loss or gradient; optimizer step skipped "
+            "(%d in a row, %d skipped in all; the run stops at %d in a row)",
+            step, self.in_a_row, self.skipped, self.max_in_a_row,
+        )  # fmt: skip
+        if self.in_a_row >= self.max_in_a_row:
+            raise NonFiniteTrainingError(
+                f"{self.in_a_row} consecutive optimizer steps (up to step {step}) "
+                "had a NaN or inf loss or gradient; stopping (training.max_nonfinite_steps="
+                f"{self.max_in_a_row}). The weights are those of the last finite step; "
+                "lower the learning rate or check the data."
+            )
 
 
 class NDMTrainer(Trainer):
     """``Trainer`` that logs every loss term of :class:`NDMSeq2SeqOutput`, window-averaged,
     and skips optimizer steps with a non-finite loss or gradient.
 
-    The guard: ``training_step`` notes a NaN/inf loss; just before the optimizer
-    step (``on_pre_optimizer_step``, after clipping) the gradients are checked too.
-    A bad step sets every ``.grad`` to None, which ``torch.optim`` optimizers skip
-    entirely (no update, no weight decay, no moment or step-count change), so the
-    weights and optimizer state stay as they were. The data and the learning-rate
+    The guard (:class:`NonFiniteGuard`): a step with a NaN/inf loss or gradient
+    leaves the weights and the optimizer state as they were (no update, no weight
+    decay, no moment or step-count change), without a host sync per step on the
+    default fused AdamW. The data and the learning-rate
     schedule move on (the step counts towards ``max_steps``). ``max_nonfinite_steps``
     bad steps in a row raise :class:`NonFiniteTrainingError`; ``save_model`` refuses
     to write non-finite weights.
@@ -74,17 +184,11 @@ class NDMTrainer(Trainer):
         writer.trainer = self
         writer.save_total_limit, self.args.save_total_limit = self.args.save_total_limit, None
         self.checkpoint_writer = writer
-        if max_nonfinite_steps < 1:
-            raise ValueError(
-                f"training.max_nonfinite_steps must be >= 1; got {max_nonfinite_steps}"
-            )
         self._terms: dict[str, torch.Tensor] = {}
         self._term_count = 0
-        self.max_nonfinite_steps = max_nonfinite_steps
-        self.nonfinite_in_a_row = 0
-        self.nonfinite_skipped = 0
-        self._loss_nonfinite = False
-        self.add_callback(NonFiniteGuard(self))  # and, after it, writer.mark (add_callback)
+        self._finite_loss = None  # the finite losses' sum and count since the last log
+        self.nonfinite_guard = NonFiniteGuard(self, max_nonfinite_steps)
+        self.add_callback(self.nonfinite_guard)  # and, after it, writer.mark (add_callback)
 
     def add_callback(self, callback):
         """Add ``callback``, keeping the pending-checkpoint marker last (it reads the final
@@ -106,39 +210,18 @@ class NDMTrainer(Trainer):
             raise self.checkpoint_writer.disk_full() from None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        """``Trainer.training_step``; a NaN/inf loss is noted for the guard (gradients may
+        still look finite, e.g. inf * 0) and, in the logged loss, replaced by the mean of
+        the finite ones since the last log: what the Trainer's ``logging_nan_inf_filter``
+        does, without its host sync per micro-step (ndm-seq turns that filter off)."""
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss).all():
-            self._loss_nonfinite = True  # gradients may still look finite (e.g. inf * 0)
-        return loss
-
-    def _skip_if_nonfinite(self):
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        bad = torch.logical_not(_all_finite(grads)).float().reshape(1)
-        if self._loss_nonfinite:
-            bad.fill_(1.0)
-        self._loss_nonfinite = False
-        # Every process takes the same decision (a bad loss on one rank skips all).
-        bad = self.accelerator.reduce(bad.to(self.args.device), reduction="sum")
-        if bad.item() == 0:
-            self.nonfinite_in_a_row = 0
-            return
-        for p in self.model.parameters():
-            p.grad = None
-        self.nonfinite_in_a_row += 1
-        self.nonfinite_skipped += 1
-        step = self.state.global_step + 1
-        logger.warning(
-            "step %d: non-finite loss or gradient; optimizer step skipped "
-            "(%d in a row, %d skipped in all; the run stops at %d in a row)",
-            step, self.nonfinite_in_a_row, self.nonfinite_skipped, self.max_nonfinite_steps,
-        )  # fmt: skip
-        if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
-            raise NonFiniteTrainingError(
-                f"{self.nonfinite_in_a_row} consecutive optimizer steps (up to step {step}) "
-                "had a NaN or inf loss or gradient; stopping (training.max_nonfinite_steps="
-                f"{self.max_nonfinite_steps}). The weights are those of the last finite step; "
-                "lower the learning rate or check the data."
-            )
+        finite = torch.isfinite(loss).all()
+        self.nonfinite_guard.note_loss(finite)
+        total, count = self._finite_loss or (0.0, 0.0)
+        total = total + torch.where(finite, loss.detach().float(), 0.0)
+        count = count + finite.float()
+        self._finite_loss = (total, count)
+        return torch.where(finite, loss, (total / count.clamp(min=1)).to(loss.dtype))
 
     def save_model(self, output_dir=None, **kwargs):
         """Save, but never write NaN or inf weights (``kwargs``: passed on as given)."""
@@ -213,4 +296,5 @@ class NDMTrainer(Trainer):
             unwrapped = self.accelerator.unwrap_model(self.model)
             logs["kl_weight"] = round(float(unwrapped.kl_weight), 4)
             self._terms, self._term_count = {}, 0
+            self._finite_loss = None
         super().log(logs, start_time)

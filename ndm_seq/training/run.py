@@ -297,6 +297,7 @@ def _training_arguments(run: RunConfig, out: Path):
         data_seed=run.seed,
         report_to="none",
         disable_tqdm=not t.progress,
+        logging_nan_inf_filter=False,  # NDMTrainer.training_step filters without a sync
         dataloader_num_workers=t.dataloader_workers,
         prediction_loss_only=True,
         remove_unused_columns=False,

@@ -29,7 +29,8 @@ class NonFiniteTrainingError(RuntimeError):
 
 
 def _all_finite(tensors) -> torch.Tensor:
-    """A 0-dim bool tensor: every element of every tensor is finite (one device sync for all)."""
+    """A 0-dim bool tensor, on the tensors' device and not read here: every element of every
+    tensor is finite."""
     flags = [torch.isfinite(t).all() for t in tensors]
     return torch.stack(flags).all() if flags else torch.tensor(True)
 
