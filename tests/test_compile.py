@@ -15,6 +15,7 @@ from test_model_regression import RECORDED, assert_recorded, seeded_losses
 from training_runs import jsonl_run_config, synthetic_corpus
 
 from ndm_seq import cli
+from ndm_seq.models import NDMForConversation
 from ndm_seq.training import run_config_from_dict, train
 from ndm_seq.training.run import _training_arguments
 
@@ -45,6 +46,8 @@ def test_compile_sets_the_trainer_arguments(tmp_path, choice, expected):
         ("training.compile=fast", ["training.compile='fast'", "expected one of", "aot_eager"]),
         ("training.torch_compile=true", ["set by ndm-seq", "training.compile"]),
         ("training.torch_compile_mode=default", ["set by ndm-seq", "training.compile"]),
+        ("training.pad_to_multiple_of=0", ["training.pad_to_multiple_of=0", "> 0"]),
+        ("training.logging_nan_inf_filter=true", ["set by ndm-seq", "non-finite"]),
     ],
 )
 def test_bad_compile_setting_is_one_line(tmp_path, capsys, override, expected):
@@ -107,3 +110,21 @@ def test_inductor_seeded_losses_match_recorded(key):
     with inductor_config.patch(fallback_random=True):
         got = seeded_losses(*key, torch.float64, compile_backend="inductor")
     assert_recorded(got, torch.float64, key)
+
+
+def test_length_buckets_pad_every_training_batch_to_a_multiple(tmp_path, prepared, monkeypatch):
+    shapes = []
+    forward = NDMForConversation.forward
+
+    def spy(self, *args, **kwargs):
+        if self.training:
+            shapes.append((kwargs["input_ids"].shape[1], kwargs["labels"].shape[1]))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(NDMForConversation, "forward", spy)
+    raw = jsonl_run_config(tmp_path, prepared, max_steps=4, save_steps=4, pad_to_multiple_of=8)
+    train(run_config_from_dict(raw))
+    assert len(shapes) == 4
+    assert all(s % 8 == 0 and t % 8 == 0 for s, t in shapes), shapes
+    # Without buckets these batches are 15-19 x 8-10 tokens; their limits are 32 and 16.
+    assert {s for s, _ in shapes} <= {16, 24} and {t for _, t in shapes} <= {8, 16}, shapes

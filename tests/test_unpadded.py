@@ -153,3 +153,38 @@ def test_return_logits_false_gives_the_same_loss_without_logits(setting, monkeyp
     assert lean.logits is None and full.logits is not None
     for term in TERMS:
         assert getattr(lean, term).item() == getattr(full, term).item(), term
+
+
+def _pad_columns(t: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+
+@pytest.mark.parametrize("variant,backbone", COMBOS, ids=IDS)
+def test_length_bucket_padding_changes_no_loss_or_gradient(variant, backbone):
+    # training.pad_to_multiple_of pads contexts and responses further (masked ids,
+    # -100 labels): eval-mode losses and gradients stay those of the tight batch.
+    # (Training mode draws dropout masks of the padded shape: other random numbers.)
+    model = make_model(variant, backbone).double().eval()
+    ids, mask, labels = padded_batch()
+    results = []
+    for width in (None, 16):
+        batch = (ids, mask, labels)
+        if width:
+            batch = (_pad_columns(ids, width, 0), _pad_columns(mask, width, 0),
+                     _pad_columns(labels, width, -100))  # fmt: skip
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=batch[0], attention_mask=batch[1], labels=batch[2])
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (a, grad_a), (b, grad_b) = results
+    for term in TERMS:
+        got, want = getattr(b, term), getattr(a, term)
+        if want is None:
+            assert got is None, term
+            continue
+        torch.testing.assert_close(got, want, **TOL, msg=term)
+    assert grad_a.keys() == grad_b.keys() and grad_a
+    for name in grad_a:
+        diff = (grad_b[name] - grad_a[name]).norm()
+        assert diff <= 1e-10 * grad_a[name].norm() + 1e-12, (name, diff)

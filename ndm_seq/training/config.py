@@ -137,6 +137,13 @@ class TrainingSection:
     inductor's modes), or ``aot_eager`` (traced but not code-generated: a cheap check that
     the model compiles to eager's numbers). Through the Trainer's ``torch_compile``
     arguments; what it buys per device is in benchmarks/README.md."""
+    pad_to_multiple_of: int | None = None
+    """Length buckets: pad every batch's contexts and responses to a multiple of this many
+    tokens (16 with the chitchat limits of 64 and 32: at most 4 x 2 batch shapes), so a
+    compiled step (``compile: reduce-overhead``, CUDA graphs) is captured for a few shapes
+    instead of one per batch length. The batches and their order stay the same and the
+    extra padding is masked; off (None) by default all the same, as the padded sums round
+    differently and a recorded run would not repeat bit for bit."""
     dataloader_workers: int = 0
     torch_threads: int | None = None
     """``torch.set_num_threads`` for CPU runs; None keeps PyTorch's default."""
@@ -270,6 +277,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "training.save_total_limit": (_positive, "> 0 (or null to keep every checkpoint)"),
     "training.dataloader_workers": (_non_negative, ">= 0"),
     "training.torch_threads": (_positive, "> 0 (or null for PyTorch's default)"),
+    "training.pad_to_multiple_of": (_positive, "> 0 (or null for no length buckets)"),
     "training.max_nonfinite_steps": (_positive, "> 0"),
     "training.early_stopping_patience": (_positive, "> 0 (or null for no early stopping)"),
     "training.early_stopping_threshold": (_non_negative, ">= 0"),

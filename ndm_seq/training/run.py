@@ -394,7 +394,9 @@ def _build_trainer(run: RunConfig, t, args, tokenizer, tokenized, train_ds, eval
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),
+        data_collator=DataCollatorForSeq2Seq(
+            tokenizer, label_pad_token_id=-100, pad_to_multiple_of=t.pad_to_multiple_of
+        ),
         processing_class=tokenizer,
         callbacks=_callbacks(run, schedule),
         max_nonfinite_steps=t.max_nonfinite_steps,

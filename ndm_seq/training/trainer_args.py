@@ -49,7 +49,7 @@ OWNED: dict[str, str] = {
     "ddp_backend": "ndm-seq (gloo on CPU, the default on GPUs)",
     "ddp_find_unused_parameters": "ndm-seq",
     "dataloader_pin_memory": "ndm-seq (on with a GPU)",
-    "logging_nan_inf_filter": "ndm-seq (NDMTrainer filters the logged loss without a sync)",
+    "logging_nan_inf_filter": "ndm-seq (its non-finite guard filters the logged loss)",
 }
 """``TrainingArguments`` fields ndm-seq sets itself, and what sets them instead."""
 
