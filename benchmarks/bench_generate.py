@@ -40,7 +40,8 @@ from bench_train import MODELS, build, make_batches, peak_memory, print_peak_mem
 from transformers import GenerationConfig
 
 CONTEXTS, SAMPLES, NEW_TOKENS = 50, 10, 32
-TARGET_VS_BART = 1.5  # transformer ndm sampling tokens/s vs BART generate
+# transformer ndm sampling tokens/s vs BART generate: issue 6's on CPU, issue 15's on a GPU
+TARGET_VS_BART = {"cpu": 1.5, "cuda": 2.0}
 GEN_KWARGS = dict(
     do_sample=True, num_return_sequences=SAMPLES, top_k=50, top_p=1.0, temperature=1.0,
     max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
@@ -195,8 +196,8 @@ def main():
         if variant == "ndm" and f"cvae-{backbone}" in med:
             ratio = f"{med[name] / med[f'cvae-{backbone}']:.3f}x"
         if name == "ndm-transformer" and "bart" in tok_s:
-            ok = "met" if vs_bart >= TARGET_VS_BART else "NOT met"
-            target = f"vs bart >= {TARGET_VS_BART}x: {ok}"
+            goal = TARGET_VS_BART[device.type]
+            target = f"vs bart >= {goal}x: {'met' if vs_bart >= goal else 'NOT met'}"
         elif backbone == "gru":
             target = "(reported, no target)"
         mem = f"{memory[name] / 2**20:.0f}" if memory.get(name) else "-"
