@@ -282,12 +282,12 @@ def peak_memory(name: str, device, script: str = __file__, extra=()) -> float:
     return json.loads(out.strip().splitlines()[-1])["peak"]
 
 
-def profile(names, device, rows: int = 12) -> None:
+def profile(names, device, rows: int = 12, equal: bool = False, multiple=None) -> None:
     """Where a training step's time goes: the top operators by self time, two steps per model."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    batches = [to(b, device) for b in make_batches(3, seed=0)]
+    batches = [to(b, device) for b in make_batches(3, seed=0, equal=equal, multiple=multiple)]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     for name in names:
         model = build(name).to(device).train()
@@ -333,7 +333,9 @@ def main():
             args.child_memory, device, mode, args.equal_lengths, args.pad_to_multiple_of
         )
     if args.profile:
-        return profile(args.models, device)
+        return profile(
+            args.models, device, equal=args.equal_lengths, multiple=args.pad_to_multiple_of
+        )
 
     wall = time.perf_counter()
     print(
