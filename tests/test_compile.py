@@ -112,6 +112,7 @@ def test_inductor_seeded_losses_match_recorded(key):
     assert_recorded(got, torch.float64, key)
 
 
+@pytest.mark.slow  # trains (4 tiny steps)
 def test_length_buckets_pad_every_training_batch_to_a_multiple(tmp_path, prepared, monkeypatch):
     shapes = []
     forward = NDMForConversation.forward

@@ -98,7 +98,9 @@ def _equal(a: dict, b: dict) -> bool:
     "optim",
     [
         "adamw_torch_fused",  # the default: the fused step skips itself on found_inf, no sync
-        "adamw_torch",  # any other optimizer: the verdict is read at once, .grad set to None
+        # any other optimizer: the verdict is read at once, .grad set to None (a second
+        # training run: behind the slow marker, as every new end-to-end check that trains)
+        pytest.param("adamw_torch", marks=pytest.mark.slow),
     ],
 )
 def test_nonfinite_steps_are_skipped_and_weights_stay_finite(
@@ -199,6 +201,7 @@ def _host_reads(allowed: bool):
             setattr(torch.Tensor, name, method)
 
 
+@pytest.mark.slow  # trains (4 tiny steps)
 def test_the_guard_reads_no_tensor_on_the_host(tmp_path, prepared, monkeypatch, caplog):
     # With the default fused AdamW the guard's own work (noting each loss, checking the
     # gradients, handing the verdict to the optimizer) reads no tensor value: on a GPU
