@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 from ndm_seq.models.configuration_ndm import NDMConfig
-from ndm_seq.models.layers import Block, CrossMemory, Unpadded, attend, self_attention_mask
+from ndm_seq.models.layers import (
+    Block,
+    CrossMemory,
+    Unpadded,
+    attend,
+    run_gru,
+    self_attention_mask,
+)
 from ndm_seq.models.outputs import NDMEncoderOutput
 from ndm_seq.models.state import DecoderState
 
@@ -56,7 +63,7 @@ class GRUDecoder(nn.Module):
             cond_seq = cond if cond.dim() == 3 else cond.unsqueeze(1).expand(-1, x.shape[1], -1)
             x = torch.cat([x, cond_seq], dim=-1)
         h0 = self.initial_state(enc, cond) if state.hidden is None else state.hidden
-        out, h = self.rnn(self.drop(x), h0)
+        out, h = run_gru(self.rnn, self.drop(x), h0)
         states = enc.last_hidden_state
         parts = [out, attend(self.attn_query(out), states, states, enc.encoder_mask)]
         if reader is not None:
@@ -99,28 +106,34 @@ class TransformerDecoder(nn.Module):
             self.read_proj = nn.Linear(read_dim, d)
         self.drop = nn.Dropout(config.dropout)
 
-    def inputs(self, x, cond, past: int):
-        """Scaled token embeddings ``x (B, T, H)`` at positions ``past..past+T-1``, plus the latent."""
+    def inputs(self, x, cond, state: DecoderState):
+        """Scaled token embeddings ``x (B, T, H)`` at the positions after ``state``'s, plus the latent."""
         c = self.config
-        t = x.shape[1]
-        if past + t > c.max_position_embeddings:
-            raise ValueError(
-                f"decoding position {past + t} exceeds max_position_embeddings={c.max_position_embeddings}"
-            )
-        positions = torch.arange(past, past + t, device=x.device)
+        if state.static_step:  # its buffer fits max_position_embeddings (generation.decode)
+            positions = state.kv.position
+        else:
+            past, t = state.length, x.shape[1]
+            if past + t > c.max_position_embeddings:
+                raise ValueError(
+                    f"decoding position {past + t} exceeds "
+                    f"max_position_embeddings={c.max_position_embeddings}"
+                )
+            positions = torch.arange(past, past + t, device=x.device)
         x = x * math.sqrt(c.d_model) + self.pos[0](positions)
         if cond is not None:
             x = x + self.cond_proj(cond if cond.dim() == 3 else cond.unsqueeze(1))
         return x
 
     def forward(self, x, enc: NDMEncoderOutput, cond, state: DecoderState, reader=None, where=None):
-        past, t = state.length, x.shape[1]
-        if past > 0 or t == 1:
+        if state.static_step or state.length > 0 or x.shape[1] == 1:
             where = None  # packing is for full-sequence passes
-        x = self.inputs(x, cond, past)
-        if where is None:
+        x = self.inputs(x, cond, state)
+        if state.static_step:  # the whole buffer, its unwritten positions masked
             x = self.drop(x)
-            self_mask, causal = self_attention_mask(t, past, x.device)
+            self_mask, causal = state.kv.step_mask(), False
+        elif where is None:
+            x = self.drop(x)
+            self_mask, causal = self_attention_mask(x.shape[1], state.length, x.device)
         else:  # rows are prefixes: causal attention sees exactly what it would unpacked
             x = self.drop(where.pack(x))
             self_mask, causal = None, True

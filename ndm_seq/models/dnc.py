@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ndm_seq.models.layers import gru_update
+
 __all__ = [
     "DNCMemory",
     "DNCState",
@@ -237,11 +239,7 @@ def read_steps(memory, link, previous, keys, strengths, modes):
 
 def gru_cell(input_gates: torch.Tensor, h: torch.Tensor, cell: nn.GRUCell) -> torch.Tensor:
     """``cell(x, h)`` given ``input_gates = W_ih x + b_ih`` (PyTorch's GRU equations)."""
-    i_r, i_z, i_n = input_gates.chunk(3, -1)
-    h_r, h_z, h_n = F.linear(h, cell.weight_hh, cell.bias_hh).chunk(3, -1)
-    r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
-    n = torch.tanh(i_n + r * h_n)
-    return n + z * (h - n)
+    return gru_update(input_gates, h, cell.weight_hh, cell.bias_hh)
 
 
 class DNCMemory(nn.Module):

@@ -26,6 +26,21 @@ what is generated:
 What it cannot reproduce exactly (beams, streamers, ``output_scores`` and the
 other ``return_dict_in_generate`` outputs, assisted or chunked decoding) goes
 through the standard path: see :func:`applies`.
+
+**Compiled decoding** (``generate(..., compile="default" | "reduce-overhead" |
+"max-autotune" | "aot_eager")``): every one-token step after the first runs the
+model as one ``torch.compile`` graph of fixed shapes (:class:`CompiledStep`):
+the self-attention buffer is static (written at a position held in a device
+tensor, attended whole with the unwritten positions masked), so one graph
+(one CUDA graph with ``reduce-overhead``) serves every step of every call
+with the same batch size and capacity. On an accelerator the loop then reads
+nothing back from the device per step: tokens are drawn by the exponential
+race (:func:`draw_on_device`, the distribution of ``torch.multinomial``,
+which reads its input back to check it) and whether every row has finished
+is read every :data:`STOP_CHECK_EVERY` steps, the extra all-padding columns
+cut off at the end. A seeded sample differs from the eager loop's (the
+compiled graph draws its own random numbers); greedy search agrees up to
+float rounding.
 """
 
 from __future__ import annotations
@@ -34,9 +49,22 @@ import torch
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.logits_process import LogitsProcessorList, TopKLogitsWarper
 
-from ndm_seq.models.state import DecoderState, SelfAttentionBuffer
+from ndm_seq.models.state import DecoderState, SelfAttentionBuffer, clone_tensors
 
-__all__ = ["applies", "decode", "sample_tokens", "sample_top_k"]
+__all__ = [
+    "COMPILE_CHOICES",
+    "CompiledStep",
+    "applies",
+    "decode",
+    "defers_reads",
+    "draw_on_device",
+    "sample_tokens",
+    "sample_top_k",
+]
+
+COMPILE_CHOICES = ("off", "default", "reduce-overhead", "max-autotune", "aot_eager")
+RECOMPILE_LIMIT = 64  # compiled graphs of CompiledStep.forward, all models of a process together
+STOP_CHECK_EVERY = 8  # accelerator, compiled: steps between reads of "has every row finished"
 
 
 def sample_tokens(scores: torch.Tensor, top_k: int | None = None) -> torch.Tensor:
@@ -92,6 +120,65 @@ def _trailing_top_k(logits_processor):
     return LogitsProcessorList(logits_processor[:-1]), last.top_k
 
 
+def draw_on_device(scores: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``(B, V)`` scores from ``softmax(scores)``, without a host read.
+
+    The exponential race ``argmax(p / E)``, ``E ~ Exp(1)`` (what
+    ``torch.multinomial`` computes for one sample after checking its input on
+    the host); entries at ``-inf`` have ``p = 0`` and are never drawn.
+    """
+    probs = scores.softmax(-1)
+    return (probs / torch.empty_like(probs).exponential_()).argmax(-1)
+
+
+class CompiledStep:
+    """A model's one-token decoding step as one ``torch.compile`` graph of fixed shapes.
+
+    Called with the step's ``(B, 1)`` ids, the encoder output, the model's
+    extra inputs and a :class:`DecoderState` whose :attr:`~DecoderState.static_step`
+    holds; returns the ``(B, V)`` float32 logits and the next latent and
+    hidden states (the keys/values go into the static buffer in place).
+    Shapes never change from step to step, so ``dynamic=False``: a new batch
+    size or buffer capacity compiles once more. ``choice`` is one of
+    :data:`COMPILE_CHOICES` other than ``off``. Kept on the model (one per
+    choice) so that later ``generate`` calls reuse the compiled code and the
+    static buffers.
+    """
+
+    def __init__(self, model, choice: str):
+        if choice not in COMPILE_CHOICES[1:]:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}; got {choice!r}")
+        options = {"backend": "aot_eager"} if choice == "aot_eager" else {"mode": choice}
+        self.model = model
+        self.graphs = choice == "reduce-overhead"  # CUDA graphs on a GPU
+        self.fn = torch.compile(self.forward, dynamic=False, **options)
+        self.buffers: dict = {}  # the static self-attention buffers, reused call after call
+
+    def forward(self, ids, enc, inputs: dict, state: DecoderState):
+        out = self.model(decoder_input_ids=ids, encoder_outputs=enc, cache=state, **inputs)
+        return out.logits[:, -1].float(), out.cache.latent, out.cache.hidden
+
+    def __call__(self, ids, enc, inputs: dict, state: DecoderState) -> tuple:
+        # One graph per model, batch size and capacity: more than dynamo's default of 8 per
+        # function when one process samples from several models. allow_rnn: dynamo wraps
+        # the nn.GRU modules (their one-token steps are run_gru's ops).
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, allow_rnn=True):
+            if self.graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            logits, latent, hidden = self.fn(ids, enc, inputs, state)
+        if self.graphs:  # the next replay overwrites a graph's outputs: copy the carried ones
+            latent, hidden = clone_tensors(latent), clone_tensors(hidden)
+        return logits, latent, hidden
+
+    @staticmethod
+    def of(model, choice: str) -> CompiledStep:
+        """The model's compiled step for ``choice`` (made on first use)."""
+        steps = model.__dict__.setdefault("_ndm_compiled_steps", {})
+        if choice not in steps:
+            steps[choice] = CompiledStep(model, choice)
+        return steps[choice]
+
+
 def applies(model, generation_config, kwargs: dict) -> bool:
     """Whether :func:`decode` can run this ``generate`` call with the standard loop's outputs.
 
@@ -140,6 +227,7 @@ def decode(
     stopping_criteria,
     generation_config,
     group: int | None = None,
+    compile: str = "off",
     **model_kwargs,
 ) -> torch.LongTensor:
     """``GenerationMixin._sample`` for :class:`NDMForConversation`, returning the sequences.
@@ -147,7 +235,9 @@ def decode(
     Called by ``GenerationMixin.generate`` as its ``custom_generate``.
     ``group``: rows per context in the (expanded) batch; defaults to
     ``num_return_sequences``. Grouping is verified (identical encoder rows)
-    before the cross-attention keys/values are shared.
+    before the cross-attention keys/values are shared. ``compile``: one of
+    :data:`COMPILE_CHOICES`; other than ``off``, the steps after the first run
+    as a :class:`CompiledStep`.
     """
     gc = generation_config
     if not applies(model, gc, model_kwargs):
@@ -163,34 +253,86 @@ def decode(
     group = _group_size(enc, gc.num_return_sequences if group is None else group)
     # Decoder positions: at most max_length - 1 are fed back, never more than the model covers.
     capacity = min(gc.max_length or 1 << 30, model.config.max_position_embeddings)
-    state = DecoderState(kv=SelfAttentionBuffer(capacity), group=group)
+    kv = SelfAttentionBuffer(capacity)
+    compiled = None if compile == "off" else CompiledStep.of(model, compile)
+    if compiled is not None:
+        kv = SelfAttentionBuffer(capacity, static=True, pool=compiled.buffers)
+    state = DecoderState(kv=kv, group=group)
     inputs = {k: model_kwargs.get(k) for k in ("attention_mask", "latent", "slots", "slot_weights")}
-    top_k = gc.top_k if gc.do_sample else None
-    fused = _trailing_top_k(logits_processor) if gc.do_sample else None
-    unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    device = input_ids.device
+    deferred = compiled is not None and defers_reads(device)
+    draw = _drawer(gc, logits_processor, deferred)
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=device)
+    steps = torch.zeros((), dtype=torch.long, device=device)  # steps some row was unfinished
     if pad is not None:
-        pad = torch.tensor(pad, device=input_ids.device)
+        pad = torch.tensor(pad, device=device)
+    start = input_ids.shape[1]
+    tokens = input_ids[:, -1]  # the last tokens: a compiled step's (contiguous) input
     while True:
-        step = input_ids if state.length == 0 else input_ids[:, state.length :]
-        out = model(decoder_input_ids=step, encoder_outputs=enc, cache=state, **inputs)
-        state = out.cache
-        # (B, V) float32; a copy only if the logits cover several positions (prefill)
-        logits = out.logits[:, -1].to(dtype=torch.float32, device=input_ids.device)
-        if out.logits.shape[1] > 1:
-            logits = logits.clone()
-        del out
-        if fused is not None:  # the top-k warper and the draw in one top-k
-            head, k = fused
-            scores = head(input_ids, logits)
-            tokens = sample_top_k(scores, k)
-            if tokens is None:  # a tie at the k-th value: the warper keeps more than k
-                tokens = sample_tokens(logits_processor[-1](input_ids, scores), k)
+        if state.static_step:
+            if input_ids.shape[1] > capacity:
+                raise ValueError(
+                    f"decoding position {input_ids.shape[1]} exceeds the buffer's {capacity} "
+                    f"(max_length, max_position_embeddings={model.config.max_position_embeddings})"
+                )
+            logits, latent, hidden = compiled(tokens[:, None], enc, inputs, state)
+            state = DecoderState(latent, hidden, state.layers, state.length, state.kv, group)
+            state.kv.position.add_(1)
         else:
-            scores = logits_processor(input_ids, logits)
-            tokens = sample_tokens(scores, top_k) if gc.do_sample else scores.argmax(-1)
+            logits, state = _eager_step(model, input_ids, enc, inputs, state)
+            if compiled is not None:  # the steps after this one are static
+                state.kv.position = torch.tensor([state.length], device=device)
+        tokens = draw(input_ids, logits)
         if has_eos:
             tokens = tokens * unfinished + pad * (1 - unfinished)
+        if deferred:
+            steps += unfinished.amax()
         input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
         unfinished = unfinished & ~stopping_criteria(input_ids, None)
+        if deferred and (input_ids.shape[1] - start) % STOP_CHECK_EVERY:
+            if not gc.max_length or input_ids.shape[1] < gc.max_length:
+                continue
         if unfinished.max() == 0:
-            return input_ids
+            return input_ids[:, : start + int(steps)] if deferred else input_ids
+
+
+def defers_reads(device: torch.device) -> bool:
+    """Whether a compiled loop on ``device`` reads nothing back per step (accelerators; on
+    CPU a read costs nothing and the top-k shortcut of the eager loop is kept)."""
+    return device.type != "cpu"
+
+
+def _eager_step(model, input_ids, enc, inputs: dict, state: DecoderState):
+    """One step of the model on the ids after ``state``: ``(B, V)`` float32 logits and the next state."""
+    step = input_ids if state.length == 0 else input_ids[:, state.length :]
+    out = model(decoder_input_ids=step, encoder_outputs=enc, cache=state, **inputs)
+    # (B, V) float32; a copy only if the logits cover several positions (prefill)
+    logits = out.logits[:, -1].to(dtype=torch.float32, device=input_ids.device)
+    if out.logits.shape[1] > 1:
+        logits = logits.clone()
+    return logits, out.cache
+
+
+def _drawer(gc, logits_processor, on_device: bool):
+    """``draw(input_ids, logits) -> tokens``: the processors, then a draw (sampling) or the argmax.
+
+    ``on_device``: without host reads (:func:`draw_on_device`); otherwise with
+    the top-k shortcut of :func:`sample_top_k` / :func:`sample_tokens`.
+    """
+    if not gc.do_sample:
+        return lambda ids, logits: logits_processor(ids, logits).argmax(-1)
+    if on_device:
+        return lambda ids, logits: draw_on_device(logits_processor(ids, logits))
+    fused = _trailing_top_k(logits_processor)
+
+    def draw(ids, logits):
+        if fused is not None:  # the top-k warper and the draw in one top-k
+            head, k = fused
+            scores = head(ids, logits)
+            tokens = sample_top_k(scores, k)
+            if tokens is None:  # a tie at the k-th value: the warper keeps more than k
+                tokens = sample_tokens(logits_processor[-1](ids, scores), k)
+            return tokens
+        return sample_tokens(logits_processor(ids, logits), gc.top_k)
+
+    return draw

@@ -32,7 +32,7 @@ from torch import nn
 from ndm_seq.memory import NeuralDecompositionalMemory
 from ndm_seq.models.configuration_ndm import NDMConfig
 from ndm_seq.models.dnc import DNCMemory, ReadInterface, read_steps
-from ndm_seq.models.layers import GaussianHead, gaussian_kl, reparameterize
+from ndm_seq.models.layers import GaussianHead, gaussian_kl, reparameterize, run_gru
 from ndm_seq.models.outputs import Decomposition, LatentOutput, NDMEncoderOutput, compose
 
 __all__ = [
@@ -329,7 +329,7 @@ class VMEDLatent(Latent):
     def forward(self, inputs: LatentInputs, state: VMEDState | None) -> LatentOutput:
         enc = inputs.enc
         h0 = None if state is None else state.prefix.unsqueeze(0).contiguous()
-        prefix, last = self.prefix_rnn(inputs.embed(inputs.ids), h0)
+        prefix, last = run_gru(self.prefix_rnn, inputs.embed(inputs.ids), h0)
         weights, reads, carry = self.read_memory(prefix, enc, state)
         pi, mean, std, mixed = self.prior_modes(weights, reads)
         noise = inputs.given.latent if state is None else state.noise

@@ -29,7 +29,9 @@ __all__ = [
     "MultiHeadAttention",
     "Unpadded",
     "gaussian_kl",
+    "gru_update",
     "reparameterize",
+    "run_gru",
 ]
 
 UNPAD_MIN_PADDING = 0.1  # fraction of padding from which the transformer packs real tokens (CPU)
@@ -84,6 +86,38 @@ def attend(query, keys, values, mask):
         query.unsqueeze(1), keys.unsqueeze(1), values.unsqueeze(1), attn_mask=mask[:, None, None, :]
     )
     return out.squeeze(1)
+
+
+def gru_update(input_gates, h, weight_hh, bias_hh=None):
+    """PyTorch's GRU equations for one step: the new state from ``input_gates = W_ih x + b_ih`` and ``h``."""
+    i_r, i_z, i_n = input_gates.chunk(3, -1)
+    h_r, h_z, h_n = F.linear(h, weight_hh, bias_hh).chunk(3, -1)
+    r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return n + z * (h - n)
+
+
+def run_gru(rnn: nn.GRU, x: torch.Tensor, h0: torch.Tensor | None):
+    """``rnn(x, h0)`` of a batch-first ``nn.GRU``; a one-token step under ``torch.compile`` op by op.
+
+    Dynamo does not trace ``nn.GRU`` (a graph break); the compiled decoding
+    step (:mod:`ndm_seq.models.generation`) takes its one-token steps through
+    the same equations with the module's weights instead (no dropout: it runs
+    in eval mode). Eager calls are unchanged.
+    """
+    if not (torch.compiler.is_compiling() and x.shape[1] == 1 and h0 is not None):
+        return rnn(x, h0)
+    inp, states = x[:, 0], []
+    for layer in range(rnn.num_layers):
+        w = {
+            n: getattr(rnn, f"{n}_l{layer}", None)
+            for n in ("weight_ih", "bias_ih", "weight_hh", "bias_hh")
+        }
+        inp = gru_update(
+            F.linear(inp, w["weight_ih"], w["bias_ih"]), h0[layer], w["weight_hh"], w["bias_hh"]
+        )
+        states.append(inp)
+    return inp[:, None], torch.stack(states)
 
 
 class Unpadded:

@@ -304,11 +304,21 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
         there); on a GPU the standard loop was the faster one at the sizes
         measured (benchmarks/README.md). ``fast_generate=True`` / ``False``
         chooses explicitly.
+
+        ``compile``: ``"off"`` (default), ``"default"``, ``"reduce-overhead"``
+        (CUDA graphs), ``"max-autotune"`` or ``"aot_eager"``: the fast loop's
+        steps after the first as one ``torch.compile`` graph of fixed shapes
+        (:class:`~ndm_seq.models.generation.CompiledStep`); needs the fast loop.
         """
         k = kwargs.get("num_return_sequences") or 1
         sampling = kwargs.get("do_sample", self.generation_config.do_sample)
         beams = kwargs.get("num_beams") or self.generation_config.num_beams or 1
         fast = kwargs.pop("fast_generate", None)
+        compile = kwargs.pop("compile", "off")
+        if compile != "off":
+            if fast is False:
+                raise ValueError("compile needs the fast decoding loop; drop fast_generate=False")
+            fast = True
         if fast is None:  # measured faster on CPU; on an H200 the standard loop was (README)
             fast = self.device.type == "cpu"
         group = None
@@ -327,7 +337,14 @@ class NDMForConversation(PreTrainedModel, GenerationMixin):
                 kwargs["latent"] = kwargs["latent"].repeat_interleave(k, dim=0)
             group = k
         if fast and generation.applies(self, self._generation_settings(kwargs), kwargs):
-            kwargs["custom_generate"] = functools.partial(generation.decode, group=group)
+            kwargs["custom_generate"] = functools.partial(
+                generation.decode, group=group, compile=compile
+            )
+        elif compile != "off":
+            raise ValueError(
+                "compile runs the fast decoding loop only: plain sampling or greedy search in "
+                "eval mode (no beams, streamer, assistant or return_dict_in_generate outputs)"
+            )
         if kwargs.get("cache") is None:
             # Our own decoding state: transformers' key/value caches cannot hold the latent.
             kwargs["cache"] = DecoderState()

@@ -17,7 +17,7 @@ import dataclasses
 
 import torch
 
-__all__ = ["DecoderState", "SelfAttentionBuffer", "select_rows"]
+__all__ = ["DecoderState", "SelfAttentionBuffer", "clone_tensors", "select_rows"]
 
 
 def select_rows(state, index: torch.Tensor):
@@ -34,6 +34,18 @@ def select_rows(state, index: torch.Tensor):
     )
 
 
+def clone_tensors(state):
+    """A copy of a tensor, or of a latent's state dataclass with each tensor field cloned."""
+    if isinstance(state, torch.Tensor):
+        return state.clone()
+    if state is None or not dataclasses.is_dataclass(state):
+        return state
+    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    return dataclasses.replace(
+        state, **{k: v.clone() for k, v in fields.items() if isinstance(v, torch.Tensor)}
+    )
+
+
 class SelfAttentionBuffer:
     """Preallocated self-attention keys/values of every decoder layer, ``(B, heads, capacity, dh)``.
 
@@ -41,21 +53,41 @@ class SelfAttentionBuffer:
     buffer only while its length equals ``filled``: a step from an older state
     (a branch) must not overwrite positions a newer state reads, so it falls
     back to concatenation (:meth:`DecoderState.extend`).
+
+    A **static** buffer (the compiled decoding step, :mod:`ndm_seq.models.generation`)
+    keeps every shape fixed from one step to the next: a one-token step writes
+    its keys/values at ``position`` (a ``(1,)`` long tensor on the device, not
+    a Python int, so that one compiled graph serves every step) and attends
+    over the whole zeroed buffer with :meth:`step_mask` hiding the positions
+    not yet written. Its tensors come from ``pool`` (a dict the compiled step
+    keeps), so that later calls with the same shapes write into the same
+    memory and a captured CUDA graph is replayed, not recorded again.
     """
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, static: bool = False, pool: dict | None = None):
         self.capacity = capacity
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.filled = 0
+        self.static = static
+        self.pool = {} if pool is None else pool
+        self.position: torch.Tensor | None = None
 
     def write(self, layer: int, past: int, k: torch.Tensor, v: torch.Tensor):
         """Store ``k, v (B, h, t, dh)`` at positions ``past .. past + t``; return the valid views."""
+        if self.static and self.position is not None:  # a compiled one-token step
+            self.keys[layer].index_copy_(2, self.position, k)
+            self.values[layer].index_copy_(2, self.position, v)
+            return self.keys[layer], self.values[layer]
         end = past + k.shape[2]
         if layer == len(self.keys):  # first write of this layer
             shape = (*k.shape[:2], max(self.capacity, end), k.shape[3])
-            self.keys.append(k.new_empty(shape))
-            self.values.append(v.new_empty(shape))
+            if self.static:
+                self.keys.append(self._static_tensor(shape, "keys", layer, k))
+                self.values.append(self._static_tensor(shape, "values", layer, k))
+            else:
+                self.keys.append(k.new_empty(shape))
+                self.values.append(v.new_empty(shape))
         elif end > self.keys[layer].shape[2]:  # max_length unknown or exceeded: grow
             grow = max(2 * self.keys[layer].shape[2], end)
             for buf in (self.keys, self.values):
@@ -66,6 +98,20 @@ class SelfAttentionBuffer:
         self.values[layer][:, :, past:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def _static_tensor(self, shape, kind: str, layer: int, like: torch.Tensor) -> torch.Tensor:
+        """A zeroed ``shape`` tensor from the pool (masked positions must be finite)."""
+        key = (kind, layer, shape, like.dtype, like.device)
+        if key not in self.pool:
+            self.pool[key] = like.new_zeros(shape)
+            # Its address stays: a CUDA graph reads it in place (guard=False: no recompile).
+            torch._dynamo.mark_static_address(self.pool[key], guard=False)
+        return self.pool[key].zero_()
+
+    def step_mask(self) -> torch.Tensor:
+        """``(1, 1, 1, capacity)`` bool: the positions a static one-token step attends to."""
+        span = torch.arange(self.keys[0].shape[2], device=self.position.device)
+        return (span <= self.position)[None, None, None, :]
+
 
 class DecoderState:
     """Everything incremental decoding carries between steps, batch first.
@@ -75,7 +121,10 @@ class DecoderState:
             the draw ``z`` every step is conditioned on), or ``None``.
         hidden: the GRU decoder's hidden state ``(layers, B, H)``.
         layers: the transformer decoder's per-layer ``(self_k, self_v, cross_k, cross_v)``.
-        length: decoder positions consumed so far.
+        length: decoder positions consumed so far; in a static buffer's
+            steps (:attr:`static_step`), those of the first call only (the
+            position is ``kv.position`` then, so the compiled step sees the
+            same Python values at every step).
         kv: the fast decoding loop's preallocated self-attention buffer
             (:mod:`ndm_seq.models.generation`); ``self_k, self_v`` of ``layers``
             are then views of it.
@@ -107,7 +156,12 @@ class DecoderState:
     @property
     def owns_buffer(self) -> bool:
         """Whether this state may write its next positions into ``kv`` (it is the newest one)."""
-        return self.kv is not None and self.kv.filled == self.length
+        return self.kv is not None and (self.static_step or self.kv.filled == self.length)
+
+    @property
+    def static_step(self) -> bool:
+        """Whether the next step is a one-token step of a static buffer (at ``kv.position``)."""
+        return self.kv is not None and self.kv.static and self.kv.position is not None
 
     def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Self-attention keys/values of ``layer``: the cached ones followed by the new ``k, v``."""
@@ -119,7 +173,13 @@ class DecoderState:
         return k, v
 
     def advance(self, steps: int, latent=None, hidden=None, layers=None) -> DecoderState:
-        """The state after ``steps`` more positions (same buffer and grouping)."""
+        """The state after ``steps`` more positions (same buffer and grouping).
+
+        A static step leaves ``length`` and the buffer alone: the decoding loop
+        moves ``kv.position`` on (outside the compiled step).
+        """
+        if self.static_step:
+            return DecoderState(latent, hidden, layers, self.length, self.kv, self.group)
         if self.owns_buffer:
             self.kv.filled = self.length + steps
         return DecoderState(latent, hidden, layers, self.length + steps, self.kv, self.group)
