@@ -22,9 +22,16 @@ of ``ndm_seq.models.generation`` on CPU, ``GenerationMixin``'s own on GPUs).
 own sampling loop (``fast_generate=False``, the code before the fast loop),
 ``--fast-loop`` one forced onto the fast loop, interleaved in the same run;
 ``--profile`` prints a ``torch.profiler`` table of one call per model instead.
+A model name ending in ``:compiled`` samples with ``generate(..., compile=<mode>)``
+(``--compile-mode``: ``reduce-overhead``, i.e. CUDA graphs, on a GPU, ``default``
+on CPU), the fast loop's steps as one compiled graph; ``--compiled`` adds such a
+row per ndm-seq model. A compiled model's warm-up call (its compiles) runs at the
+timed calls' size and is reported on its own (``warm-up s``), as is every
+model's on a GPU.
 
     python benchmarks/bench_generate.py [--repeats 2] [--device cpu|cuda] [--memory]
-                                        [--standard-loop] [--fast-loop] [--profile]
+                                        [--standard-loop] [--fast-loop] [--compiled]
+                                        [--compile-mode MODE] [--profile]
 """
 
 from __future__ import annotations
@@ -55,10 +62,11 @@ def contexts(device):
 
 # Row suffixes: the same model forced onto GenerationMixin's own loop / the fast loop.
 LOOPS = {" std-loop": False, " fast-loop": True}
+COMPILED = ":compiled"  # the same model sampling through generate(compile=...)
 
 
-def load(name, device):
-    base = name
+def load(name, device, compile_mode=None):
+    base = name.removesuffix(COMPILED)
     for suffix in LOOPS:
         base = base.removesuffix(suffix)
     model = build(base, dropout=0.0).to(device).eval()
@@ -70,6 +78,8 @@ def load(name, device):
         eos_token_id=cfg.eos_token_id, decoder_start_token_id=cfg.decoder_start_token_id,
     )  # fmt: skip
     model.fast_generate = next((v for k, v in LOOPS.items() if name.endswith(k)), None)
+    compile_mode = compile_mode or ("reduce-overhead" if device.type == "cuda" else "default")
+    model.compile_mode = compile_mode if name.endswith(COMPILED) else None
     return model
 
 
@@ -78,6 +88,8 @@ def sample(model, ids, mask, device, **overrides):
     kwargs = GEN_KWARGS | overrides
     if getattr(model, "fast_generate", None) is not None:
         kwargs["fast_generate"] = model.fast_generate
+    if getattr(model, "compile_mode", None):
+        kwargs["compile"] = model.compile_mode
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     return out
@@ -142,15 +154,29 @@ def main():
         action="store_true",
         help="also time each ndm-seq model through the fast loop (fast_generate=True)",
     )
+    parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="also time each ndm-seq model sampling through generate(compile=...)",
+    )
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        help="generate's compile= for ':compiled' rows (default: reduce-overhead on cuda, "
+        "default on cpu)",
+    )
     parser.add_argument("--profile", action="store_true", help="torch.profiler table per model")
     parser.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
+    mode = args.compile_mode or ("reduce-overhead" if device.type == "cuda" else "default")
     ours = [n for n in args.models if n != "bart"]
     if args.standard_loop:
         args.models += [n + " std-loop" for n in ours]
     if args.fast_loop:
         args.models += [n + " fast-loop" for n in ours]
+    if args.compiled:
+        args.models += [n + COMPILED for n in ours]
     if args.profile:
         return profile(args.models, device)
     if args.child_memory:
@@ -162,15 +188,18 @@ def main():
         f"cpu={platform.processor() or platform.machine()} load={os.getloadavg()[0]:.2f} "
         f"{CONTEXTS} contexts x {SAMPLES} samples x {NEW_TOKENS} new tokens, repeats={args.repeats}"
         + (" autocast=bf16" if device.type == "cuda" else " float32")
+        + (f" compile={mode}" if any(n.endswith(COMPILED) for n in args.models) else "")
     )
     # Before this process grows: a forked child starts with its parent's ru_maxrss.
     memory = {} if not args.memory else {n: peak_memory(n, device, __file__) for n in args.models}
     ids, mask = contexts(device)
-    models = {name: load(name, device) for name in args.models}
+    models = {name: load(name, device, mode) for name in args.models}
     times = {name: [] for name in args.models}
-    for model in models.values():
-        if device.type == "cuda":  # warm-up at full size: kernel selection for these shapes
-            sample(model, ids, mask, device)
+    warmup = {}
+    for name, model in models.items():
+        if device.type == "cuda" or model.compile_mode:
+            # at full size: kernel selection, and the compiles of these shapes
+            warmup[name] = timed(model, ids, mask, device)
         else:  # one short call (allocator, caches); a full call would cost minutes on 2 cores
             short = {"max_new_tokens": 4, "min_new_tokens": 4}
             sample(model, ids[:2], mask[:2], device, **short)
@@ -187,23 +216,25 @@ def main():
     )
     print(
         f"{'model':<26}{'call s':>8}{'tokens/s':>10}{'responses/s':>13}{'vs bart':>9}"
-        f"{'ndm/cvae':>10}{'peak MiB':>10}  target"
+        f"{'ndm/cvae':>10}{'peak MiB':>10}{'warm-up s':>11}  target"
     )
     for name in args.models:
         vs_bart = tok_s[name] / tok_s["bart"] if "bart" in tok_s else float("nan")
         variant, _, backbone = name.partition("-")
         ratio, target = "", ""
-        if variant == "ndm" and f"cvae-{backbone}" in med:
-            ratio = f"{med[name] / med[f'cvae-{backbone}']:.3f}x"
-        if name == "ndm-transformer" and "bart" in tok_s:
+        cvae = f"cvae-{backbone}"  # backbone keeps a " fast-loop" / ":compiled" suffix
+        if variant == "ndm" and cvae in med:
+            ratio = f"{med[name] / med[cvae]:.3f}x"
+        if name.startswith("ndm-transformer") and "bart" in tok_s:
             goal = TARGET_VS_BART[device.type]
             target = f"vs bart >= {goal}x: {'met' if vs_bart >= goal else 'NOT met'}"
-        elif backbone == "gru":
+        elif backbone.startswith("gru"):
             target = "(reported, no target)"
         mem = f"{memory[name] / 2**20:.0f}" if memory.get(name) else "-"
+        warm = f"{warmup[name]:.1f}" if name in warmup else "-"
         print(
             f"{name:<26}{med[name]:>8.2f}{tok_s[name]:>10.0f}{CONTEXTS * SAMPLES / med[name]:>13.1f}"
-            f"{vs_bart:>8.2f}x{ratio:>10}{mem:>10}  {target}"
+            f"{vs_bart:>8.2f}x{ratio:>10}{mem:>10}{warm:>11}  {target}"
         )
     print(f"wall {time.perf_counter() - wall:.1f}s load={os.getloadavg()[0]:.2f}")
 
