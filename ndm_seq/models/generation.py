@@ -282,7 +282,11 @@ def decode(
             logits, state = _eager_step(model, input_ids, enc, inputs, state)
             if compiled is not None:  # the steps after this one are static
                 state.kv.position = torch.tensor([state.length], device=device)
-        tokens = draw(input_ids, logits)
+        # The scores stay alive until the next step's draw: freed before the next model
+        # call, the eager loop on CPU ran 12-16% slower (benchmarks/README.md, "Compiled
+        # sampling on CPU": each step's (B, V) blocks were handed back to the OS by the C
+        # allocator and faulted in again).
+        tokens, _held = draw(input_ids, logits)
         if has_eos:
             tokens = tokens * unfinished + pad * (1 - unfinished)
         if deferred:
@@ -314,16 +318,13 @@ def _eager_step(model, input_ids, enc, inputs: dict, state: DecoderState):
 
 
 def _drawer(gc, logits_processor, on_device: bool):
-    """``draw(input_ids, logits) -> tokens``: the processors, then a draw (sampling) or the argmax.
+    """``draw(input_ids, logits) -> (tokens, scores)``: the processors, then a draw (sampling)
+    or the argmax; ``scores`` are the processed scores (``decode`` keeps them a step longer).
 
     ``on_device``: without host reads (:func:`draw_on_device`); otherwise with
     the top-k shortcut of :func:`sample_top_k` / :func:`sample_tokens`.
     """
-    if not gc.do_sample:
-        return lambda ids, logits: logits_processor(ids, logits).argmax(-1)
-    if on_device:
-        return lambda ids, logits: draw_on_device(logits_processor(ids, logits))
-    fused = _trailing_top_k(logits_processor)
+    fused = _trailing_top_k(logits_processor) if gc.do_sample and not on_device else None
 
     def draw(ids, logits):
         if fused is not None:  # the top-k warper and the draw in one top-k
@@ -332,7 +333,10 @@ def _drawer(gc, logits_processor, on_device: bool):
             tokens = sample_top_k(scores, k)
             if tokens is None:  # a tie at the k-th value: the warper keeps more than k
                 tokens = sample_tokens(logits_processor[-1](ids, scores), k)
-            return tokens
-        return sample_tokens(logits_processor(ids, logits), gc.top_k)
+            return tokens, scores
+        scores = logits_processor(ids, logits)
+        if not gc.do_sample:
+            return scores.argmax(-1), scores
+        return (draw_on_device(scores) if on_device else sample_tokens(scores, gc.top_k)), scores
 
     return draw
