@@ -81,8 +81,9 @@ def test_one_graph_serves_every_step_and_the_next_call(backbone):
 
 @pytest.mark.parametrize("backbone", ["gru", "transformer"])
 def test_deferred_reads_keep_eos_padding_and_lengths(backbone, monkeypatch):
-    # What a GPU run does: draws without host reads and "all finished?" read every
-    # STOP_CHECK_EVERY steps, the all-padding columns cut off; forced here on CPU.
+    # What the fast loop does on a GPU, compiled or eager: draws without host reads and
+    # "all finished?" read every STOP_CHECK_EVERY steps, the all-padding columns cut
+    # off; forced here on CPU.
     monkeypatch.setattr(generation, "defers_reads", lambda device: True)
     model = trained_model("ndm", backbone)
     ids, mask, _ = batch()
@@ -103,8 +104,8 @@ def test_deferred_reads_keep_eos_padding_and_lengths(backbone, monkeypatch):
     ):
         kw = base | extra | dict(eos_token_id=eos, pad_token_id=0)
         standard = model.generate(**kw, fast_generate=False)
-        compiled = model.generate(**kw, compile="aot_eager")
-        assert torch.equal(compiled, standard), extra
+        assert torch.equal(model.generate(**kw, compile="aot_eager"), standard), extra
+        assert torch.equal(model.generate(**kw, fast_generate=True), standard), extra
 
 
 def test_sampling_without_host_reads_has_the_softmax_distribution():

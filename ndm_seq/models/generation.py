@@ -33,14 +33,17 @@ model as one ``torch.compile`` graph of fixed shapes (:class:`CompiledStep`):
 the self-attention buffer is static (written at a position held in a device
 tensor, attended whole with the unwritten positions masked), so one graph
 (one CUDA graph with ``reduce-overhead``) serves every step of every call
-with the same batch size and capacity. On an accelerator the loop then reads
-nothing back from the device per step: tokens are drawn by the exponential
-race (:func:`draw_on_device`, the distribution of ``torch.multinomial``,
-which reads its input back to check it) and whether every row has finished
-is read every :data:`STOP_CHECK_EVERY` steps, the extra all-padding columns
-cut off at the end. A seeded sample differs from the eager loop's (the
-compiled graph draws its own random numbers); greedy search agrees up to
-float rounding.
+with the same batch size and capacity. A seeded sample differs from the
+eager loop's (the compiled graph draws its own random numbers); greedy search
+agrees up to float rounding.
+
+**On an accelerator** the loop, compiled or not, reads nothing back from the
+device per step: tokens are drawn by the exponential race
+(:func:`draw_on_device`, the distribution of ``torch.multinomial``, which
+reads its input back to check it; the CPU's top-k shortcut and its tie check
+are left out) and whether every row has finished is read every
+:data:`STOP_CHECK_EVERY` steps, the extra all-padding columns cut off at the
+end.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ __all__ = [
 
 COMPILE_CHOICES = ("off", "default", "reduce-overhead", "max-autotune", "aot_eager")
 RECOMPILE_LIMIT = 64  # compiled graphs of CompiledStep.forward, all models of a process together
-STOP_CHECK_EVERY = 8  # accelerator, compiled: steps between reads of "has every row finished"
+STOP_CHECK_EVERY = 8  # accelerators: steps between reads of "has every row finished"
 
 
 def sample_tokens(scores: torch.Tensor, top_k: int | None = None) -> torch.Tensor:
@@ -260,7 +263,7 @@ def decode(
     state = DecoderState(kv=kv, group=group)
     inputs = {k: model_kwargs.get(k) for k in ("attention_mask", "latent", "slots", "slot_weights")}
     device = input_ids.device
-    deferred = compiled is not None and defers_reads(device)
+    deferred = defers_reads(device)
     draw = _drawer(gc, logits_processor, deferred)
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=device)
     steps = torch.zeros((), dtype=torch.long, device=device)  # steps some row was unfinished
@@ -301,8 +304,8 @@ def decode(
 
 
 def defers_reads(device: torch.device) -> bool:
-    """Whether a compiled loop on ``device`` reads nothing back per step (accelerators; on
-    CPU a read costs nothing and the top-k shortcut of the eager loop is kept)."""
+    """Whether the loop on ``device`` reads nothing back per step (accelerators; on CPU a
+    read costs nothing and the top-k shortcut is kept)."""
     return device.type != "cpu"
 
 
