@@ -256,11 +256,9 @@ def decode(
     group = _group_size(enc, gc.num_return_sequences if group is None else group)
     # Decoder positions: at most max_length - 1 are fed back, never more than the model covers.
     capacity = min(gc.max_length or 1 << 30, model.config.max_position_embeddings)
-    kv = SelfAttentionBuffer(capacity)
     compiled = None if compile == "off" else CompiledStep.of(model, compile)
-    if compiled is not None:
-        kv = SelfAttentionBuffer(capacity, static=True, pool=compiled.buffers)
-    state = DecoderState(kv=kv, group=group)
+    pool = None if compiled is None else compiled.buffers
+    state = DecoderState(kv=SelfAttentionBuffer(capacity, compiled is not None, pool), group=group)
     inputs = {k: model_kwargs.get(k) for k in ("attention_mask", "latent", "slots", "slot_weights")}
     device = input_ids.device
     deferred = defers_reads(device)
@@ -270,7 +268,7 @@ def decode(
     if pad is not None:
         pad = torch.tensor(pad, device=device)
     start = input_ids.shape[1]
-    tokens = input_ids[:, -1]  # the last tokens: a compiled step's (contiguous) input
+    tokens = input_ids[:, -1]  # the last draw (contiguous): a static step's input
     while True:
         if state.static_step:
             if input_ids.shape[1] > capacity:
