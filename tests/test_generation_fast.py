@@ -164,6 +164,27 @@ def test_standard_path_where_the_fast_loop_cannot_reproduce_the_outputs(fast_cal
     assert len(fast_calls) == 1
 
 
+@pytest.mark.parametrize("backbone", ["gru", "transformer"])
+@pytest.mark.parametrize("search", [dict(do_sample=True), dict(num_beams=2)])
+def test_the_standard_loop_carries_the_decoder_state_between_steps(backbone, search):
+    # GenerationMixin hands the model's `cache` output back as the next step's `cache`
+    # (transformers >= 5.24; earlier 5.x releases carried only their own cache names, so
+    # every step re-ran the whole prefix and drew a new latent: pyproject.toml's bound).
+    model = make_model("cvae", backbone).eval()
+    lengths = []
+    forward = model.forward
+
+    def spy(*args, cache=None, **kwargs):
+        lengths.append(None if cache is None else cache.length)
+        return forward(*args, cache=cache, **kwargs)
+
+    model.forward = spy
+    ids, mask, _ = batch()
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5)
+    model.generate(**kw, **search, fast_generate=False)
+    assert lengths == [0, 1, 2, 3, 4]  # one prefill, then one new position per step
+
+
 # ----------------------------------------------------------------------------- the draw
 
 
