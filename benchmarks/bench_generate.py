@@ -65,7 +65,12 @@ LOOPS = {" std-loop": False, " fast-loop": True}
 COMPILED = ":compiled"  # the same model sampling through generate(compile=...)
 
 
-def load(name, device, compile_mode=None):
+def compile_mode(device, choice=None) -> str:
+    """``generate``'s ``compile=`` for ``:compiled`` rows: CUDA graphs on a GPU, inductor on CPU."""
+    return choice or ("reduce-overhead" if device.type == "cuda" else "default")
+
+
+def load(name, device, choice=None):
     base = name.removesuffix(COMPILED)
     for suffix in LOOPS:
         base = base.removesuffix(suffix)
@@ -78,8 +83,7 @@ def load(name, device, compile_mode=None):
         eos_token_id=cfg.eos_token_id, decoder_start_token_id=cfg.decoder_start_token_id,
     )  # fmt: skip
     model.fast_generate = next((v for k, v in LOOPS.items() if name.endswith(k)), None)
-    compile_mode = compile_mode or ("reduce-overhead" if device.type == "cuda" else "default")
-    model.compile_mode = compile_mode if name.endswith(COMPILED) else None
+    model.compile_mode = compile_mode(device, choice) if name.endswith(COMPILED) else None
     return model
 
 
@@ -169,7 +173,7 @@ def main():
     parser.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
-    mode = args.compile_mode or ("reduce-overhead" if device.type == "cuda" else "default")
+    mode = compile_mode(device, args.compile_mode)
     ours = [n for n in args.models if n != "bart"]
     if args.standard_loop:
         args.models += [n + " std-loop" for n in ours]
