@@ -8,6 +8,8 @@ trace the step, eager kernels run it: seconds); the inductor case, which
 generates code, is behind the ``slow`` marker.
 """
 
+import copy
+
 import pytest
 import torch
 from test_generation_fast import trained_model
@@ -67,7 +69,7 @@ def test_one_graph_serves_every_step_and_the_next_call(backbone):
     # Static shapes: steps 2..9 of a call share one graph, and a second call with the
     # same batch compiles nothing more (a growing cache would compile per length).
     model = trained_model("ndm", backbone)
-    model.__dict__.pop("_ndm_compiled_steps", None)
+    generation._COMPILED_STEPS.pop(model, None)
     torch._dynamo.reset()  # forget the graphs earlier tests compiled for this model
     before = counters["stats"]["unique_graphs"]
     first = _greedy(model, "aot_eager")
@@ -75,8 +77,22 @@ def test_one_graph_serves_every_step_and_the_next_call(backbone):
     assert torch.equal(_greedy(model, "aot_eager"), first)
     assert counters["stats"]["unique_graphs"] - before == 1
     # The static buffers are reused (same memory) by the second call.
-    step = model._ndm_compiled_steps["aot_eager"]
+    step = CompiledStep.of(model, "aot_eager")
     assert (backbone == "gru") == (not step.buffers)
+
+
+def test_a_copy_of_the_model_samples_with_its_own_weights():
+    # The compiled step is held beside the model: a deep copy (the training budget
+    # search copies models) gets a step of its own, not one that runs the original.
+    model = trained_model("ndm", "transformer")
+    _greedy(model, "aot_eager")
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1), dtype=p.dtype))
+    assert CompiledStep.of(twin, "aot_eager") is not CompiledStep.of(model, "aot_eager")
+    assert torch.equal(_greedy(twin, "aot_eager"), _greedy(twin))
+    assert not torch.equal(_greedy(twin), _greedy(model))
 
 
 @pytest.mark.parametrize("backbone", ["gru", "transformer"])

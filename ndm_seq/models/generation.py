@@ -48,6 +48,8 @@ end.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.logits_process import LogitsProcessorList, TopKLogitsWarper
@@ -134,52 +136,57 @@ def draw_on_device(scores: torch.Tensor) -> torch.Tensor:
     return (probs / torch.empty_like(probs).exponential_()).argmax(-1)
 
 
-class CompiledStep:
-    """A model's one-token decoding step as one ``torch.compile`` graph of fixed shapes.
+def _step_forward(model, ids, enc, inputs: dict, state: DecoderState):
+    out = model(decoder_input_ids=ids, encoder_outputs=enc, cache=state, **inputs)
+    return out.logits[:, -1].float(), out.cache.latent, out.cache.hidden
 
-    Called with the step's ``(B, 1)`` ids, the encoder output, the model's
-    extra inputs and a :class:`DecoderState` whose :attr:`~DecoderState.static_step`
-    holds; returns the ``(B, V)`` float32 logits and the next latent and
-    hidden states (the keys/values go into the static buffer in place).
-    Shapes never change from step to step, so ``dynamic=False``: a new batch
-    size or buffer capacity compiles once more. ``choice`` is one of
-    :data:`COMPILE_CHOICES` other than ``off``. Kept on the model (one per
-    choice) so that later ``generate`` calls reuse the compiled code and the
-    static buffers.
+
+class CompiledStep:
+    """A one-token decoding step as one ``torch.compile`` graph of fixed shapes.
+
+    Called with the model, the step's ``(B, 1)`` ids, the encoder output, the
+    model's extra inputs and a :class:`DecoderState` whose
+    :attr:`~DecoderState.static_step` holds; returns the ``(B, V)`` float32
+    logits and the next latent and hidden states (the keys/values go into the
+    static buffer in place). Shapes never change from step to step, so
+    ``dynamic=False``: a new batch size or buffer capacity compiles once more.
+    ``choice`` is one of :data:`COMPILE_CHOICES` other than ``off``. One per
+    model and choice (:meth:`of`, held beside the model, not in it, so that a
+    copy of the model gets its own), so that later ``generate`` calls reuse the
+    compiled code and the static buffers.
     """
 
-    def __init__(self, model, choice: str):
+    def __init__(self, choice: str):
         if choice not in COMPILE_CHOICES[1:]:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}; got {choice!r}")
         options = {"backend": "aot_eager"} if choice == "aot_eager" else {"mode": choice}
-        self.model = model
         self.graphs = choice == "reduce-overhead"  # CUDA graphs on a GPU
-        self.fn = torch.compile(self.forward, dynamic=False, **options)
+        self.fn = torch.compile(_step_forward, dynamic=False, **options)
         self.buffers: dict = {}  # the static self-attention buffers, reused call after call
 
-    def forward(self, ids, enc, inputs: dict, state: DecoderState):
-        out = self.model(decoder_input_ids=ids, encoder_outputs=enc, cache=state, **inputs)
-        return out.logits[:, -1].float(), out.cache.latent, out.cache.hidden
-
-    def __call__(self, ids, enc, inputs: dict, state: DecoderState) -> tuple:
+    def __call__(self, model, ids, enc, inputs: dict, state: DecoderState) -> tuple:
         # One graph per model, batch size and capacity: more than dynamo's default of 8 per
         # function when one process samples from several models. allow_rnn: dynamo wraps
         # the nn.GRU modules (their one-token steps are run_gru's ops).
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, allow_rnn=True):
             if self.graphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            logits, latent, hidden = self.fn(ids, enc, inputs, state)
+            logits, latent, hidden = self.fn(model, ids, enc, inputs, state)
         if self.graphs:  # the next replay overwrites a graph's outputs: copy the carried ones
             latent, hidden = clone_tensors(latent), clone_tensors(hidden)
         return logits, latent, hidden
 
     @staticmethod
     def of(model, choice: str) -> CompiledStep:
-        """The model's compiled step for ``choice`` (made on first use)."""
-        steps = model.__dict__.setdefault("_ndm_compiled_steps", {})
+        """The compiled step of ``model`` for ``choice`` (made on first use)."""
+        steps = _COMPILED_STEPS.setdefault(model, {})
         if choice not in steps:
-            steps[choice] = CompiledStep(model, choice)
+            steps[choice] = CompiledStep(choice)
         return steps[choice]
+
+
+_COMPILED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""model -> {choice: CompiledStep}; an entry goes with its model."""
 
 
 def applies(model, generation_config, kwargs: dict) -> bool:
@@ -276,7 +283,7 @@ def decode(
                     f"decoding position {input_ids.shape[1]} exceeds the buffer's {capacity} "
                     f"(max_length, max_position_embeddings={model.config.max_position_embeddings})"
                 )
-            logits, latent, hidden = compiled(tokens[:, None], enc, inputs, state)
+            logits, latent, hidden = compiled(model, tokens[:, None], enc, inputs, state)
             state = DecoderState(latent, hidden, state.layers, state.length, state.kv, group)
             state.kv.position.add_(1)
         else:
