@@ -91,7 +91,14 @@ def test_a_compiled_run_trains_as_the_eager_one(tmp_path, prepared, monkeypatch)
     assert json.loads((compiled / "config.json").read_text())["model_type"] == "ndm"
 
 
-AOT_CASES = [("ndm", "gru"), ("ndm", "transformer"), ("cvae", "transformer")]
+# The default suite traces one model (NDM on the transformer: 16 s); the other two cost
+# 51 s more and run with `make test-all`, as the inductor cases do (the default run
+# was 535-579 s of CI's 600 s on the session-20 VM).
+AOT_CASES = [
+    pytest.param(("ndm", "gru"), marks=pytest.mark.slow),
+    ("ndm", "transformer"),
+    pytest.param(("cvae", "transformer"), marks=pytest.mark.slow),
+]
 
 
 @pytest.mark.parametrize("key", AOT_CASES, ids=lambda k: "-".join(k))
