@@ -181,3 +181,10 @@ def test_the_dynamo_settings_the_compiled_step_relies_on_exist():
         assert torch._dynamo.config.recompile_limit == generation.RECOMPILE_LIMIT
     model = trained_model("seq2seq", "gru")
     assert CompiledStep.of(model, "aot_eager") is CompiledStep.of(model, "aot_eager")
+
+
+def test_generate_and_training_offer_the_same_compile_choices():
+    # The training config keeps its own literal list (config.py imports nothing of the models).
+    from ndm_seq.training.config import _CHOICES
+
+    assert _CHOICES["training.compile"] == generation.COMPILE_CHOICES

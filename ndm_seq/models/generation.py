@@ -68,7 +68,7 @@ __all__ = [
 ]
 
 COMPILE_CHOICES = ("off", "default", "reduce-overhead", "max-autotune", "aot_eager")
-RECOMPILE_LIMIT = 64  # compiled graphs of CompiledStep.forward, all models of a process together
+RECOMPILE_LIMIT = 64  # graphs of the compiled step, all models and batch sizes of a process
 STOP_CHECK_EVERY = 8  # accelerators: steps between reads of "has every row finished"
 
 

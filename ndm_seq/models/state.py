@@ -20,30 +20,28 @@ import torch
 __all__ = ["DecoderState", "SelfAttentionBuffer", "clone_tensors", "select_rows"]
 
 
-def select_rows(state, index: torch.Tensor):
-    """A latent's state dataclass with the batch rows ``index`` of each tensor field (batch first)."""
+def _map_tensor_fields(state, fn):
+    """A latent's state dataclass with ``fn`` applied to each tensor field (``None`` stays)."""
     if state is None:
         return None
+    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
     return dataclasses.replace(
-        state,
-        **{
-            f.name: getattr(state, f.name).index_select(0, index)
-            for f in dataclasses.fields(state)
-            if isinstance(getattr(state, f.name), torch.Tensor)
-        },
+        state, **{k: fn(v) for k, v in fields.items() if isinstance(v, torch.Tensor)}
     )
+
+
+def select_rows(state, index: torch.Tensor):
+    """A latent's state dataclass with the batch rows ``index`` of each tensor field (batch first)."""
+    return _map_tensor_fields(state, lambda t: t.index_select(0, index))
 
 
 def clone_tensors(state):
     """A copy of a tensor, or of a latent's state dataclass with each tensor field cloned."""
     if isinstance(state, torch.Tensor):
         return state.clone()
-    if state is None or not dataclasses.is_dataclass(state):
+    if not dataclasses.is_dataclass(state):
         return state
-    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
-    return dataclasses.replace(
-        state, **{k: v.clone() for k, v in fields.items() if isinstance(v, torch.Tensor)}
-    )
+    return _map_tensor_fields(state, torch.clone)
 
 
 class SelfAttentionBuffer:
