@@ -60,18 +60,57 @@ def owner(path: str | os.PathLike) -> str | None:
     return None
 
 
+_MARKER_START = '{\n  "written_by": "ndm-seq '
+"""How every marker file's text begins (``json.dumps(..., indent=2)`` of a dict whose
+first key is ``written_by``)."""
+
+
 def write_marker(path: str | os.PathLike, command: str, **extra) -> None:
-    """Write (atomically) the marker saying ``ndm-seq <command>`` owns ``path``."""
+    """Write (atomically) the marker saying ``ndm-seq <command>`` owns ``path``.
+
+    The text goes to ``.ndm-seq.json.<pid>.tmp`` first and is renamed into place; a
+    failed write (a full disk) removes that file again.
+    """
     path = Path(path)
     data = {"written_by": f"ndm-seq {command}", "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     data.update(extra)
     tmp = path / f"{MARKER}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path / MARKER)
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path / MARKER)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _is_marker_leftover(entry: Path) -> bool:
+    """A temporary marker file a killed :func:`write_marker` left behind, recognised by
+    its content: a small regular file whose text is the start of a marker (empty, cut
+    short, or whole), never by its name alone."""
+    if not (entry.name.startswith(f"{MARKER}.") and entry.name.endswith(".tmp")):
+        return False
+    try:
+        if entry.is_symlink() or not entry.is_file() or entry.stat().st_size > 4096:
+            return False
+        text = entry.read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        return False
+    n = min(len(text), len(_MARKER_START))
+    return text[:n] == _MARKER_START[:n]
 
 
 def _user_entries(path: Path) -> list[str]:
-    return sorted(p.name for p in path.iterdir() if p.name not in _OWN_FILES)
+    """The entries of ``path`` besides ndm-seq's own marker, lock and holder files; a
+    marker's leftover temporary file is removed on the way."""
+    entries = []
+    for p in path.iterdir():
+        if p.name in _OWN_FILES:
+            continue
+        if _is_marker_leftover(p):
+            logger.info("removing %s, left by an interrupted marker write", p)
+            p.unlink(missing_ok=True)
+            continue
+        entries.append(p.name)
+    return sorted(entries)
 
 
 def claim(path: str | os.PathLike, command: str, *, adopt=None) -> bool:

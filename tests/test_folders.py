@@ -57,6 +57,40 @@ def test_adopt_recognises_legacy_output_by_content(tmp_path):
     assert folders.owner(tmp_path) == "ndm-seq prepare"
 
 
+def test_disk_full_while_claiming_leaves_no_file_that_blocks_the_next_claim(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_write = type(out).write_text
+
+    def full_disk(self, text, *args, **kwargs):
+        real_write(self, text[:7], *args, **kwargs)  # part of it landed, then ENOSPC
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(out), "write_text", full_disk)
+    with pytest.raises(OSError):
+        folders.claim(out, "train")
+    monkeypatch.undo()
+    assert [p.name for p in out.iterdir()] == []  # the temporary file went with the error
+    assert folders.claim(out, "train") is False
+    assert folders.owner(out) == "ndm-seq train"
+
+
+@pytest.mark.parametrize("text", ["", '{\n  "writ', '{\n  "written_by": "ndm-seq train",\n}'])
+def test_claim_removes_a_killed_marker_writes_leftover(tmp_path, text):
+    # A kill between the write and the rename (no `finally` runs) leaves the file:
+    # recognised by its content, removed, and the folder is claimed.
+    (tmp_path / f"{folders.MARKER}.8834.tmp").write_text(text)
+    assert folders.claim(tmp_path, "train") is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folders.MARKER]
+
+
+def test_claim_keeps_a_user_file_named_like_a_marker_leftover(tmp_path):
+    user = tmp_path / f"{folders.MARKER}.1.tmp"
+    user.write_text("my own notes")
+    with pytest.raises(folders.FolderError, match="not empty"):
+        folders.claim(tmp_path, "train")
+    assert user.read_text() == "my own notes"
+
+
 def test_claim_refuses_a_file(tmp_path):
     f = tmp_path / "f"
     f.write_text("data")

@@ -101,6 +101,56 @@ def test_older_prepare_output_is_adopted_by_its_report_content(tmp_path):
     assert len(pairs_in(out)) == 12
 
 
+def test_folder_holding_a_copy_of_a_real_report_is_not_adopted(tmp_path, capsys):
+    # The hostile probe: a user's folder with train/notes.txt and a copy of a real
+    # prepare report.json. Adopting it by the report would delete train/'s contents.
+    src = write_jsonl(tmp_path / "p.jsonl")
+    real = tmp_path / "prepared"
+    assert prepare_cli("jsonl", "--source", str(src), "--output", str(real)) == 0
+    out = tmp_path / "F"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "notes.txt").write_text("x")
+    (out / "report.json").write_bytes((real / "report.json").read_bytes())
+    before = snapshot(out)
+    assert prepare_cli("jsonl", "--source", str(src), "--output", str(out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not empty and was not written by" in err
+    assert snapshot(out) == before
+
+
+def test_user_file_inside_a_prepared_split_is_kept(tmp_path, capsys):
+    # A marked folder of prepare's own: a rebuild replaces train/ whole, so a file the
+    # user put into it is refused, not deleted; nothing moves.
+    src = write_jsonl(tmp_path / "p.jsonl")
+    out = tmp_path / "DIR"
+    assert prepare_cli("jsonl", "--source", str(src), "--output", str(out)) == 0
+    (out / "train" / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    write_jsonl(src, n=15)  # changed input: a real rebuild
+    assert prepare_cli("jsonl", "--source", str(src), "--output", str(out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train holds files prepare did not write (notes.txt)" in err
+    after = snapshot(out)
+    assert {k: v for k, v in after.items() if not k.startswith(".")} == {
+        k: v for k, v in before.items() if not k.startswith(".")
+    }
+    (out / "train" / "notes.txt").unlink()
+    assert prepare_cli("jsonl", "--source", str(src), "--output", str(out)) == 0
+    assert len(pairs_in(out)) == 15
+
+
+def test_older_prepare_output_with_a_users_file_is_not_adopted(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "p.jsonl")
+    out = tmp_path / "DIR"
+    assert prepare_cli("jsonl", "--source", str(src), "--output", str(out)) == 0
+    (out / folders.MARKER).unlink()  # as an older prepare left it
+    (out / "validation" / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    assert prepare_cli("jsonl", "--source", str(src), "--output", str(out), "--force") == 2
+    assert "not empty and was not written by" in capsys.readouterr().err
+    assert snapshot(out) == before
+
+
 def test_source_inside_the_output_is_refused(tmp_path, capsys):
     src = write_jsonl(tmp_path / "p.jsonl")
     out = tmp_path / "DIR"

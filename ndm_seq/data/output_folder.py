@@ -26,17 +26,66 @@ REPORT = "report.json"
 _STAGING_PREFIX = ".staging-"
 
 
-def is_legacy_output(path: Path) -> bool:
-    """A folder an older prepare wrote (before markers): its report.json says so.
+def foreign_entries(path: Path, dataset_dict: bool) -> list[str]:
+    """What `path` holds beyond what `datasets`' ``save_to_disk`` wrote there and lists.
 
-    Recognised by the report's content (`"written_by": "ndm-seq prepare"`),
-    never by the mere presence of a file named report.json.
+    A saved ``Dataset`` folder holds ``state.json`` (which lists its ``.arrow`` files),
+    ``dataset_info.json`` and those files; a saved ``DatasetDict`` folder holds
+    ``dataset_dict.json`` (which lists its splits) and one such folder per split. Anything
+    else, or a file the listing names that is missing, is returned (relative names):
+    a folder with foreign entries is not one prepare may replace or adopt.
+    """
+
+    def listed(name: str, key: str) -> list | None:
+        try:
+            data = json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        value = data.get(key) if isinstance(data, dict) else None
+        return value if isinstance(value, list) else None
+
+    if not path.is_dir() or path.is_symlink():
+        return [path.name]
+    present = {p.name for p in path.iterdir()}
+    if dataset_dict:
+        splits = listed("dataset_dict.json", "splits")
+        if splits is None or not all(isinstance(s, str) for s in splits):
+            return sorted(present) or ["dataset_dict.json"]
+        own = {"dataset_dict.json", *splits}
+        inner = [f"{s}/{e}" for s in splits for e in foreign_entries(path / s, dataset_dict=False)]
+    else:
+        files = listed("state.json", "_data_files")
+        names = [f.get("filename") for f in files or () if isinstance(f, dict)]
+        if files is None or not all(isinstance(n, str) and "/" not in n for n in names):
+            return sorted(present) or ["state.json"]
+        own = {"state.json", "dataset_info.json", *names}
+        inner = []
+    missing = own - present - {"dataset_info.json"}
+    return sorted((present - own) | missing) + inner
+
+
+def is_legacy_output(path: Path) -> bool:
+    """A folder an older prepare wrote (before markers), recognised by what it holds.
+
+    Its report.json says `"written_by": "ndm-seq prepare"`, and every other entry is
+    one a pairs build writes, each exactly what `datasets` saved and listed there
+    (:func:`foreign_entries`): a user's folder holding a copy of a report, or a
+    prepared folder a user added files to, is not adopted (its files would be
+    replaced on the next build).
     """
     try:
         data = json.loads((path / REPORT).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(data, dict) and data.get("written_by") == "ndm-seq prepare"
+    if not (isinstance(data, dict) and data.get("written_by") == "ndm-seq prepare"):
+        return False
+    entries = {p.name for p in path.iterdir()} - {folders.LOCK, folders.HOLDER, REPORT}
+    if not entries <= {*PAIRS_ENTRIES, TOKENIZED}:
+        return False
+    pairs = foreign_entries(path, dataset_dict=True)  # the report, tokenized/: not its own
+    if set(pairs) - {REPORT, TOKENIZED, folders.LOCK, folders.HOLDER}:
+        return False
+    return TOKENIZED not in entries or not foreign_entries(path / TOKENIZED, dataset_dict=True)
 
 
 class Staging:
@@ -61,6 +110,22 @@ class Staging:
         self.old.mkdir()
         self.output = output
 
+    def check(self, names: tuple[str, ...] | list[str]) -> None:
+        """Refuse (before anything moves) to replace an entry holding files prepare did
+        not write: a split or ``tokenized/`` folder must hold exactly what `datasets`
+        saved and listed there (:func:`foreign_entries`)."""
+        for name in names:
+            target = self.output / name
+            if name not in (*SPLITS, TOKENIZED) or not (target.exists() or target.is_symlink()):
+                continue
+            foreign = foreign_entries(target, dataset_dict=name == TOKENIZED)
+            if foreign:
+                shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+                raise folders.FolderError(
+                    f"{target} holds files prepare did not write ({shown}); refusing to "
+                    "replace it: move them out of the prepared folder and run again"
+                )
+
     def retire(self, name: str) -> None:
         """Move the output's entry `name` (if any) out of the way, into `old/`."""
         target = self.output / name
@@ -69,6 +134,7 @@ class Staging:
 
     def swap(self, names: tuple[str, ...] | list[str]) -> None:
         """Put `new/<name>` in place of `<output>/<name>` for every name."""
+        self.check(names)
         for name in names:
             self.retire(name)
             os.replace(self.new / name, self.output / name)

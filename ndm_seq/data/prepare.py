@@ -316,6 +316,7 @@ def _build_pairs(cfg: PrepareConfig, output: Path, fp: str, t0: float) -> dict[s
         (staging.new / REPORT).write_text(json.dumps(report, indent=2), encoding="utf-8")
         # The old report goes first and the new one last: a crash in between
         # leaves no report, so the next run rebuilds instead of trusting a mix.
+        staging.check([*PAIRS_ENTRIES, TOKENIZED])  # nothing moves if a user's file would go
         staging.retire(REPORT)
         staging.retire(TOKENIZED)  # built from the old pairs
         staging.swap([*PAIRS_ENTRIES, REPORT])
