@@ -4,6 +4,12 @@ that build it (`evaluate`, `sample`, `chat`)."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -168,3 +174,112 @@ def test_a_bad_decoding_option_is_a_usage_error_before_loading(args, message, ca
     assert main(args) == 2  # the model folder M does not exist: not reached
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"ndm-seq {args[0]}: error: {message}")
+
+
+# --------------------------------------------------------------------------- generation_config.json
+
+
+def _console_script() -> list[str]:
+    """The installed ``ndm-seq`` beside this interpreter (else ``python -m ndm_seq.cli``)."""
+    exe = Path(sys.executable).with_name("ndm-seq")
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "ndm_seq.cli"]
+
+
+def _with_generation_config(source: Path, target: Path, **keys) -> Path:
+    """A copy of the model folder ``source`` whose generation_config.json also holds ``keys``."""
+    shutil.copytree(source, target)
+    path = target / "generation_config.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**data, **keys}))
+    return target
+
+
+@pytest.fixture(scope="module")
+def prepared_split(tmp_path_factory) -> Path:
+    """A prepared dataset (save_to_disk layout) whose test split has 4 pairs of tiny words."""
+    import datasets
+    from conftest import TINY_WORDS
+
+    rng = random.Random(1)
+    pairs = {"context": [], "response": []}
+    for _ in range(4):
+        pairs["context"].append([" ".join(rng.choices(TINY_WORDS, k=5))])
+        pairs["response"].append(" ".join(rng.choices(TINY_WORDS, k=4)))
+    split = datasets.Dataset.from_dict(pairs)
+    path = tmp_path_factory.mktemp("prepared")
+    datasets.DatasetDict({"train": split, "validation": split, "test": split}).save_to_disk(path)
+    return path
+
+
+def test_a_generation_config_key_changes_no_sampled_response(tiny_ndm_gru, tmp_path, capsys):
+    # no_repeat_ngram_size: 1 once turned distinct-2 from 0.071 into 0.662 on the same
+    # weights and seed, with metrics.json's settings unchanged.
+    plain = _with_generation_config(tiny_ndm_gru, tmp_path / "plain")
+    ngram = _with_generation_config(tiny_ndm_gru, tmp_path / "ngram", no_repeat_ngram_size=1)
+    args = ["--context", "i like tea", "-n", "3", "--max-new-tokens", "30", "--seed", "0"]
+    outputs = []
+    for folder in (plain, ngram):
+        assert main(["sample", str(folder), *args]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert len(outputs[0].splitlines()) == 3 and outputs[0] == outputs[1]
+
+
+def test_evaluate_scores_the_same_with_and_without_generation_config_keys(
+    tiny_ndm_gru, prepared_split, tmp_path, capsys
+):
+    plain = _with_generation_config(tiny_ndm_gru, tmp_path / "plain")
+    hostile = _with_generation_config(
+        tiny_ndm_gru, tmp_path / "hostile", no_repeat_ngram_size=1, num_return_sequences=10**6
+    )
+    written = []
+    for folder in (plain, hostile):
+        out = tmp_path / f"eval-{folder.name}"
+        args = ["--data", str(prepared_split), "--samples", "2", "--output", str(out)]
+        assert main(["evaluate", str(folder), *args, "--no-progress"]) == 0
+        written.append(((out / "metrics.json").read_text(), (out / "samples.jsonl").read_text()))
+    capsys.readouterr()
+    assert written[0] == written[1]  # the same numbers, the same settings, the same samples
+
+
+def test_generation_config_keys_are_ignored_and_named_once(tiny_ndm_gru, tmp_path):
+    # num_return_sequences: 10**6 once made `sample -n 2` try an 8 GB allocation;
+    # max_new_tokens: -5 failed the load even with --max-new-tokens 8 given.
+    folder = _with_generation_config(
+        tiny_ndm_gru,
+        tmp_path / "hostile",
+        no_repeat_ngram_size=1,
+        num_return_sequences=10**6,
+        max_new_tokens=-5,
+    )
+    run = subprocess.run(
+        [*_console_script(), "sample", str(folder), "--context", "i like tea", "-n", "2",
+         "--max-new-tokens", "8", "--seed", "0"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert len(run.stdout.splitlines()) == 2
+    assert run.stderr == (
+        f"note: {folder / 'generation_config.json'}: max_new_tokens=-5, "
+        "no_repeat_ngram_size=1, num_return_sequences=1000000 ignored: sample, evaluate, "
+        "chat and analyze decode with their own options only\n"
+    )
+
+
+def test_folder_generation_config_is_what_train_writes(tiny_ndm_gru, tmp_path, caplog):
+    from ndm_seq.decoding import folder_generation_config, generation_config
+    from ndm_seq.models import NDMConfig
+
+    config = NDMConfig.from_pretrained(tiny_ndm_gru)
+    # A folder as save_pretrained or train writes it: nothing to ignore, nothing said.
+    written = tmp_path / "written"
+    written.mkdir()
+    generation_config(config).save_pretrained(written)
+    for folder in (tiny_ndm_gru, written):
+        with caplog.at_level("WARNING", logger="ndm_seq.decoding"):
+            got, ignored = folder_generation_config(folder, config)
+        assert ignored == [] and not caplog.records
+        assert got.to_dict() == generation_config(config).to_dict()
+    (written / "generation_config.json").write_text("{not json")
+    with caplog.at_level("WARNING", logger="ndm_seq.decoding"):
+        assert folder_generation_config(written, config)[1] == ["(the whole file)"]
+    assert len(caplog.records) == 1 and "not a readable JSON file" in caplog.text

@@ -27,7 +27,9 @@ def load_model(
 
     The directory must hold ``config.json`` and ``model.safetensors`` (the
     model) and ``spiece.model`` and ``tokenizer_config.json`` (the tokenizer);
-    ``generation_config.json`` is used when present.
+    ``generation_config.json`` is not read: the model gets the decoding defaults
+    ``ndm-seq train`` writes (:func:`~ndm_seq.decoding.folder_generation_config`, which
+    logs the file's keys it ignores), so only the caller's ``SamplingConfig`` decides.
 
     Args:
         model_dir: the directory.
@@ -44,9 +46,10 @@ def load_model(
         TypeError: the directory holds another model or tokenizer class.
         ValueError: the tokenizer has more ids than the model's vocabulary.
     """
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig
 
     import ndm_seq  # registers the Auto classes
+    from ndm_seq.decoding import folder_generation_config
 
     path = Path(model_dir)
     if not path.is_dir():
@@ -75,12 +78,17 @@ def load_model(
             f"{path}: expected an NDMTokenizer, AutoTokenizer loaded {type(tokenizer).__name__}"
         )
     with library_progress_bars(progress):
-        model = AutoModelForSeq2SeqLM.from_pretrained(str(path))
+        # generation_config.json is not read: the decoding is the caller's SamplingConfig
+        # alone (folder_generation_config names what the file would have changed).
+        model = AutoModelForSeq2SeqLM.from_pretrained(
+            str(path), generation_config=GenerationConfig()
+        )
     if not isinstance(model, ndm_seq.NDMForConversation):
         raise TypeError(
             f"{path}: expected an NDMForConversation, AutoModelForSeq2SeqLM loaded "
             f"{type(model).__name__}"
         )
+    model.generation_config, _ = folder_generation_config(path, model.config)
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(
             f"{path}: the tokenizer has {len(tokenizer)} ids but the model's vocabulary has "

@@ -93,8 +93,11 @@ class SamplingConfig:
     ) -> dict[str, Any]:
         """The keyword arguments of ``model.generate`` for one call.
 
-        Every decoding value is explicit, so a ``generation_config.json`` cannot change
-        the decoding. ``num_return_sequences`` (and ``latent``) are the caller's.
+        ``generate`` fills the values not given here from ``model.generation_config``,
+        which :func:`~ndm_seq.evaluation.load_model` sets to the defaults ``ndm-seq train``
+        writes, never a folder's ``generation_config.json`` (whose keys it names once as
+        ignored): so these settings, recorded in ``metrics.json``, decide the decoding.
+        ``num_return_sequences`` (and ``latent``) are the caller's.
 
         Args:
             sample: sample tokens (True) or decode greedily (False); default
