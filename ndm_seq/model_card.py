@@ -220,31 +220,19 @@ def write_train_card(
     run,
     log_history: Sequence[Mapping[str, Any]],
     steps: int,
-    previous: str | os.PathLike | None = None,
-) -> bool:
+) -> None:
     """Write the card into a model folder ``ndm-seq train`` is publishing.
+
+    A user's ``README.md`` in the folder it replaces is kept instead of the card
+    (:mod:`ndm_seq.training.publish`).
 
     Args:
         folder: the (staged) model folder.
         run: the run's ``RunConfig``.
         log_history: the Trainer's ``state.log_history``.
         steps: the optimizer steps trained.
-        previous: the model folder this one replaces: a ``README.md`` there that ndm-seq
-            did not write is the user's and is kept (copied into ``folder``) instead
-            of the card.
-
-    Returns:
-        True when the card was written, False when a user's ``README.md`` was kept.
     """
-    folder = Path(folder)
-    if previous is not None:
-        old = Path(previous) / CARD
-        if old.is_file() and not is_ndm_card(old):
-            logger.warning("%s is not an ndm-seq model card: kept, no card written", old)
-            _write(folder / CARD, old.read_text(encoding="utf-8", errors="surrogateescape"))
-            return False
-    _write(folder / CARD, train_card(run, log_history, steps))
-    return True
+    _write(Path(folder) / CARD, train_card(run, log_history, steps))
 
 
 def _section_marks(split: str) -> tuple[str, str]:

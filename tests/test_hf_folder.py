@@ -23,7 +23,7 @@ from training_runs import jsonl_run_config, synthetic_corpus
 
 from ndm_seq import decoding
 from ndm_seq.cli import main
-from ndm_seq.model_card import CARD_MARKER, add_evaluation, train_card, write_train_card
+from ndm_seq.model_card import CARD_MARKER, add_evaluation, train_card
 from ndm_seq.training import run_config_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,19 +140,6 @@ def test_the_card_gives_the_licence_of_the_data(corpus, license, datasets):
     assert "| step | loss | bleu_1 |\n|---:|---:|---:|\n| 5 | 4.5000 | 0.2500 |" in card.text
     words = {"chitchat": "MIT", "cornell_movies": "research use", "opensubtitles": "OPUS"}
     assert words.get(corpus, "not known") in card.text.split("## Licence", 1)[1]
-
-
-def test_train_keeps_a_users_readme_and_replaces_its_own_card(tmp_path):
-    run = run_config_from_dict({"output_dir": "runs/x"})
-    old, new = tmp_path / "old", tmp_path / "new"
-    old.mkdir()
-    new.mkdir()
-    (old / "README.md").write_text("# my notes on this model\n")
-    assert write_train_card(new, run, [], 3, previous=old) is False
-    assert (new / "README.md").read_text() == "# my notes on this model\n"
-    (old / "README.md").write_text(train_card(run, [], 2))
-    assert write_train_card(new, run, [], 3, previous=old) is True
-    assert "trained for 3 steps" in (new / "README.md").read_text()
 
 
 def test_evaluate_adds_its_table_to_the_card_idempotently(trained, tmp_path):

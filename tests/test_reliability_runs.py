@@ -246,7 +246,7 @@ _PAUSED = textwrap.dedent(
                     time.sleep(0.05)
 
     base = R._callbacks
-    R._callbacks = lambda run, sched: base(run, sched) + [Pause()]
+    R._callbacks = lambda run, sched, clock=None: base(run, sched, clock) + [Pause()]
     sys.exit(cli.main(["train", sys.argv[1]]))
     """
 )
@@ -308,7 +308,7 @@ _TERM = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGTERM)
 
     base = R._callbacks
-    R._callbacks = lambda run, sched: [Term()] + base(run, sched)
+    R._callbacks = lambda run, sched, clock=None: [Term()] + base(run, sched, clock)
     sys.exit(cli.main(["train", sys.argv[1]]))
     """
 )
@@ -421,3 +421,82 @@ def test_full_disk_while_writing_the_final_model(tmp_path, prepared, monkeypatch
     )
     assert not (run_dir / "model").exists() and not (run_dir / ".model.incomplete").exists()
     assert T.checkpoint_problem(run_dir / "checkpoints/checkpoint-8") is None
+
+
+# ----------------------------------------------------------------------------- model/ kept
+
+
+def _users_files(model: Path) -> dict[str, bytes]:
+    """Files a user and an older evaluate/analyze put into a published model folder."""
+    (model / "NOTES.md").write_text("what I saw in this model\n")
+    (model / "eval-test").mkdir()
+    (model / "eval-test" / "metrics.json").write_text('{"bleu_1": 0.25}\n')
+    (model / "analysis-test").mkdir()
+    (model / "analysis-test" / "report.md").write_text("# slots\n")
+    return {
+        k: v for k, v in _snapshot(model).items() if k.startswith(("NOTES", "eval", "analysis"))
+    }
+
+
+def test_rerunning_a_finished_run_is_a_noop_that_says_so(tmp_path, prepared, reference, capsys):
+    run_dir = Path(shutil.copytree(reference, tmp_path / "run"))
+    _users_files(run_dir / "model")
+    before = _snapshot(run_dir)
+    code, err = _train_cli(capsys, _config_file(tmp_path, prepared))
+    assert code == 0
+    assert "is finished (step 8) with this same config: nothing to do" in err
+    after = _snapshot(run_dir)
+    assert {k: v for k, v in after.items() if k != "train.log"} == {
+        k: v for k, v in before.items() if k != "train.log"
+    }
+
+
+def test_training_longer_republishes_and_keeps_what_others_put_in_model(
+    tmp_path, prepared, reference, capsys
+):
+    run_dir = Path(shutil.copytree(reference, tmp_path / "run"))
+    mine = _users_files(run_dir / "model")
+    (run_dir / "model" / "README.md").write_text("# my own card\n")
+    code, _ = _train_cli(capsys, _config_file(tmp_path, prepared, max_steps=12))
+    assert code == 0
+    after = _snapshot(run_dir / "model")
+    assert {k: after.get(k) for k in mine} == mine
+    assert after["README.md"] == b"# my own card\n"  # a user's README, not the card
+    assert not _same_weights(run_dir / "model", reference / "model")  # 12 steps now
+    record = json.loads((run_dir / folders.MARKER).read_text())["model"]
+    assert record["step"] == 12 and "NOTES.md" not in record["files"]
+    assert record["training"]["steps"] == 12 and record["training"]["resumed_from"] == 8
+    assert not (run_dir / ".model.replaced").exists()
+    assert not (run_dir / ".model.incomplete").exists()
+
+
+def test_a_changed_model_file_stops_the_run_before_training(tmp_path, prepared, reference, capsys):
+    run_dir = Path(shutil.copytree(reference, tmp_path / "run"))
+    config = run_dir / "model" / "config.json"
+    config.write_text(config.read_text().replace("{", '{\n  "my_note": 1,', 1))
+    before = _snapshot(run_dir / "model")
+    code, err = _train_cli(capsys, _config_file(tmp_path, prepared, max_steps=12))
+    assert code == 2 and err.count("\n") == 1
+    assert "config.json (changed since train wrote it)" in err
+    assert not (run_dir / "checkpoints" / "checkpoint-12").exists()
+    assert _snapshot(run_dir / "model") == before
+
+
+def test_an_interrupted_publish_is_settled_without_losing_a_file(tmp_path, reference):
+    # A kill between the two renames of a publish: the new model is in place, the old
+    # one (with the user's notes) still under .model.replaced.
+    from ndm_seq.training import publish
+
+    run_dir = Path(shutil.copytree(reference, tmp_path / "run"))
+    record = publish.model_record(run_dir)
+    replaced = Path(shutil.copytree(run_dir / "model", run_dir / publish.REPLACED))
+    (replaced / "NOTES.md").write_text("mine")
+    publish._record(run_dir, model={**record, "replacing": record["files"]})
+    publish.recover(run_dir)
+    assert (run_dir / "model" / "NOTES.md").read_text() == "mine"
+    assert not replaced.exists()
+    assert "replacing" not in publish.model_record(run_dir)
+    # Killed after the first rename: no model/ at all; the old one comes back whole.
+    os.replace(run_dir / "model", run_dir / publish.REPLACED)
+    publish.recover(run_dir)
+    assert (run_dir / "model" / "NOTES.md").read_text() == "mine"

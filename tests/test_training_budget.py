@@ -125,7 +125,9 @@ def test_schedules_end_at_the_fitted_steps_and_a_resume_reads_budget_json(
                 raise RuntimeError("simulated crash")
 
     base = run_module._callbacks
-    monkeypatch.setattr(run_module, "_callbacks", lambda run, sched: [*base(run, sched), Crash()])
+    monkeypatch.setattr(
+        run_module, "_callbacks", lambda run, sched, clock=None: [*base(run, sched, clock), Crash()]
+    )
     with pytest.raises(RuntimeError, match="simulated crash"):
         _run(tmp_path / "cut", prepared, **BUDGETED)
     monkeypatch.setattr(run_module, "_callbacks", base)
@@ -181,3 +183,47 @@ def test_measuring_leaves_training_bit_identical_when_the_budget_does_not_bind(
     assert sorted(a) == sorted(b) == list(range(1, 9))
     assert [a[s]["loss"] for s in a] == [b[s]["loss"] for s in b]
     _assert_same_weights(_weights(plain), _weights(timed))
+
+
+class _SlowClock:
+    """``time`` for the wall-clock callback: every reading is ``step`` seconds after the last
+    (one reading at the start, one per step end): a machine that slowed after calibration."""
+
+    def __init__(self, step: float):
+        self.now, self.step = 0.0, step
+
+    def monotonic(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+@pytest.mark.parametrize(
+    ("seconds_a_step", "steps", "short"),
+    [
+        # 7 s a step, not the measured 4: past the 1-minute budget at step 9 (63 s), but
+        # the fitted 12 steps are the budget and the clock a net at 2 minutes: all 12.
+        (7.0, 12, False),
+        # 15 s a step: the 2-minute safety net stops it at step 8; the run says so.
+        (15.0, 8, True),
+    ],
+)
+def test_a_slower_machine_still_trains_the_fitted_steps_or_says_it_fell_short(
+    tmp_path, prepared, monkeypatch, capsys, seconds_a_step, steps, short
+):
+    import ndm_seq.training.trainer as trainer_module
+    from ndm_seq.training.publish import model_record
+
+    monkeypatch.setattr(budget, "measure", lambda *args: FAKE)
+    monkeypatch.setattr(trainer_module, "time", _SlowClock(seconds_a_step))
+    run_dir = _run(tmp_path, prepared, **BUDGETED)
+    err = capsys.readouterr().err
+    assert sorted(history(run_dir)) == list(range(1, steps + 1))
+    training = model_record(run_dir)["training"]
+    assert training["steps"] == steps and training["planned_steps"] == 12
+    assert training["stopped_short"] is short
+    if short:
+        reason = "wall-clock limit of 2.0 min reached at step 8 of 12"
+        assert training["stop_reason"] == reason
+        assert f"ndm-seq train: stopped short of the planned 12 steps: {reason}" in err
+    else:
+        assert training["stop_reason"] is None and "stopped short" not in err

@@ -83,7 +83,7 @@ _CHILD = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)
 
     base_callbacks = R._callbacks
-    R._callbacks = lambda run, sched: base_callbacks(run, sched) + [Kill()]
+    R._callbacks = lambda run, sched, clock=None: base_callbacks(run, sched, clock) + [Kill()]
 
     save = torch.save
 

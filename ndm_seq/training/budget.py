@@ -22,13 +22,17 @@ W, kl_warmup K``). Every later launch in the folder (a resume, a
 restart after a kill) reads it instead of measuring again, so the resumed run equals
 the uninterrupted one; if a budget input changed on resume (``max_steps`` and
 ``max_minutes`` may), the fit is recomputed from the stored measurements.
-``training.resume=never`` measures again. ``WallClockBudget`` stays the hard stop.
+``training.resume=never`` measures again. The fitted steps are the budget: the clock
+(``WallClockBudget``) stops a fitted run only at ``SAFETY_FACTOR`` (2) times the budget,
+a safety net for a machine that slowed down after the measurement, so the runs of one
+comparison train at equal compute; a run it stops says so (console, the run folder's
+record, comparison tables and charts).
 
 What is timed is the model's own work (collation, forward, backward, clipping, update;
 one validation; one save), on one process: the Trainer's per-step bookkeeping (callbacks,
 logging) and, across processes, the gradient all-reduce are not. For recipe-sized models
 they are a few percent, inside ``MARGIN``; for a tiny model logged every step they can
-double the step time, and ``WallClockBudget`` then ends the run before the fitted step.
+double the step time (the run then takes longer than the budget, up to the safety net).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from ndm_seq.training.run_folder import (
 )
 from ndm_seq.training.schedule import KLSchedule
 from ndm_seq.training.trainer import (
+    Clock,
     _callbacks,
     _compile,
     _make_trainer_class,
@@ -234,9 +236,20 @@ def _train(run: RunConfig, stop: _StopOnSignal, stack: contextlib.ExitStack) -> 
     if t.torch_threads:
         torch.set_num_threads(t.torch_threads)
     args = _training_arguments(run, out)
-    run = _claim_and_share(run, args, out, stack)
+    run, finished = _claim_and_share(run, args, out, stack)
+    if finished is not None:
+        if args.process_index == 0:
+            print(
+                f"ndm-seq train: {out} is finished (step {finished['step']}) with this same "
+                f"config: nothing to do; the model is in {out / 'model'}. To train longer "
+                "raise training.max_steps; to start again set training.resume=never",
+                file=sys.stderr,
+                flush=True,
+            )
+        return out / "model"
     tokenizer, tokenized, train_ds, eval_ds = _datasets(run, t, args, out)
-    trainer = _build_trainer(run, t, args, tokenizer, tokenized, train_ds, eval_ds, stop)
+    clock = Clock(t.max_minutes)
+    trainer = _build_trainer(run, t, args, tokenizer, tokenized, train_ds, eval_ds, stop, clock)
     resume = _resume_point(t, trainer, out)
     if trainer.is_world_process_zero():
         write_provenance(out, args, resume)
@@ -245,11 +258,12 @@ def _train(run: RunConfig, stop: _StopOnSignal, stack: contextlib.ExitStack) -> 
         args.max_steps, args.warmup_steps = fit.max_steps, fit.warmup_steps
         trainer.kl_schedule.warmup_steps = fit.kl_warmup_steps
         trainer.kl_schedule.total_steps = fit.max_steps
+        clock.safety_net(t.max_minutes)  # the fitted steps are the budget
     if stop.requested:
         raise TrainingInterrupted(
             f"stopped by SIGTERM before training started; nothing new saved in {out}"
         )
-    trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=resume)
     if stop.stopped_at is not None:
         checkpoint = out / "checkpoints" / f"{PREFIX_CHECKPOINT_DIR}-{stop.stopped_at}"
         logger.warning("stopped by SIGTERM at step %d; checkpoint %s", stop.stopped_at, checkpoint)
@@ -259,13 +273,42 @@ def _train(run: RunConfig, stop: _StopOnSignal, stack: contextlib.ExitStack) -> 
             checkpoint=str(checkpoint),
         )
 
-    final = out / "model"
-    _publish_model(trainer, tokenizer, final, run)
+    summary = _training_summary(run, trainer, args, result, resume, clock)
+    final = _publish_model(trainer, tokenizer, out, run, summary)
     if trainer.is_world_process_zero():
         from ndm_seq.plots import plot_training_curves
 
-        plot_training_curves(trainer.state.log_history, out / "training_curves.png", title=str(out))
+        plot_training_curves(
+            trainer.state.log_history, out / "training_curves.png", title=str(out),
+            model_config=trainer.model.config,  # a term at weight 0 is not drawn
+        )  # fmt: skip
     return final
+
+
+def _training_summary(run: RunConfig, trainer, args, result, resume, clock: Clock) -> dict:
+    """What this launch trained, for the run folder's record and comparison tables; a run
+    that stopped before its planned steps says so on the console."""
+    steps, planned = trainer.state.global_step, args.max_steps
+    reason = None
+    if steps < planned:
+        reason = clock.reason
+        if reason is None and run.training.early_stopping_patience is not None:
+            reason = f"early stopping at step {steps} (validation loss stopped improving)"
+        reason = reason or f"stopped at step {steps} of {planned}"
+        if trainer.is_world_process_zero():
+            print(
+                f"ndm-seq train: stopped short of the planned {planned} steps: {reason}",
+                file=sys.stderr,
+                flush=True,
+            )
+    return {
+        "steps": steps,
+        "planned_steps": planned,
+        "minutes": round(result.metrics.get("train_runtime", 0.0) / 60, 2),
+        "resumed_from": None if resume is None else int(Path(resume).name.rsplit("-", 1)[1]),
+        "stopped_short": steps < planned,
+        "stop_reason": reason,
+    }
 
 
 def _training_arguments(run: RunConfig, out: Path):
@@ -321,22 +364,26 @@ def _training_arguments(run: RunConfig, out: Path):
         ) from None
 
 
-def _claim_and_share(run: RunConfig, args, out: Path, stack: contextlib.ExitStack) -> RunConfig:
-    """Process 0 sets up the run folder; every process gets the config it recorded."""
+def _claim_and_share(
+    run: RunConfig, args, out: Path, stack: contextlib.ExitStack
+) -> tuple[RunConfig, dict | None]:
+    """Process 0 sets up the run folder; every process gets the config it recorded, and
+    whether the run is finished already (then nothing is trained)."""
+    finished = None
     if args.process_index == 0:
-        run = _setup_run_folder(run, out, stack)
+        run, finished = _setup_run_folder(run, out, stack)
     if args.world_size > 1:
         # The other ranks wait here until process 0 has claimed the folder and checked the
         # config, then take the config it recorded (force may have changed it). If process
         # 0 failed, they wait until the launcher stops them: never on a stale config.
         from accelerate.utils import broadcast_object_list
 
-        payload = [run.to_dict() if args.process_index == 0 else None]
+        payload = [(run.to_dict(), finished) if args.process_index == 0 else None]
         broadcast_object_list(payload, from_process=0)
-        run = run_config_from_dict(payload[0])
+        run, finished = run_config_from_dict(payload[0][0]), payload[0][1]
     if args.process_index != 0:
         _file_log(out, stack)
-    return run
+    return run, finished
 
 
 def _datasets(run: RunConfig, t, args, out: Path):
@@ -365,7 +412,7 @@ def _datasets(run: RunConfig, t, args, out: Path):
     return tokenizer, tokenized, train_ds, eval_ds
 
 
-def _build_trainer(run: RunConfig, t, args, tokenizer, tokenized, train_ds, eval_ds, stop):
+def _build_trainer(run: RunConfig, t, args, tokenizer, tokenized, train_ds, eval_ds, stop, clock):
     """The seeded model, its KL schedule and the trainer with every callback."""
     from transformers import DataCollatorForSeq2Seq, set_seed
 
@@ -398,7 +445,7 @@ def _build_trainer(run: RunConfig, t, args, tokenizer, tokenized, train_ds, eval
             tokenizer, label_pad_token_id=-100, pad_to_multiple_of=t.pad_to_multiple_of
         ),
         processing_class=tokenizer,
-        callbacks=_callbacks(run, schedule),
+        callbacks=_callbacks(run, schedule, clock),
         max_nonfinite_steps=t.max_nonfinite_steps,
     )
     trainer.kl_schedule = schedule  # the budget fit may shorten it (ndm_seq.training.budget)

@@ -208,16 +208,80 @@ def _write_run_config(out: Path, run: RunConfig) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _setup_run_folder(run: RunConfig, out: Path, stack: contextlib.ExitStack) -> RunConfig:
-    """Main process: claim ``out``, lock it for the run, check the stored config, record it."""
+NO_EFFECT = ("output_dir", "training.progress", "training.resume", "evaluation.*")
+"""Keys whose change leaves a finished run finished: where its folder is, progress
+bars, how to resume, how it is evaluated. Any other change is a different run."""
+
+
+def stored_config(out: Path) -> RunConfig | None:
+    """The run config ``train`` recorded in ``out/config.yaml`` (None: none readable)."""
+    try:
+        raw = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+        return run_config_from_dict(raw, where=str(out / "config.yaml"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+
+
+def training_changes(stored: RunConfig, run: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """:func:`config_changes` without the keys of :data:`NO_EFFECT`: what would make
+    ``run`` train a different model than ``stored`` did."""
+    return {
+        k: v
+        for k, v in config_changes(stored, run).items()
+        if not any(k == a or (a.endswith(".*") and k.startswith(a[:-1])) for a in NO_EFFECT)
+    }
+
+
+def finished_model(out: Path) -> dict | None:
+    """What train recorded of the model published in ``out/model`` (``step``,
+    ``training``), when no checkpoint newer than it exists; None otherwise (no model,
+    or training went on after it was published)."""
+    from ndm_seq.training import publish
+    from ndm_seq.training.checkpoints import _latest_checkpoint
+
+    if not (out / "model").is_dir():
+        return None
+    latest = _latest_checkpoint(out / "checkpoints")
+    latest_step = None if latest is None else int(Path(latest).name.rsplit("-", 1)[1])
+    record = publish.model_record(out)
+    if record is not None:
+        step = record.get("step")
+        return record if latest_step is None or latest_step == step else None
+    if latest is None:  # published before the record, its checkpoints deleted
+        return None
+    # Published before the record existed: finished when the newest checkpoint is.
+    try:
+        state = json.loads((Path(latest) / "trainer_state.json").read_text(encoding="utf-8"))
+        done = int(state["global_step"]) >= int(state["max_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {"step": latest_step, "training": None} if done else None
+
+
+def _setup_run_folder(
+    run: RunConfig, out: Path, stack: contextlib.ExitStack
+) -> tuple[RunConfig, dict | None]:
+    """Main process: claim ``out``, lock it for the run, check the stored config, record it.
+
+    Returns the config to run with, and :func:`finished_model`'s record when ``out``
+    holds a finished run of the same config (nothing is written then: the launch is a
+    no-op).
+    """
     from ndm_seq import folders
+    from ndm_seq.training import publish
 
     folders.claim(out, "train", adopt=is_legacy_run_folder)
     stack.enter_context(folders.exclusive(out, "train"))
     _file_log(out, stack)  # the resume check's messages go to train.log too
+    stored = stored_config(out) if run.training.resume != "never" else None
+    if stored is not None and not training_changes(stored, run):
+        finished = finished_model(out)
+        if finished is not None:
+            return run, finished
     run = check_resume_config(run, out)
+    publish.check_model_folder(out)  # a file that would stop the publish: said now
     _write_run_config(out, run)
-    return run
+    return run, None
 
 
 def _trim_log_history(path: Path, step: int) -> None:
@@ -241,16 +305,20 @@ def _trim_log_history(path: Path, step: int) -> None:
         os.replace(tmp, path)
 
 
-def _publish_model(trainer, tokenizer, final: Path, run: RunConfig) -> None:
-    """Write the final model directory under a temporary name, then rename it into place.
+def _publish_model(trainer, tokenizer, run_dir: Path, run: RunConfig, summary: dict) -> Path:
+    """Write the final model directory under a temporary name, then put it in place of
+    ``run_dir/model``, keeping what others put into the old one (:mod:`.publish`).
 
     Besides the model and tokenizer it holds the model card (``README.md``, unless the
     folder it replaces holds a user's) and ``ndm_seq_remote.py`` with the ``auto_map``
     entries for ``trust_remote_code`` loading (docs/design.md §3.2).
     """
-    staged = final.with_name(f".{final.name}.incomplete")
+    from ndm_seq.training import publish
+
+    final = run_dir / "model"
+    staged = run_dir / publish.STAGED
     if trainer.is_world_process_zero():
-        shutil.rmtree(staged, ignore_errors=True)
+        publish.recover(run_dir)
     trainer.accelerator.wait_for_everyone()
     try:
         trainer.save_model(str(staged))
@@ -258,16 +326,11 @@ def _publish_model(trainer, tokenizer, final: Path, run: RunConfig) -> None:
             tokenizer.save_pretrained(staged)
             add_remote_code(staged, tokenizer)
             state = trainer.state
-            write_train_card(staged, run, state.log_history, state.global_step, previous=final)
+            write_train_card(staged, run, state.log_history, state.global_step)
             # The Trainer pickles its arguments beside the weights; a model
             # directory holds no pickle (loading never unpickles).
             (staged / "training_args.bin").unlink(missing_ok=True)
-            old = final.with_name(f".{final.name}.replaced")
-            if final.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-            os.replace(staged, final)
-            shutil.rmtree(old, ignore_errors=True)
+            publish.publish(run_dir, staged, summary)
     except OSError as e:
         if e.errno == errno.ENOSPC:
             shutil.rmtree(staged, ignore_errors=True)
@@ -276,3 +339,4 @@ def _publish_model(trainer, tokenizer, final: Path, run: RunConfig) -> None:
                 "checkpoints are kept: free some space and run the same command again"
             ) from None
         raise
+    return final

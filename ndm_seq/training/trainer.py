@@ -43,7 +43,27 @@ def _make_trainer_class():
     return NDMTrainer
 
 
-def _callbacks(run: RunConfig, schedule: KLSchedule):
+SAFETY_FACTOR = 2.0
+"""With schedules fitted to ``training.max_minutes``, the fitted steps are the budget
+and the clock stops training only at this many times the budget: a safety net for a
+machine that slowed down, so the runs of one comparison train their fitted steps."""
+
+
+class Clock:
+    """The wall-clock stop of one launch: ``seconds`` (None: no stop), and once it
+    stopped training, the step and the reason (``stopped_at``, ``reason``)."""
+
+    def __init__(self, minutes: float | None):
+        self.seconds = None if minutes is None else minutes * 60
+        self.stopped_at: int | None = None
+        self.reason: str | None = None
+
+    def safety_net(self, budget_minutes: float) -> None:
+        """The schedules were fitted to ``budget_minutes``: stop only well above it."""
+        self.seconds = SAFETY_FACTOR * budget_minutes * 60
+
+
+def _callbacks(run: RunConfig, schedule: KLSchedule, clock: Clock | None = None):
     from transformers import TrainerCallback
 
     class KLAnneal(TrainerCallback):
@@ -56,22 +76,26 @@ def _callbacks(run: RunConfig, schedule: KLSchedule):
         on_train_begin = on_step_begin
 
     class WallClockBudget(TrainerCallback):
-        """Stop and save once ``max_minutes`` of training have passed (this session)."""
+        """Stop and save once ``clock.seconds`` of training have passed (this launch)."""
 
-        def __init__(self, minutes):
-            self.seconds = minutes * 60
+        def __init__(self, clock: Clock):
+            self.clock = clock
             self.start = None
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.start = time.monotonic()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if time.monotonic() - self.start >= self.seconds:
-                logger.info(
-                    "wall-clock budget of %.1f min reached at step %d",
-                    self.seconds / 60,
-                    state.global_step,
+            clock = self.clock
+            if clock.seconds is None or state.global_step >= state.max_steps:
+                return
+            if time.monotonic() - self.start >= clock.seconds:
+                clock.stopped_at = state.global_step
+                clock.reason = (
+                    f"wall-clock limit of {clock.seconds / 60:.1f} min reached at step "
+                    f"{state.global_step} of {state.max_steps}"
                 )
+                logger.warning("%s: stopping short", clock.reason)
                 control.should_training_stop = True
                 control.should_save = True
 
@@ -89,8 +113,8 @@ def _callbacks(run: RunConfig, schedule: KLSchedule):
                 logger.info("step %d: %s", state.global_step, json.dumps(logs))
 
     out = [KLAnneal(), JsonlLog(Path(run.output_dir))]
-    if run.training.max_minutes is not None:
-        out.append(WallClockBudget(run.training.max_minutes))
+    if clock is not None and clock.seconds is not None:
+        out.append(WallClockBudget(clock))
     if run.training.early_stopping_patience is not None:
         from transformers import EarlyStoppingCallback
 
