@@ -131,6 +131,21 @@ def test_cornell_strict_names_file_and_line(tmp_path):
         list(read_cornell(write_cornell_folder(tmp_path), ReadLog(strict=True)))
 
 
+@pytest.mark.parametrize("layout", ["zip", "folder"])
+def test_cornell_files_starting_with_a_bom_lose_no_line(tmp_path, layout):
+    """A UTF-8 byte-order mark (an editor re-saving the files) is not part of the first
+    line id: both files' first lines are read as without it."""
+    bom = b"\xef\xbb\xbf"
+    lines, convs = bom + CORNELL_LINES, bom + CORNELL_CONVERSATIONS
+    if layout == "zip":
+        source = write_cornell_zip(tmp_path / "c.zip", lines, convs)
+    else:
+        source = write_cornell_folder(tmp_path / "f", lines, convs)
+    log = ReadLog()
+    assert pairs_of(read_cornell(source, log), log) == CORNELL_PAIRS
+    assert dict(log.skipped) == CORNELL_SKIPS  # no malformed_id for L1, no missing_line
+
+
 def test_cornell_missing_files_and_corrupt_zip(tmp_path):
     with pytest.raises(CorpusError, match=r"movie_lines\.txt and movie_conversations\.txt"):
         list(read_cornell(tmp_path, ReadLog()))

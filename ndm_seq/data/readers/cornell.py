@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ndm_seq.data.log import CorpusError, ReadLog
-from ndm_seq.data.readers.common import Turn, safe_members, strip_eol
+from ndm_seq.data.readers.common import BOM, Turn, safe_members, strip_eol
 
 CORNELL_SEPARATOR = " +++$+++ "
 """The Cornell field separator. Split on all of it: a peer split on spaces and
@@ -173,6 +173,15 @@ def read_cornell(source: str | os.PathLike, log: ReadLog) -> Iterator[Turn]:
             h.close()
 
 
+def _decoded(raw: bytes, lineno: int) -> str:
+    """A line of either file as text: ISO-8859-1, in which every byte maps (nothing is
+    undecodable), without the line end and, on the first line, a UTF-8 byte-order mark
+    (an editor's, not text: decoded it would glue "ï»¿" to the first line id)."""
+    if lineno == 1 and raw.startswith(BOM):
+        raw = raw[len(BOM) :]
+    return strip_eol(raw).decode("iso-8859-1")
+
+
 def _read_cornell_lines(
     label: str, lines: Iterator[bytes], log: ReadLog
 ) -> dict[str, tuple[str | None, str, str]]:
@@ -181,7 +190,7 @@ def _read_cornell_lines(
     for lineno, raw in enumerate(lines, 1):
         log.line()
         where = f"{label}:{lineno}"
-        line = strip_eol(raw).decode("iso-8859-1")  # every byte maps: nothing is undecodable
+        line = _decoded(raw, lineno)
         if not line.strip():
             log.skip("blank_line", where)
             continue
@@ -220,7 +229,7 @@ def _cornell_turns(
     for lineno, raw in enumerate(conversations, 1):
         log.line()
         where = f"{label}:{lineno}"
-        line = strip_eol(raw).decode("iso-8859-1")
+        line = _decoded(raw, lineno)
         if not line.strip():
             log.skip("blank_line", where)
             continue
