@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 
 from ndm_seq import folders
-from ndm_seq.training import RunConfig, load_run_config, train
+from ndm_seq.training import ConfigError, RunConfig, load_run_config, train
 
 COMPARISON_FILES = ("README.txt", "comparison.md", "comparison.json", "comparison.png")
 """What :func:`compare` writes into its output folder (besides the run folders inside it)."""
@@ -85,11 +85,46 @@ def compare(
     outputs = [Path(run.output_dir) for _, run in runs]
     if len(set(outputs)) != len(outputs):
         raise ValueError(f"two configs write to the same output_dir: {[str(o) for o in outputs]}")
+    if not progress:
+        for _, run in runs:
+            run.training.progress = False  # no bar anywhere, training's included
+    if not retrain:
+        for (_, run), name in zip(runs, names, strict=True):
+            _check_reusable(name, run)
     out = Path(output)
     _check_not_inside_a_run(out, outputs)
     folders.claim(out, "compare", adopt=lambda path: _earlier_comparison(path, outputs))
     with folders.exclusive(out, "compare"):
         return _train_evaluate_write(runs, names, out, retrain, progress)
+
+
+def _check_reusable(name: str, run: RunConfig) -> None:
+    """Refuse, before anything is trained, a run folder that holds a run of another
+    config: a comparison never tabulates a model trained under other settings.
+
+    Equal means train's rule for a finished run: every key but those of
+    :data:`~ndm_seq.training.run_folder.NO_EFFECT` is the same.
+    """
+    from ndm_seq.training.run_folder import stored_config, training_changes
+
+    run_dir = Path(run.output_dir)
+    if not (run_dir / "config.yaml").exists() and not (run_dir / "model").exists():
+        return  # nothing trained there yet
+    stored = stored_config(run_dir)
+    if stored is None:
+        raise ConfigError(
+            f"{name}: {run_dir} holds a run whose config.yaml cannot be read, so it cannot "
+            "be compared as this config; pass --retrain to train it again from scratch, "
+            "or choose another output_dir"
+        )
+    changes = training_changes(stored, run)
+    if changes:
+        listing = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+        raise ConfigError(
+            f"{name}: {run_dir} holds a run trained with a different config ({listing}); "
+            "pass --retrain to train it again from scratch with this config, or choose "
+            "another output_dir (e.g. 'output_dir=runs/mine/{name}')"
+        )
 
 
 def _check_not_inside_a_run(out: Path, run_dirs: list[Path]) -> None:
@@ -130,17 +165,25 @@ def _train_evaluate_write(runs, names, out: Path, retrain: bool, progress: bool)
     """Train (or reuse) and evaluate every run, then write the comparison into ``out``."""
     from ndm_seq.evaluation import SamplingConfig, comparison_chart, comparison_table, evaluate
     from ndm_seq.evaluation.limits import run_folder_config
+    from ndm_seq.training.publish import model_record
+    from ndm_seq.training.run_folder import finished_model
 
     results: dict[str, dict] = {}
     for (path, run), name in zip(runs, names, strict=True):
-        model_dir = Path(run.output_dir) / "model"
-        if retrain or not (model_dir / "model.safetensors").is_file():
+        run_dir = Path(run.output_dir)
+        finished = None if retrain else finished_model(run_dir)
+        if finished is None:
             print(f"== {name}: training ({path})", flush=True)
             if retrain:
                 run.training.resume = "never"  # from scratch, not from its last checkpoint
             model_dir = train(run)
         else:
-            print(f"== {name}: reusing the trained model in {model_dir}", flush=True)
+            model_dir = run_dir / "model"
+            print(
+                f"== {name}: reusing the trained model in {model_dir} (step "
+                f"{finished['step']}, the same config)",
+                flush=True,
+            )
         print(f"== {name}: evaluating on {run.data.prepared_dir} (test)", flush=True)
         results[name] = evaluate(
             model_dir,
@@ -156,6 +199,9 @@ def _train_evaluate_write(runs, names, out: Path, retrain: bool, progress: bool)
             name=name,
             progress=progress,
         )
+        record = model_record(run_dir) or {}
+        if record.get("training"):
+            results[name]["training"] = record["training"]
 
     table = comparison_table(results)
     (out / "comparison.md").write_text(table, encoding="utf-8")

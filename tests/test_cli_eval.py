@@ -223,3 +223,23 @@ def test_sample_with_beams(model_dirs, capsys):
     assert "5 best beams need num_beams >= 5, got 4" in capsys.readouterr().err
     assert main(["sample", seq2seq, *base, "--beams", "0"]) == 2
     assert "argument --beams: num_beams must be >= 1" in capsys.readouterr().err
+
+
+def test_evaluate_and_analyze_write_beside_a_runs_model(model_dirs, data_dir, tmp_path, capsys):
+    # model/ holds the model only: what train republishes and what a user uploads.
+    from training_runs import finished_run, tiny_run_config, write_config
+
+    raw = tiny_run_config(tmp_path, prepared=data_dir)
+    run = finished_run(write_config(tmp_path, raw), model_dirs["ndm"])
+    model = run / "model"
+    before = sorted(p.name for p in model.iterdir())
+    common = ["--data", str(data_dir), "--no-progress"]
+    assert main(["evaluate", str(model), *common, "--samples", "1", "--max-contexts", "2"]) == 0
+    assert main(["analyze", str(model), *common, "--pairs", "2", "--max-new-tokens", "4"]) == 0
+    assert (run / "eval-test" / "metrics.json").is_file()
+    assert (run / "analysis-test" / "analysis.json").is_file()
+    assert sorted(p.name for p in model.iterdir()) == before
+    # A model folder outside a run folder keeps its outputs inside it, as before.
+    bare = shutil.copytree(model_dirs["ndm"], tmp_path / "bare")
+    assert main(["evaluate", str(bare), *common, "--samples", "1", "--max-contexts", "2"]) == 0
+    assert (bare / "eval-test" / "metrics.json").is_file()

@@ -7,11 +7,10 @@ responses side by side, read from each model's ``samples.jsonl`` (nothing genera
 from __future__ import annotations
 
 import json
-import shutil
 
 import yaml
 from test_evaluation import conversations, data_dir, eval_tokenizer, model_dirs  # noqa: F401
-from training_runs import tiny_run_config
+from training_runs import finished_run, tiny_run_config
 
 from ndm_seq.cli import main
 from ndm_seq.compare import sample_comparison
@@ -69,7 +68,7 @@ def test_compare_prints_three_contexts_beside_the_table(model_dirs, data_dir, tm
         path = tmp_path / f"{variant}.yaml"
         path.write_text(yaml.safe_dump(raw))
         configs.append(str(path))
-        shutil.copytree(model_dirs[variant], tmp_path / "runs" / variant / "model")
+        finished_run(path, model_dirs[variant])
     args = ["compare", *configs, "--output", str(tmp_path / "cmp"), "--no-progress"]
     assert main(args) == 0
     out = capsys.readouterr().out

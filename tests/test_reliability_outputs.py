@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from test_evaluation import conversations, data_dir, eval_tokenizer, model_dirs  # noqa: F401
-from training_runs import tiny_run_config, write_config
+from training_runs import finished_run, tiny_run_config, write_config
 
 from ndm_seq import folders
 from ndm_seq.cli import main
@@ -134,7 +134,7 @@ def test_compare_refuses_a_user_folder_before_any_work(model_dirs, data_dir, tmp
     before = _user_folder(mine)
     config = _config(tmp_path, data_dir)
     run = tmp_path / "runs" / "run"
-    shutil.copytree(model_dirs["ndm"], run / "model")  # finished: compare would evaluate it
+    finished_run(config, model_dirs["ndm"], [f"output_dir={run}"])  # compare would evaluate it
     code = main(["compare", str(config), "--output", str(mine), f"output_dir={run}"])
     line = _one_error_line(capsys.readouterr().err, "compare")
     assert code == 2
@@ -158,7 +158,7 @@ def test_compare_reuses_its_own_folder_and_adopts_an_unmarked_one(
 ):
     config = _config(tmp_path, data_dir)
     run = tmp_path / "runs" / "run"
-    shutil.copytree(model_dirs["ndm"], run / "model")  # a finished model: reused, not trained
+    finished_run(config, model_dirs["ndm"], [f"output_dir={run}"])  # reused, not trained
     out = tmp_path / "cmp"
     args = [
         "compare",
@@ -188,6 +188,45 @@ def test_compare_reuses_its_own_folder_and_adopts_an_unmarked_one(
     capsys.readouterr()
     assert main(args) == 2
     assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize(
+    ("override", "listed"),
+    [
+        ("model.variant=cvae", "model.variant: 'ndm' -> 'cvae'"),
+        ("training.max_steps=60", "training.max_steps: 20 -> 60"),
+        ("data.max_response_tokens=12", "data.max_response_tokens: 16 -> 12"),
+    ],
+)
+def test_compare_never_reuses_a_model_of_another_config(
+    model_dirs, data_dir, tmp_path, capsys, monkeypatch, override, listed
+):
+    import ndm_seq.compare
+
+    config = _config(tmp_path, data_dir)
+    run = tmp_path / "runs" / "run"
+    finished_run(config, model_dirs["ndm"], [f"output_dir={run}"])
+    before = _snapshot(run)
+    out = tmp_path / "cmp"
+    args = ["compare", str(config), "--output", str(out), f"output_dir={run}", override]
+    assert main(args) == 2
+    line = _one_error_line(capsys.readouterr().err, "compare")
+    assert f"run: {run} holds a run trained with a different config ({listed})" in line
+    assert "--retrain" in line
+    assert _snapshot(run) == before and not out.exists()  # refused before any work
+    # --retrain trains it again from scratch under the new config (train stubbed here).
+    trained = []
+
+    def fake_train(run_config):
+        trained.append((run_config.training.resume, run_config.to_dict()))
+        raise ndm_seq.training.DiskFullError("stop here")
+
+    monkeypatch.setattr(ndm_seq.compare, "train", fake_train)
+    assert main([*args, "--retrain"]) == 1
+    assert trained and trained[0][0] == "never"
+    key, value = override.split("=")
+    section, name = key.split(".")
+    assert str(trained[0][1][section][name]) == value
 
 
 @pytest.mark.slow

@@ -203,3 +203,35 @@ def jsonl_run_config(tmp_path: Path, prepared: Path, **training) -> dict:
         }
         | training,
     }
+
+
+def finished_run(config: Path, model_dir: Path, overrides: list[str] = ()) -> Path:
+    """The run folder ``train`` leaves after a finished run of ``config``, holding the
+    (untrained) model of ``model_dir``: train's marker, ``config.yaml`` and the publish
+    record, written by the functions train uses. For tests of what reads run folders
+    (compare, evaluate) that need not train. Returns the run folder."""
+    import shutil
+
+    from ndm_seq import folders
+    from ndm_seq.training import load_run_config, publish
+    from ndm_seq.training.run_folder import _write_run_config
+
+    run = load_run_config(config, list(overrides))
+    out = Path(run.output_dir)
+    folders.claim(out, "train")
+    _write_run_config(out, run)
+    staged = Path(shutil.copytree(model_dir, out / publish.STAGED))
+    steps = run.training.max_steps
+    publish.publish(
+        out,
+        staged,
+        {
+            "steps": steps,
+            "planned_steps": steps,
+            "minutes": 0.01,
+            "resumed_from": None,
+            "stopped_short": False,
+            "stop_reason": None,
+        },
+    )
+    return out

@@ -28,9 +28,12 @@ SAMPLES = 10
 
 def _evaluate(args: argparse.Namespace) -> int:
     from ndm_seq.evaluation import evaluate
+    from ndm_seq.evaluation.limits import default_output
     from ndm_seq.folders import FolderError
 
-    output = Path(args.output) if args.output else Path(args.model_dir) / f"eval-{args.split}"
+    output = (
+        Path(args.output) if args.output else default_output(args.model_dir, f"eval-{args.split}")
+    )
     if args.protocol != "full":
         # The protocol fixes how many responses and how they are decoded: say so when
         # the command line asked for something else, instead of dropping it silently.
@@ -144,7 +147,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
         "--output",
         metavar="DIR",
         help="output folder: new, empty or written by an earlier evaluate; any other is "
-        "refused, untouched (default: MODEL_DIR/eval-SPLIT)",
+        "refused, untouched (default: RUN/eval-SPLIT beside a run's model/, else MODEL_DIR/eval-SPLIT)",
     )
     _add_protocol_options(p)
     p.add_argument("--seed", type=int, default=0, help="seed for the subset and the sampling")

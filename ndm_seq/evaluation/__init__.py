@@ -93,7 +93,7 @@ from ndm_seq.evaluation.inputs import (
     DEFAULT_MAX_RESPONSE_TOKENS,  # noqa: F401 (public, not in __all__)
     check_text,
 )
-from ndm_seq.evaluation.limits import ScoringLimits, scoring_limits
+from ndm_seq.evaluation.limits import ScoringLimits, default_output, scoring_limits
 from ndm_seq.evaluation.loading import (
     MODEL_FILES,  # noqa: F401 (public, not in __all__)
     TOKENIZER_FILES,  # noqa: F401 (public, not in __all__)
@@ -190,7 +190,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate a model directory on a prepared split and write the reports.
 
-    Writes into ``output_dir`` (default ``MODEL_DIR/eval-SPLIT``):
+    Writes into ``output_dir`` (default: ``RUN/eval-SPLIT`` beside a run's ``model/``, else
+    ``MODEL_DIR/eval-SPLIT``; :func:`~ndm_seq.evaluation.limits.default_output`):
 
     * ``metrics.json``: the flat keys of :func:`metric_keys` (docs/design.md §7), or of
       the protocol (:data:`ndm_seq.metrics.protocols.PROTOCOLS`), plus one key
@@ -268,7 +269,7 @@ def evaluate(
     limits = scoring_limits(model_dir, max_context_tokens, max_response_tokens, run_config)
     ds = _load_split(data_dir, split)  # before the model: a wrong split fails fast
     model, tokenizer = load_model(model_dir, device, progress)
-    out = Path(output_dir) if output_dir is not None else Path(model_dir) / f"eval-{split}"
+    out = Path(output_dir) if output_dir is not None else default_output(model_dir, f"eval-{split}")
     # Refused before the (long) generation if the folder is a user's or another command's.
     folders.claim(out, "evaluate", adopt=_earlier_evaluation)
     with folders.exclusive(out, "evaluate"):

@@ -60,6 +60,27 @@ def run_folder_config(model_dir: str | os.PathLike) -> Path | None:
     return None
 
 
+def default_output(model_dir: str | os.PathLike, name: str) -> Path:
+    """Where ``evaluate`` and ``analyze`` write without ``--output`` (``name``: e.g.
+    ``eval-test``).
+
+    Beside the model in its run folder, so that a run's ``model/`` holds the model only
+    (what a re-run of ``train`` republishes and what a user uploads): ``RUN/name`` for
+    ``RUN/model``, ``RUN/name-checkpoint-N`` for ``RUN/checkpoints/checkpoint-N`` (the
+    Trainer deletes old checkpoints). A model folder outside a run folder gets
+    ``MODEL_DIR/name``.
+    """
+    model_dir = Path(model_dir)
+    config = run_folder_config(model_dir)
+    if config is not None:
+        run = config.parent
+        where = model_dir.resolve()
+        if where.parent == run:
+            return run / name
+        return run / f"{name}-{where.name}"
+    return model_dir / name
+
+
 def scoring_limits(
     model_dir: str | os.PathLike,
     max_context_tokens: int | None = None,
