@@ -378,6 +378,39 @@ def test_comparison_table_and_chart(tmp_path):
         comparison_table({})
 
 
+def test_comparison_table_shows_steps_wall_time_and_who_stopped_short():
+    short = {
+        "steps": 19, "planned_steps": 574, "minutes": 5.5, "stopped_short": True,
+        "stop_reason": "wall-clock budget of 5.5 min reached at step 19",
+    }  # fmt: skip
+    full = {"steps": 657, "planned_steps": 657, "minutes": 5.43, "stopped_short": False}
+    runs = {
+        "ndm-gru": {"bleu_1": 0.3, "training": short},
+        "cvae-gru": {"bleu_1": 0.31, "training": full},
+        "old": {"bleu_1": 0.2},  # evaluated alone: nothing known about its training
+    }
+    lines = comparison_table(runs, columns=["bleu_1"]).splitlines()
+    assert lines[:5] == [
+        "| model | steps | train min | bleu_1 |",
+        "|---|---:|---:|---:|",
+        "| ndm-gru | 19 of 574 (stopped short) | 5.5 | 0.3000 |",
+        "| cvae-gru | 657 | 5.4 | 0.3100 |",
+        "| old | – | – | 0.2000 |",
+    ]
+    assert lines[5:] == [
+        "",
+        "- ndm-gru stopped short: trained 19 of 574 planned steps (wall-clock budget of 5.5 "
+        "min reached at step 19); its numbers are not comparable with fully trained runs",
+    ]
+    # No run carries "training" (an older comparison.json, evaluate's results.md): the
+    # table is the metrics alone, and "training" is never a metric column.
+    plain = {name: {"bleu_1": m["bleu_1"]} for name, m in runs.items()}
+    assert comparison_table(plain, columns=["bleu_1"]).splitlines()[0] == "| model | bleu_1 |"
+    assert comparison_table(runs, columns=["training"]).splitlines()[0] == (
+        "| model | steps | train min |"
+    )
+
+
 def test_read_metrics_round_trip(model_dirs, data_dir, tmp_path):
     out = tmp_path / "e"
     written = evaluate(

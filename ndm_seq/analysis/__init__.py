@@ -266,14 +266,57 @@ def analysis_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(report: dict, path: Path) -> None:
-    from ndm_seq.plots import plot_heatmap
+#: The whole-latent effect of an attribute counts as nil when it is within this many
+#: paired standard errors of 0 (about a 95% interval).
+NIL_WITHIN_SE = 2.0
+
+
+def _latent_ignored(report: dict) -> str | None:
+    """A sentence when swapping the whole latent (row ``all``) moves no attribute, or None.
+
+    The ``all`` row is the upper bound of every slot's (or subspace's) row: when it is nil
+    the decoder's responses do not follow the latent, and a map of near-zero slot effects
+    says nothing about the slots. Nil, from the data: ``|effect| <= NIL_WITHIN_SE x
+    effect_se`` (the paired standard error over the attribute's pairs), for every
+    attribute; with no standard error (one pair), ``effect == 0``. A model that ignores
+    its latent gives every pair the same response under ``all`` as under ``none``:
+    effect 0, standard error 0.
+    """
+    effects = []
+    for attr in report["attributes"].values():
+        edit = attr["edits"].get("all")
+        if not edit or edit.get("effect") is None or not math.isfinite(edit["effect"]):
+            return None
+        effect, se = abs(edit["effect"]), edit.get("effect_se")
+        nil = effect <= NIL_WITHIN_SE * se if se is not None and math.isfinite(se) else effect == 0
+        if not nil:
+            return None
+        effects.append(effect)
+    if not effects:
+        return None
+    parts = "slots" if report["settings"]["mode"] == "slots" else "subspaces"
+    return (
+        f'Swapping the whole latent (row "all") moves no attribute (each effect within '
+        f"{NIL_WITHIN_SE:g} standard errors of 0; largest {max(effects):.2f}): the responses "
+        f"do not follow this model's latent, so this map says nothing about its {parts}"
+    )
+
+
+def _figure(report: dict):
+    """The ``Figure`` of ``slot_attributes.png``: the effect matrix, with the sentence of
+    :func:`_latent_ignored` above it when it applies."""
+    from ndm_seq.plots import heatmap_figure
 
     m = report["matrix"]
     s = report["settings"]
     notes = [[f"n={report['attributes'][c]['pairs']}" for c in m["columns"]] for _ in m["rows"]]
-    plot_heatmap(
-        m["effect"], m["rows"], m["columns"], path, notes=notes,
+    return heatmap_figure(
+        m["effect"], m["rows"], m["columns"], notes=notes,
         title=f"{s['variant']}-{s['backbone']}: follow rate after the swap minus without",
         colorbar="effect (follow rate - follow rate of none)",
+        warning=_latent_ignored(report) or "",
     )  # fmt: skip
+
+
+def _plot(report: dict, path: Path) -> None:
+    _figure(report).savefig(path, dpi=110)
