@@ -500,3 +500,83 @@ def test_an_interrupted_publish_is_settled_without_losing_a_file(tmp_path, refer
     os.replace(run_dir / "model", run_dir / publish.REPLACED)
     publish.recover(run_dir)
     assert (run_dir / "model" / "NOTES.md").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------- resume checks
+
+
+def test_resume_with_another_tokenizer_of_the_same_size_is_refused(
+    tmp_path, prepared, half, capsys
+):
+    run_dir = _copy_run(half, tmp_path)
+    # Another tokenizer, same vocabulary size: trained on the same texts, another seed.
+    from ndm_seq.tokenization_ndm import NDMTokenizer
+
+    old = NDMTokenizer.from_pretrained(run_dir / "tokenizer")
+    texts = [json.loads(line)["response"] for line in (prepared.parent / "pairs.jsonl").open()]
+    other = NDMTokenizer.train(reversed(texts), vocab_size=500, seed=7)
+    assert len(other) == len(old) and other.get_vocab() != old.get_vocab()
+    shutil.rmtree(run_dir / "tokenizer")
+    other.save_pretrained(run_dir / "tokenizer")
+    code, err = _train_cli(capsys, _config_file(tmp_path, prepared))
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{run_dir / 'tokenizer'} is not the tokenizer " in err
+    assert "checkpoint-4 was trained with" in err and "training.resume=never" in err
+    assert not (run_dir / "checkpoints" / "checkpoint-8").exists()
+
+
+def test_a_deleted_config_yaml_still_gets_the_resume_check(tmp_path, prepared, half, capsys):
+    run_dir = _copy_run(half, tmp_path)
+    (run_dir / "config.yaml").unlink()
+    config = _config_file(tmp_path, prepared, model={"free_bits": 0.5}, learning_rate=0.05)
+    code, err = _train_cli(capsys, config)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "holds a run with a different config: " in err
+    assert "model.free_bits" in err and "training.learning_rate: 0.01 -> 0.05" in err
+    assert not (run_dir / "checkpoints" / "checkpoint-8").exists()
+
+
+def test_resume_with_max_steps_below_the_checkpoint_is_refused(tmp_path, prepared, half, capsys):
+    run_dir = _copy_run(half, tmp_path)
+    code, err = _train_cli(capsys, _config_file(tmp_path, prepared, max_steps=2))
+    assert code == 2 and err.count("\n") == 1, err
+    assert "training.max_steps is 2, below step 4 of the checkpoint" in err
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")) == [
+        "checkpoint-4"
+    ]
+    assert not (run_dir / "model").exists()
+
+
+def test_a_run_that_trained_no_step_publishes_no_model(tmp_path, prepared, monkeypatch, capsys):
+    import ndm_seq.training.run as R
+
+    base = R._make_trainer_class
+
+    def no_steps():
+        class NoSteps(base()):
+            def train(self, *args, **kwargs):  # as with gradient_accumulation_steps -2
+                from transformers.trainer_utils import TrainOutput
+
+                return TrainOutput(0, 0.0, {"train_runtime": 0.0})
+
+        return NoSteps
+
+    monkeypatch.setattr(R, "_make_trainer_class", no_steps)
+    code, err = _train_cli(capsys, _config_file(tmp_path, prepared))
+    assert code == 1 and err.count("\n") == 1, err
+    assert "training ended after 0 optimizer steps" in err and "no model published" in err
+    assert not (tmp_path / "run" / "model").exists()
+
+
+_INT = _TERM.replace("signal.SIGTERM", "signal.SIGINT")
+
+
+def test_ctrl_c_in_train_is_one_line_and_exit_130(tmp_path, prepared):
+    config = write_config(tmp_path, jsonl_run_config(tmp_path, prepared))
+    stopped = subprocess.run(
+        [sys.executable, "-c", _INT, str(config), "3"],
+        capture_output=True, text=True, env=_env(), timeout=300,
+    )  # fmt: skip
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == "ndm-seq train: interrupted"

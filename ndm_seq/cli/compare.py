@@ -22,7 +22,7 @@ def _compare(args: argparse.Namespace) -> int:
     """Exit codes as `train`'s: 0 done, 2 a bad config or folder, 1 no space left on
     device, 143 stopped by SIGTERM (the run's checkpoint saved); 130 on Ctrl-C."""
     from ndm_seq.compare import compare
-    from ndm_seq.training import DiskFullError, TrainingInterrupted
+    from ndm_seq.training import DiskFullError, NothingTrained, TrainingInterrupted
 
     try:
         configs, overrides = split_overrides(args.configs)
@@ -33,7 +33,13 @@ def _compare(args: argparse.Namespace) -> int:
             retrain=args.retrain,
             progress=not args.no_progress,
         )
-    except (FileNotFoundError, ValueError, DiskFullError, TrainingInterrupted) as err:
+    except (
+        FileNotFoundError,
+        ValueError,
+        DiskFullError,
+        TrainingInterrupted,
+        NothingTrained,
+    ) as err:
         return _training_exit("compare", err)
     except KeyboardInterrupt:
         return _interrupted("compare")

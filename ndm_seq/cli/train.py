@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
-from ndm_seq.cli.common import _training_exit
+from ndm_seq.cli.common import _interrupted, _training_exit
 
 
 def _train(args: argparse.Namespace) -> int:
     """Exit codes: 0 done, 2 a bad config or run folder (one line, nothing written),
-    1 no space left on device, 143 stopped by SIGTERM with a checkpoint saved."""
+    1 a failure during the work (no space left on device, nothing trained), 130 Ctrl-C,
+    143 stopped by SIGTERM with a checkpoint saved."""
     from ndm_seq.folders import FolderError
     from ndm_seq.training import (
         ConfigError,
         DiskFullError,
+        NothingTrained,
         TrainingInterrupted,
         load_run_config,
         train,
@@ -26,11 +29,22 @@ def _train(args: argparse.Namespace) -> int:
         return _training_exit("train", err)
     try:
         final = train(run)
-    except (ConfigError, FolderError, DiskFullError, TrainingInterrupted) as err:
+    except (ConfigError, FolderError, DiskFullError, TrainingInterrupted, NothingTrained) as err:
         return _training_exit("train", err)
-    print(f"trained model: {final}")
-    print(f"training curves: {Path(run.output_dir) / 'training_curves.png'}")
+    except KeyboardInterrupt:
+        return _interrupted("train")
+    if _rank() == 0:  # under torchrun: one line, not one per process
+        print(f"trained model: {final}")
+        print(f"training curves: {Path(run.output_dir) / 'training_curves.png'}")
     return 0
+
+
+def _rank() -> int:
+    """This process's global rank in a torchrun launch (0 outside one)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:

@@ -195,6 +195,33 @@ def write_budget(out: Path, inputs: BudgetInputs, measured: Measured, fit: Budge
         tmp.unlink(missing_ok=True)
 
 
+def _check_record(inputs: BudgetInputs, measured: Measured) -> None:
+    """Raise ``ValueError`` for a ``budget.json`` no measurement could have written: a
+    value of the wrong type, not finite, negative, or a step slower than the whole
+    measurement that timed five of them."""
+
+    def number(name: str, value, integer: bool = False, optional: bool = False) -> None:
+        if value is None and optional:
+            return
+        kinds = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+            raise ValueError(f"{name} is {value!r}, not a finite number")
+        if value < 0:
+            raise ValueError(f"{name} is {value!r}, below 0")
+
+    for key, value in asdict(measured).items():
+        number(f"measured.{key}", value)
+    for key, value in asdict(inputs).items():
+        number(key, value, integer=key != "max_minutes", optional=key == "eval_steps")
+    if measured.step_seconds <= 0:
+        raise ValueError(f"measured.step_seconds is {measured.step_seconds!r}, not above 0")
+    if measured.calibration_seconds and measured.step_seconds > measured.calibration_seconds:
+        raise ValueError(
+            f"measured.step_seconds ({measured.step_seconds!r}) exceeds the measurement's own "
+            f"duration (calibration_seconds {measured.calibration_seconds!r})"
+        )
+
+
 def read_budget(out: Path) -> tuple[BudgetInputs, Measured] | None:
     """The stored inputs and measurements, or None without ``budget.json``.
 
@@ -207,7 +234,9 @@ def read_budget(out: Path) -> tuple[BudgetInputs, Measured] | None:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         inputs = BudgetInputs(max_minutes=record["budget_minutes"], **record["configured"])
-        return inputs, Measured(**record["measured"])
+        measured = Measured(**record["measured"])
+        _check_record(inputs, measured)
+        return inputs, measured
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(
             f"{path} cannot be read ({_one_line(e)}): it holds the schedules this run was "

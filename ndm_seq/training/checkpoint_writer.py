@@ -38,10 +38,12 @@ from ndm_seq.training.checkpoints import (
 class CheckpointWriter:
     """What the two callbacks share: the trainer, the rotation limit, the pending step."""
 
-    def __init__(self):
+    def __init__(self, extra_files: dict[str, str] | None = None):
         self.trainer = None  # set by NDMTrainer once the Trainer is built
         self.save_total_limit: int | None = None
         self.pending: int | None = None
+        self.extra_files = dict(extra_files or {})
+        """``{file name: text}`` written into every checkpoint (before its manifest)."""
         self.mark = MarkPending(self)
         self.complete = CompletePending(self)
 
@@ -61,6 +63,10 @@ class CheckpointWriter:
         self.trainer.accelerator.wait_for_everyone()  # every process has written its part
         if self.trainer.args.should_save:
             folder = self.folder()
+            for name, text in self.extra_files.items():
+                (folder / f"{PREFIX_CHECKPOINT_DIR}-{step}" / name).write_text(
+                    text, encoding="utf-8"
+                )
             complete_checkpoint(folder, step)
             keep = folder / f"{PREFIX_CHECKPOINT_DIR}-{step}"
             best = self.trainer.state.best_model_checkpoint  # load_best_model_at_end's

@@ -175,10 +175,14 @@ class NDMTrainer(Trainer):
     :class:`CheckpointWriter` mark it pending before and complete it (manifest, fsync,
     rotation by ``args.save_total_limit``, valid checkpoints only) after. The Trainer's
     own rotation is off (``args.save_total_limit`` is moved to the writer).
+    ``checkpoint_files``: ``{name: text}`` written into every checkpoint (the run's record,
+    :data:`~ndm_seq.training.run_folder.RUN_RECORD`).
     """
 
-    def __init__(self, *args, max_nonfinite_steps: int = 5, callbacks=None, **kwargs):
-        writer = CheckpointWriter()
+    def __init__(
+        self, *args, max_nonfinite_steps: int = 5, checkpoint_files=None, callbacks=None, **kwargs
+    ):
+        writer = CheckpointWriter(checkpoint_files)
         # First: its on_save completes the checkpoint before any other callback's runs.
         super().__init__(*args, callbacks=[writer.complete, *(callbacks or [])], **kwargs)
         writer.trainer = self

@@ -29,10 +29,13 @@ from ndm_seq.training.checkpoints import (
 from ndm_seq.training.config import ConfigError, RunConfig, build_model_config, run_config_from_dict
 from ndm_seq.training.provenance import write_provenance
 from ndm_seq.training.run_folder import (
+    RUN_RECORD,
     _file_log,
     _publish_model,
     _setup_run_folder,
     _trim_log_history,
+    checkpoint_record,
+    run_record,
 )
 from ndm_seq.training.schedule import KLSchedule
 from ndm_seq.training.trainer import (
@@ -57,6 +60,12 @@ class TrainingInterrupted(RuntimeError):
     def __init__(self, message: str, checkpoint: str | None = None):
         super().__init__(message)
         self.checkpoint = checkpoint
+
+
+class NothingTrained(RuntimeError):
+    """The run trained no optimizer step: no model is published (``ndm-seq train`` exits 1)."""
+
+    exit_code = 1
 
 
 class _StopOnSignal:
@@ -259,6 +268,8 @@ def _train(run: RunConfig, stop: _StopOnSignal, stack: contextlib.ExitStack) -> 
         trainer.kl_schedule.warmup_steps = fit.kl_warmup_steps
         trainer.kl_schedule.total_steps = fit.max_steps
         clock.safety_net(t.max_minutes)  # the fitted steps are the budget
+    if resume is not None:
+        _check_resume_step(resume, args.max_steps)
     if stop.requested:
         raise TrainingInterrupted(
             f"stopped by SIGTERM before training started; nothing new saved in {out}"
@@ -273,6 +284,12 @@ def _train(run: RunConfig, stop: _StopOnSignal, stack: contextlib.ExitStack) -> 
             checkpoint=str(checkpoint),
         )
 
+    if trainer.state.global_step == 0:
+        raise NothingTrained(
+            f"{out}: training ended after 0 optimizer steps (training.max_steps "
+            f"{args.max_steps}, gradient_accumulation_steps {args.gradient_accumulation_steps}); "
+            "no model published"
+        )
     summary = _training_summary(run, trainer, args, result, resume, clock)
     final = _publish_model(trainer, tokenizer, out, run, summary)
     if trainer.is_world_process_zero():
@@ -283,6 +300,18 @@ def _train(run: RunConfig, stop: _StopOnSignal, stack: contextlib.ExitStack) -> 
             model_config=trainer.model.config,  # a term at weight 0 is not drawn
         )  # fmt: skip
     return final
+
+
+def _check_resume_step(resume: str, max_steps: int) -> None:
+    """Refuse to resume from a checkpoint past the run's last step (the Trainer would
+    train one step more than asked)."""
+    step = int(Path(resume).name.rsplit("-", 1)[1])
+    if step > max_steps:
+        raise ConfigError(
+            f"training.max_steps is {max_steps}, below step {step} of the checkpoint it would "
+            f"resume from ({resume}); raise training.max_steps to at least {step}, or set "
+            "training.resume=never to start again"
+        )
 
 
 def _training_summary(run: RunConfig, trainer, args, result, resume, clock: Clock) -> dict:
@@ -447,6 +476,7 @@ def _build_trainer(run: RunConfig, t, args, tokenizer, tokenized, train_ds, eval
         processing_class=tokenizer,
         callbacks=_callbacks(run, schedule, clock),
         max_nonfinite_steps=t.max_nonfinite_steps,
+        checkpoint_files={RUN_RECORD: run_record(run, tokenizer)},
     )
     trainer.kl_schedule = schedule  # the budget fit may shorten it (ndm_seq.training.budget)
     if _world_size() > 1:  # every rank stops at the same step when any got SIGTERM
@@ -520,6 +550,21 @@ def _keep_checkpoint_vmed_memory(run: RunConfig, config) -> None:
     config.vmed_memory = memory
 
 
+def _check_tokenizer(resume: str, tokenizer, out: Path) -> None:
+    """Refuse to resume with a tokenizer other than the one the checkpoint was trained
+    with (a replaced ``tokenizer/`` of the same size would train on other ids)."""
+    from ndm_seq.data.fingerprints import tokenizer_fingerprint
+
+    record = checkpoint_record(resume)
+    if record is None or record.get("tokenizer") in (None, tokenizer_fingerprint(tokenizer)):
+        return
+    raise ConfigError(
+        f"{out / 'tokenizer'} is not the tokenizer {resume} was trained with (fingerprint "
+        f"{tokenizer_fingerprint(tokenizer)[:12]}, recorded {str(record['tokenizer'])[:12]}); "
+        "put the run's tokenizer back, or set training.resume=never to start again"
+    )
+
+
 def _resume_point(t, trainer, out: Path) -> str | None:
     """The checkpoint to resume from (None: a fresh run), with ``log_history.jsonl`` and
     the earlier run's checkpoints made to match.
@@ -540,6 +585,7 @@ def _resume_point(t, trainer, out: Path) -> str | None:
             raise ConfigError(f"training.resume={resume!r} cannot be resumed from: {problem}")
     history = out / "log_history.jsonl"
     if resume:
+        _check_tokenizer(resume, trainer.processing_class, out)
         logger.info("resuming from %s", resume)
         if trainer.is_world_process_zero():
             state = json.loads((Path(resume) / "trainer_state.json").read_text(encoding="utf-8"))

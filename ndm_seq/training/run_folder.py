@@ -132,6 +132,41 @@ def _listing(changes: dict[str, tuple[Any, Any]]) -> str:
     return "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
 
 
+RUN_RECORD = "ndm_seq_run.json"
+"""``checkpoint-N/<this>``: the run config and the tokenizer's fingerprint the checkpoint
+was trained with (:func:`checkpoint_record`), so that a resume is checked even when the
+run folder's ``config.yaml`` or ``tokenizer/`` was deleted or replaced."""
+
+
+def run_record(run: RunConfig, tokenizer) -> str:
+    """The text of :data:`RUN_RECORD` for ``run`` trained with ``tokenizer``."""
+    from ndm_seq.data.fingerprints import tokenizer_fingerprint
+
+    record = {"config": run.to_dict(), "tokenizer": tokenizer_fingerprint(tokenizer)}
+    return json.dumps(record, indent=2) + "\n"
+
+
+def checkpoint_record(checkpoint: str | os.PathLike) -> dict | None:
+    """:data:`RUN_RECORD` of a checkpoint; None for one written before it existed."""
+    try:
+        record = json.loads((Path(checkpoint) / RUN_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _checkpoint_config(out: Path) -> tuple[RunConfig, str] | None:
+    """The run config the newest checkpoint of ``out`` recorded, and where it is."""
+    from ndm_seq.training.checkpoints import _latest_checkpoint
+
+    latest = _latest_checkpoint(out / "checkpoints")
+    record = None if latest is None else checkpoint_record(latest)
+    if record is None or not isinstance(record.get("config"), dict):
+        return None
+    where = str(Path(latest) / RUN_RECORD)
+    return run_config_from_dict(record["config"], where=where), where
+
+
 def check_resume_config(run: RunConfig, out: Path) -> RunConfig:
     """The config to run with in ``out``, after comparing ``run`` with the stored one.
 
@@ -142,9 +177,14 @@ def check_resume_config(run: RunConfig, out: Path) -> RunConfig:
     ``tokenizer`` and ``data`` sections are kept and a warning says so).
     """
     stored_path = out / "config.yaml"
-    if not stored_path.is_file():
-        return run
     mode = run.training.resume
+    if not stored_path.is_file():
+        found = None if mode == "never" else _checkpoint_config(out)
+        if found is None:
+            return run
+        stored, where = found
+        logger.warning("%s is missing: checking the config against %s", stored_path, where)
+        return _compare_with_stored(run, stored, out, mode)
     try:
         raw = yaml.safe_load(stored_path.read_text(encoding="utf-8"))
         stored = run_config_from_dict(raw, where=str(stored_path))
@@ -156,6 +196,11 @@ def check_resume_config(run: RunConfig, out: Path) -> RunConfig:
             f"{out} holds a run whose stored config.yaml cannot be read ({_one_line(e)}); "
             "set training.resume=never to start again in this folder, or choose another output_dir"
         ) from None
+    return _compare_with_stored(run, stored, out, mode)
+
+
+def _compare_with_stored(run: RunConfig, stored: RunConfig, out: Path, mode: str) -> RunConfig:
+    """:func:`check_resume_config` once the stored config is read."""
     changes = config_changes(stored, run)
     if mode == "never":
         if any(k == "seed" or k.startswith(("tokenizer.", "data.")) for k in changes):
