@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import random
+from collections import Counter
 
 import datasets
 import pytest
@@ -18,6 +19,7 @@ from ndm_seq.analysis import (
     TextStats,
     analysis_table,
     available_attributes,
+    distinct_pairs,
     edit_names,
     sample_pairs,
     subspace_projectors,
@@ -107,16 +109,33 @@ def test_the_table_is_consistent():
 # --------------------------------------------------------------------------- pairs, subspaces
 
 
-def test_sample_pairs_differ_and_are_deterministic():
-    values = ["yes"] * 3 + ["no"] * 27
-    pairs = sample_pairs(values, 200, 0)
-    assert len(pairs) == 200 and pairs == sample_pairs(values, 200, 0)
-    assert pairs != sample_pairs(values, 200, 1)
+def test_sample_pairs_are_distinct_balanced_and_deterministic():
+    values = ["yes"] * 3 + ["no"] * 27  # 3 * 27 * 2 = 162 distinct ordered pairs
+    assert distinct_pairs(values) == 162
+    pairs = sample_pairs(values, 100, 0)
+    assert len(pairs) == len(set(pairs)) == 100 and pairs == sample_pairs(values, 100, 0)
+    assert pairs != sample_pairs(values, 100, 1)
     assert all(values[a] != values[b] for a, b in pairs)
-    # balanced over a's value: about half the pairs start from the 3 "yes" items
-    share = sum(values[a] == "yes" for a, _ in pairs) / len(pairs)
-    assert 0.4 < share < 0.6
+    # balanced over a's value: half the pairs start from the 3 "yes" items
+    assert sum(values[a] == "yes" for a, _ in pairs) == 50
     assert sample_pairs(["no"] * 5, 10, 0) == []
+
+
+def test_sample_pairs_never_repeat_a_pair_and_stop_at_what_the_values_hold():
+    # 6 responses, 2 questions: 2 * 4 * 2 = 16 distinct ordered pairs. Drawn with
+    # replacement, 200 asked gave 200 (the report and its standard errors counted 200).
+    values = ["question", "statement", "statement", "question", "statement", "statement"]
+    pairs = sample_pairs(values, 200, 0)
+    assert len(pairs) == len(set(pairs)) == distinct_pairs(values) == 16
+    every = {(a, b) for a in range(6) for b in range(6) if values[a] != values[b]}
+    assert set(pairs) == every
+    # a value with few pairs gives all of its own and leaves the rest to the others
+    values = ["a"] + ["b"] * 3 + ["c"] * 20  # a: 23 pairs, b: 63, c: 80
+    pairs = sample_pairs(values, 150, 2)
+    starts = Counter(values[a] for a, _ in pairs)
+    assert len(set(pairs)) == 150 and starts == {"a": 23, "b": 63, "c": 64}
+    # an absurd count is bounded by what the values hold, without growing memory first
+    assert len(sample_pairs(values, 100_000_000, 0)) == distinct_pairs(values) == 166
 
 
 @pytest.mark.parametrize("basis", ["random", "coordinates"])
@@ -394,3 +413,31 @@ def test_analyze_refuses_a_model_without_a_gaussian_latent(
                  "--output", str(tmp_path / "o")])  # fmt: skip
     assert code == 1
     assert "analyze needs a cvae or ndm model; this model is 'seq2seq'" in capsys.readouterr().err
+
+
+def test_analyze_uses_distinct_pairs_and_says_when_the_split_holds_fewer(
+    tiny_ndm_gru, tmp_path, capsys
+):
+    responses = ["why not?", "i like tea", "we go home", "do you?", "the park", "yes"]
+    split = datasets.Dataset.from_dict(
+        {"context": [["hi there"]] * len(responses), "response": responses}
+    )
+    data = tmp_path / "data"
+    datasets.DatasetDict({"test": split}).save_to_disk(str(data))
+    capsys.readouterr()  # datasets' saving bar
+    out = tmp_path / "analysis"
+    argv = ["analyze", str(tiny_ndm_gru), "--data", str(data), "--pairs", "100000000",
+            "--attributes", "question", "--output", str(out), "--max-new-tokens", "3",
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.err == (
+        "ndm-seq analyze: note: --pairs 100000000 is more than the split's distinct pairs "
+        "of 1 attribute(s); each uses all it has: question 16\n"
+    )
+    report = json.loads((out / "analysis.json").read_text())
+    attr = report["attributes"]["question"]
+    assert attr["pairs"] == attr["distinct_pairs"] == 16
+    for edit in attr["edits"].values():  # rates and standard errors over the 16 pairs
+        assert math.isclose(edit["rate"] * 16, edit["follows"])
+    assert "| pairs | | 16 (all) |" in captured.out

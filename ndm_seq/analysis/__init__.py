@@ -28,6 +28,7 @@ from ndm_seq.analysis.attributes import (
 from ndm_seq.analysis.swap import (
     BASES,
     MODES,
+    distinct_pairs,
     edit_names,
     sample_pairs,
     subspace_projectors,
@@ -44,8 +45,10 @@ __all__ = [
     "analyze",
     "available_attributes",
     "check_options",
+    "distinct_pairs",
     "edit_names",
     "sample_pairs",
+    "short_of_pairs",
     "subspace_projectors",
     "swap_experiment",
     "text_stats",
@@ -136,7 +139,8 @@ def analyze(
         data_dir: a prepared dataset (``ndm-seq prepare``); ``split`` its split.
         attributes: names in :data:`ATTRIBUTES` (None: every one whose package is installed;
             ``sentiment`` needs ``vaderSentiment``).
-        pairs: pairs per attribute.
+        pairs: distinct pairs per attribute (drawn without replacement; an attribute
+            whose split holds fewer uses them all: :func:`short_of_pairs`).
         mode: ``"slots"`` (ndm, the default for it) or ``"subspaces"`` (the default for cvae;
             also allowed for ndm, on its ``z``): ``subspaces`` subspaces of ``basis``
             (``"random"`` orthogonal or ``"coordinates"``).
@@ -223,6 +227,25 @@ def _cell(edit: dict | None, key: str) -> str:
     return f"{text} ± {se:.2f}" if se is not None and math.isfinite(se) else text
 
 
+def _pairs_cell(attr: dict, asked: int) -> str:
+    n = attr["pairs"]
+    return f"{n} (all)" if n < asked and n == attr.get("distinct_pairs") else str(n)
+
+
+def short_of_pairs(report: dict) -> str | None:
+    """One line naming the attributes whose split holds fewer distinct pairs than asked
+    (each then uses all of them), or None."""
+    asked = report["settings"]["pairs"]
+    short = {n: a["pairs"] for n, a in report["attributes"].items() if a["pairs"] < asked}
+    if not short:
+        return None
+    counts = ", ".join(f"{name} {count}" for name, count in short.items())
+    return (
+        f"--pairs {asked} is more than the split's distinct pairs of {len(short)} "
+        f"attribute(s); each uses all it has: {counts}"
+    )
+
+
 def analysis_table(report: dict) -> str:
     """``analysis.md``: the settings, the effect matrix and the reference counts, in Markdown."""
     s = report["settings"]
@@ -233,7 +256,8 @@ def analysis_table(report: dict) -> str:
         f"- model: {s['variant']}, {s['backbone']}, d_z {s['latent_dim']}; swapped: {s['units']} "
         f"{unit}s (and the whole latent: `all`)",
         f"- data: `{s['data']}`, split `{s['split']}` ({s['responses']} responses); up to "
-        f"{s['pairs']} pairs per attribute, seed {s['seed']}",
+        f"{s['pairs']} distinct pairs per attribute (drawn without replacement; `all`: every "
+        f"pair the split holds), seed {s['seed']}",
         f"- decoding: {s['decoding']}, at most {s['max_new_tokens']} tokens; token limits: "
         f"context {s['max_context_tokens']}, response {s['max_response_tokens']} ({s['token_limits']})",
         "- cell: follow rate (share of pairs (a, b) whose response, generated after a's "
@@ -255,7 +279,9 @@ def analysis_table(report: dict) -> str:
     for edit in report["edits"][1:]:
         share = f"{shares[edit]:.2f}" if edit in shares else "1"
         lines.append(f"| {edit} | {share} | {row(edit, 'effect')} |")
-    lines.append("| pairs | | " + " | ".join(str(attrs[n]["pairs"]) for n in names) + " |")
+    lines.append(
+        "| pairs | | " + " | ".join(_pairs_cell(attrs[n], s["pairs"]) for n in names) + " |"
+    )
     lines.append("\nReference responses per value (the whole split):\n")
     for n in names:
         counts = ", ".join(f"{v} {c}" for v, c in attrs[n]["reference_counts"].items())

@@ -17,7 +17,9 @@ a latent for ``a`` from ``a``'s and ``b``'s:
   (``z_b``): the upper bound.
 
 Each edited latent is decoded greedily after ``a``'s context, and ``A`` is measured on the
-generated text. The **follow rate** of an edit is the share of pairs whose generated
+generated text. The pairs of an attribute are distinct, drawn without replacement
+(:func:`sample_pairs`): a small split gives fewer than asked, never a pair counted twice.
+The **follow rate** of an edit is the share of pairs whose generated
 response takes ``b``'s value of ``A``; its **effect** is its follow rate minus the follow
 rate of ``none`` (what ``a``'s own latent already gives). ``effect`` is 0 for an edit
 that carries nothing of ``A``; the paired standard error of the effect is
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,6 +43,7 @@ from ndm_seq.models.outputs import Decomposition, compose
 
 __all__ = [
     "Latents",
+    "distinct_pairs",
     "edit_names",
     "generate_edits",
     "part_shares",
@@ -179,12 +183,23 @@ def part_shares(lat: Latents, projectors: torch.Tensor | None) -> torch.Tensor:
     return (norms / norms.sum(-1, keepdim=True).clamp_min(1e-30)).mean(0)
 
 
-def sample_pairs(values: Sequence[str], n: int, seed: int | str) -> list[tuple[int, int]]:
-    """``n`` ordered pairs ``(a, b)`` of indices with ``values[a] != values[b]``.
+def distinct_pairs(values: Sequence[str]) -> int:
+    """How many distinct ordered pairs ``(a, b)`` with ``values[a] != values[b]`` there are:
+    the most :func:`sample_pairs` can draw."""
+    sizes = Counter(values).values()
+    total = len(values)
+    return sum(k * (total - k) for k in sizes)
 
-    Balanced over ``a``'s value: for each pair, ``a``'s value is drawn uniformly among the
-    values that occur, ``a`` uniformly among the items with it, ``b`` uniformly among the
-    items with another value (with replacement). Empty when fewer than two values occur.
+
+def sample_pairs(values: Sequence[str], n: int, seed: int | str) -> list[tuple[int, int]]:
+    """``min(n, distinct_pairs(values))`` distinct ordered pairs ``(a, b)`` of indices with
+    ``values[a] != values[b]``, drawn without replacement, in a seeded random order.
+
+    Balanced over ``a``'s value: each value that occurs starts the same number of pairs
+    (give or take one), except a value whose items have fewer pairs than that, which
+    starts all of its own and leaves the rest to the others. Within a value, the pairs
+    are uniform among its ``(a, b)``. Empty when fewer than two values occur. Memory grows
+    with the pairs drawn, never with ``n`` beyond them.
     """
     groups: dict[str, list[int]] = {}
     for i, v in enumerate(values):
@@ -193,12 +208,32 @@ def sample_pairs(values: Sequence[str], n: int, seed: int | str) -> list[tuple[i
         return []
     rng = random.Random(hashlib.sha256(f"ndm-seq:pairs:{seed}".encode()).hexdigest())
     keys = sorted(groups)
-    others = {v: [i for i, w in enumerate(values) if w != v] for v in keys}
+    available = {v: len(groups[v]) * (len(values) - len(groups[v])) for v in keys}
+    quota = _balanced(min(n, sum(available.values())), available)
     pairs = []
-    for _ in range(n):
-        va = rng.choice(keys)
-        pairs.append((rng.choice(groups[va]), rng.choice(others[va])))
+    for v in keys:
+        others = [i for i, w in enumerate(values) if w != v]
+        # Pair index j of value v is (groups[v][j // len(others)], others[j % len(others)]).
+        for j in rng.sample(range(available[v]), quota[v]):
+            a, b = divmod(j, len(others))
+            pairs.append((groups[v][a], others[b]))
+    rng.shuffle(pairs)
     return pairs
+
+
+def _balanced(n: int, available: dict[str, int]) -> dict[str, int]:
+    """``n`` split as evenly as the capacities ``available`` allow (``n <= sum``)."""
+    quota = dict.fromkeys(available, 0)
+    open_keys = [v for v in available if available[v] > 0]
+    left = n
+    while left and open_keys:
+        share, extra = divmod(left, len(open_keys))
+        for i, v in enumerate(open_keys):
+            take = min(share + (i < extra), available[v] - quota[v])
+            quota[v] += take
+            left -= take
+        open_keys = [v for v in open_keys if quota[v] < available[v]]
+    return quota
 
 
 def _effects(follow: torch.Tensor, names: list[str]) -> dict[str, dict]:
@@ -244,7 +279,8 @@ def swap_experiment(
         tokenizer: its tokenizer.
         contexts, responses: the split (each context a list of turns).
         attributes: names in :data:`ATTRIBUTES`.
-        pairs: pairs per attribute.
+        pairs: pairs per attribute, distinct (at most what the responses hold:
+            :func:`distinct_pairs`).
         mode: ``"slots"`` (ndm) or ``"subspaces"`` (``subspaces`` random subspaces of
             ``basis``, :func:`subspace_projectors`).
         seed: seeds the pairs and the subspaces (greedy decoding of posterior means is
@@ -255,7 +291,8 @@ def swap_experiment(
         examples: generated responses kept per attribute in the result.
 
     Returns:
-        ``{"edits": [...], "attributes": {name: {"pairs", "reference_counts",
+        ``{"edits": [...], "attributes": {name: {"pairs" (drawn), "distinct_pairs"
+        (available), "reference_counts",
         "edits": {edit: {"follows", "rate", "effect", "effect_se"}}, "examples"}},
         "median_words", "shares": {part: share}}`` (:func:`part_shares` of the paired
         responses' latents).
@@ -310,7 +347,13 @@ def _attribute_result(name, pairs, ref, generated, names, stats, responses, exam
     measure = ATTRIBUTES[name].measure
     values = ATTRIBUTES[name].values
     counts = {v: ref.count(v) for v in values}
-    out = {"pairs": len(pairs), "reference_counts": counts, "edits": {}, "examples": []}
+    out = {
+        "pairs": len(pairs),
+        "distinct_pairs": distinct_pairs(ref),
+        "reference_counts": counts,
+        "edits": {},
+        "examples": [],
+    }
     if not pairs:
         return out
     follow = torch.tensor(

@@ -20,7 +20,7 @@ def _attribute_list(text: str) -> list[str]:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from ndm_seq.analysis import ANALYSIS_FILES, analyze, check_options
+    from ndm_seq.analysis import ANALYSIS_FILES, analyze, check_options, short_of_pairs
     from ndm_seq.folders import FolderError
 
     try:  # usage errors, reported before the model loads
@@ -47,6 +47,8 @@ def _analyze(args: argparse.Namespace) -> int:
         return _model_error("analyze", _load_message(err, args.model_dir))
     for name, why in report["skipped"].items():
         print(f"ndm-seq analyze: note: attribute {name!r} skipped: {why}", file=sys.stderr)
+    if short := short_of_pairs(report):
+        print(f"ndm-seq analyze: note: {short}", file=sys.stderr)
     print((output / "analysis.md").read_text(), end="")
     print("\nwrote " + ", ".join(str(output / f) for f in ANALYSIS_FILES))
     return 0
@@ -92,7 +94,13 @@ def add_analyze(sub: argparse._SubParsersAction) -> None:
         help="attributes to measure, comma-separated, among question, length, sentiment, "
         "first_person, laughter (default: all; sentiment only when vaderSentiment is installed)",
     )
-    p.add_argument("--pairs", type=int, default=200, help="pairs (a, b) per attribute")
+    p.add_argument(
+        "--pairs",
+        type=int,
+        default=200,
+        help="distinct pairs (a, b) per attribute, drawn without replacement (at most what "
+        "the split holds)",
+    )
     p.add_argument(
         "--swap",
         choices=("slots", "subspaces"),
