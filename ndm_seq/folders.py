@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -199,8 +200,13 @@ def exclusive(path: str | os.PathLike, command: str, wait: float = 0) -> Iterato
         except Timeout:
             if wait <= 0:
                 raise
-            # Say once why nothing happens, then wait for the holder.
-            logger.warning("%s is in use by %s; waiting for it", path, describe_holder(path))
+            # Say once, on the console too, why nothing happens, then wait for the holder.
+            line = (
+                f"{path} is in use by {describe_holder(path)}; waiting for it to finish "
+                f"(up to {wait / 60:g} min)"
+            )
+            logger.warning(line)
+            print(f"ndm-seq: {line}", file=sys.stderr, flush=True)
             lock.acquire(timeout=wait)
     except Timeout:
         raise FolderBusy(

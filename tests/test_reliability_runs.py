@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from training_runs import jsonl_run_config, synthetic_corpus, train_in_subprocess, write_config
 
 import ndm_seq.training as T
-from ndm_seq import cli, folders
+from ndm_seq import NDMForConversation, cli, folders
 from ndm_seq.training.checkpoints import _latest_checkpoint
 from ndm_seq.training.run_folder import is_legacy_run_folder
 
@@ -72,6 +72,19 @@ def _train_cli(capsys, config: Path, *overrides) -> tuple[int, str]:
     code = cli.main(["train", str(config), *overrides])
     lines = capsys.readouterr().err.replace("\r", "\n").splitlines(keepends=True)
     return code, "".join(line for line in lines if line.startswith("ndm-seq train: "))
+
+
+def _last(err: str) -> str:
+    """The last ``ndm-seq train:`` line (with its newline): the error of a failed run."""
+    return err.splitlines(keepends=True)[-1]
+
+
+def _only_error(err: str) -> bool:
+    """Whether ``err`` ends with one error line, every line before it being what a run
+    says as it starts (the resume, its changed settings, the header)."""
+    before = err.splitlines()[:-1]
+    said = ("ndm-seq train: resuming ", "ndm-seq train: ndm-gru, ")
+    return bool(err.splitlines()) and all(line.startswith(said) for line in before)
 
 
 def _training_rows(run_dir: Path) -> list[int]:
@@ -385,7 +398,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(
     code, err = _train_cli(capsys, config)
     checkpoints = tmp_path / "run/checkpoints"
     assert code == 1
-    assert err == (
+    assert _last(err) == (
         f"ndm-seq train: no space left on device while writing checkpoint "
         f"{checkpoints / 'checkpoint-8'}; removed the partial files; the newest complete "
         f"checkpoint ({checkpoints / 'checkpoint-4'}) is kept: free some space and run the "
@@ -416,7 +429,7 @@ def test_full_disk_while_writing_the_final_model(tmp_path, prepared, monkeypatch
     config = write_config(tmp_path, jsonl_run_config(tmp_path, prepared))
     code, err = _train_cli(capsys, config)
     run_dir = tmp_path / "run"
-    assert code == 1 and err.startswith(
+    assert code == 1 and _last(err).startswith(
         f"ndm-seq train: no space left on device while writing the final model {run_dir / 'model'}"
     )
     assert not (run_dir / "model").exists() and not (run_dir / ".model.incomplete").exists()
@@ -476,7 +489,7 @@ def test_a_changed_model_file_stops_the_run_before_training(tmp_path, prepared, 
     config.write_text(config.read_text().replace("{", '{\n  "my_note": 1,', 1))
     before = _snapshot(run_dir / "model")
     code, err = _train_cli(capsys, _config_file(tmp_path, prepared, max_steps=12))
-    assert code == 2 and err.count("\n") == 1
+    assert code == 2 and _only_error(err)
     assert "config.json (changed since train wrote it)" in err
     assert not (run_dir / "checkpoints" / "checkpoint-12").exists()
     assert _snapshot(run_dir / "model") == before
@@ -519,7 +532,7 @@ def test_resume_with_another_tokenizer_of_the_same_size_is_refused(
     shutil.rmtree(run_dir / "tokenizer")
     other.save_pretrained(run_dir / "tokenizer")
     code, err = _train_cli(capsys, _config_file(tmp_path, prepared))
-    assert code == 2 and err.count("\n") == 1, err
+    assert code == 2 and _only_error(err), err
     assert f"{run_dir / 'tokenizer'} is not the tokenizer " in err
     assert "checkpoint-4 was trained with" in err and "training.resume=never" in err
     assert not (run_dir / "checkpoints" / "checkpoint-8").exists()
@@ -530,7 +543,7 @@ def test_a_deleted_config_yaml_still_gets_the_resume_check(tmp_path, prepared, h
     (run_dir / "config.yaml").unlink()
     config = _config_file(tmp_path, prepared, model={"free_bits": 0.5}, learning_rate=0.05)
     code, err = _train_cli(capsys, config)
-    assert code == 2 and err.count("\n") == 1, err
+    assert code == 2 and _only_error(err), err
     assert "holds a run with a different config: " in err
     assert "model.free_bits" in err and "training.learning_rate: 0.01 -> 0.05" in err
     assert not (run_dir / "checkpoints" / "checkpoint-8").exists()
@@ -539,7 +552,7 @@ def test_a_deleted_config_yaml_still_gets_the_resume_check(tmp_path, prepared, h
 def test_resume_with_max_steps_below_the_checkpoint_is_refused(tmp_path, prepared, half, capsys):
     run_dir = _copy_run(half, tmp_path)
     code, err = _train_cli(capsys, _config_file(tmp_path, prepared, max_steps=2))
-    assert code == 2 and err.count("\n") == 1, err
+    assert code == 2 and _only_error(err), err
     assert "training.max_steps is 2, below step 4 of the checkpoint" in err
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")) == [
         "checkpoint-4"
@@ -563,7 +576,7 @@ def test_a_run_that_trained_no_step_publishes_no_model(tmp_path, prepared, monke
 
     monkeypatch.setattr(R, "_make_trainer_class", no_steps)
     code, err = _train_cli(capsys, _config_file(tmp_path, prepared))
-    assert code == 1 and err.count("\n") == 1, err
+    assert code == 1 and _only_error(err), err
     assert "training ended after 0 optimizer steps" in err and "no model published" in err
     assert not (tmp_path / "run" / "model").exists()
 
@@ -580,3 +593,67 @@ def test_ctrl_c_in_train_is_one_line_and_exit_130(tmp_path, prepared):
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     assert "Traceback" not in stopped.stderr
     assert stopped.stderr.strip().splitlines()[-1] == "ndm-seq train: interrupted"
+
+
+_HOLD = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from ndm_seq import folders
+
+    with folders.exclusive(Path(sys.argv[1]), "prepare"):
+        Path(sys.argv[2]).write_text("held")
+        time.sleep(120)
+    """
+)
+
+
+def test_train_says_it_waits_for_a_prepare_and_stops_at_once_on_sigterm(tmp_path, prepared):
+    ready, log = tmp_path / "held", tmp_path / "stderr.txt"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(prepared), str(ready)], env=_env())
+    try:
+        _wait_for(ready, holder)
+        config = write_config(tmp_path, jsonl_run_config(tmp_path, prepared))
+        with log.open("w") as err:
+            train = subprocess.Popen(
+                [sys.executable, "-m", "ndm_seq.cli", "train", str(config)], stderr=err, env=_env()
+            )
+            deadline = time.monotonic() + 120
+            while "waiting for it" not in log.read_text() and time.monotonic() < deadline:
+                assert train.poll() is None, log.read_text()[-2000:]
+                time.sleep(0.1)
+            said = [line for line in log.read_text().splitlines() if "waiting for it" in line]
+            assert said == [
+                f"ndm-seq: {prepared} is in use by ndm-seq prepare (pid {holder.pid} on host "
+                f"{socket.gethostname()} since {said[0].split(' since ')[1].split(')')[0]}); "
+                "waiting for it to finish (up to 60 min)"
+            ]
+            start = time.monotonic()
+            train.send_signal(signal.SIGTERM)
+            code = train.wait(timeout=60)
+        assert code == 143 and time.monotonic() - start < 10
+        lines = log.read_text().strip().splitlines()
+        assert "Traceback" not in log.read_text()
+        assert lines[-1] == (
+            "ndm-seq train: stopped by SIGTERM before training started; nothing new saved"
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_the_console_says_what_the_run_does(tmp_path, prepared, half, capsys):
+    run_dir = _copy_run(half, tmp_path)
+    code, err = _train_cli(capsys, _config_file(tmp_path, prepared))
+    assert code == 0, err
+    lines = err.splitlines()
+    changed = [line for line in lines if "resuming with changed settings: " in line]
+    assert len(changed) == 1 and "training.max_steps: 4 -> 8" in changed[0]
+    assert f"ndm-seq train: resuming from {run_dir / 'checkpoints/checkpoint-4'}" in lines
+    header = [line for line in lines if " parameters; " in line]
+    model = NDMForConversation.from_pretrained(run_dir / "model")
+    params = sum(p.numel() for p in model.parameters())
+    assert header == [
+        f"ndm-seq train: ndm-gru, {params:,} parameters; 200 train / 0 validation pairs; 8 "
+        f"steps of batch 8; cpu fp32; run folder {run_dir}"
+    ]

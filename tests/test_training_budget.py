@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from training_runs import history, jsonl_run_config, synthetic_corpus
 
@@ -227,3 +228,40 @@ def test_a_slower_machine_still_trains_the_fitted_steps_or_says_it_fell_short(
         assert f"ndm-seq train: stopped short of the planned 12 steps: {reason}" in err
     else:
         assert training["stop_reason"] is None and "stopped short" not in err
+
+
+def test_a_shortened_run_logs_as_often_relative_to_its_length(tmp_path, prepared, monkeypatch):
+    # Fitted 12 of 40 steps: logging every 10 configured steps becomes every 3.
+    monkeypatch.setattr(budget, "measure", lambda *args: FAKE)
+    run_dir = _run(tmp_path, prepared, **BUDGETED | {"logging_steps": 10})
+    assert sorted(history(run_dir)) == [3, 6, 9, 12]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "said"),
+    [
+        ("step_seconds", float("nan"), "measured.step_seconds is nan, not a finite number"),
+        ("step_seconds", 1e9, "exceeds the measurement's own duration"),
+        ("step_seconds", "fast", "measured.step_seconds is 'fast', not a finite number"),
+    ],
+)
+def test_a_tampered_budget_json_is_one_line(
+    tmp_path, prepared, monkeypatch, capsys, field, value, said
+):
+    from ndm_seq import cli
+
+    measured = Measured(step_seconds=4.0, save_seconds=0.5, calibration_seconds=30.0)
+    monkeypatch.setattr(budget, "measure", lambda *args: measured)
+    raw = jsonl_run_config(tmp_path, prepared, **BUDGETED)
+    run_dir = _run(tmp_path, prepared, **BUDGETED)
+    record = json.loads((run_dir / "budget.json").read_text())
+    record["measured"][field] = value
+    (run_dir / "budget.json").write_text(json.dumps(record))
+    raw["training"]["max_steps"] = 41  # a changed budget input: the stored fit is read again
+    config = tmp_path / "again.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    capsys.readouterr()
+    assert cli.main(["train", str(config)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "ndm-seq train: " in line]
+    assert said in err[-1] and "training.resume=never" in err[-1]
+    assert all(line.startswith("ndm-seq train: resuming ") for line in err[:-1])

@@ -46,7 +46,6 @@ import math
 import os
 import random
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,6 +53,7 @@ from pathlib import Path
 import torch
 
 from ndm_seq.training.config import ConfigError, RunConfig, _one_line
+from ndm_seq.training.run_folder import say
 
 logger = logging.getLogger("ndm_seq.training")
 
@@ -400,16 +400,11 @@ def budget_fit(run: RunConfig, trainer, out: Path, resuming: bool) -> BudgetFit 
     return fit
 
 
-def _say(line: str, warn: bool = False) -> None:
-    (logger.warning if warn else logger.info)(line)
-    print(f"ndm-seq train: {line}", file=sys.stderr, flush=True)
-
-
 def _main_process_fit(run: RunConfig, trainer, out: Path, resuming: bool) -> BudgetFit | None:
     stored = read_budget(out)
     if run.training.max_minutes is None:
         if stored is not None and resuming:
-            _say(
+            say(
                 f"training.max_minutes is not set: the schedules fitted in {BUDGET_FILE} "
                 f"give way to the configured ones (max_steps {run.training.max_steps})",
                 warn=True,
@@ -417,7 +412,7 @@ def _main_process_fit(run: RunConfig, trainer, out: Path, resuming: bool) -> Bud
         return None
     inputs = BudgetInputs.of(run, evaluates=trainer.args.eval_strategy != "no")
     if stored is None and resuming:
-        _say(
+        say(
             f"resuming a run whose schedules were not fitted to a budget (no {BUDGET_FILE}): "
             f"keeping max_steps {inputs.max_steps}; training.max_minutes only stops training",
             warn=True,
@@ -433,7 +428,7 @@ def _main_process_fit(run: RunConfig, trainer, out: Path, resuming: bool) -> Bud
                 for k, v in asdict(before).items()
                 if v != getattr(inputs, k)
             }
-            _say(
+            say(
                 f"budget inputs changed since {BUDGET_FILE} was written "
                 f"({'; '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())}): "
                 "fitting again from the stored measurements",
@@ -442,5 +437,5 @@ def _main_process_fit(run: RunConfig, trainer, out: Path, resuming: bool) -> Bud
     fit = fit_schedules(inputs, measured)
     if stored is None or stored[0] != inputs:
         write_budget(out, inputs, measured, fit)
-    _say(describe(inputs, measured, fit, source))
+    say(describe(inputs, measured, fit, source))
     return fit

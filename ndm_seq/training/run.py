@@ -11,7 +11,6 @@ import json
 import logging
 import shutil
 import signal
-import sys
 import threading
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from ndm_seq.training.run_folder import (
     _trim_log_history,
     checkpoint_record,
     run_record,
+    say,
 )
 from ndm_seq.training.schedule import KLSchedule
 from ndm_seq.training.trainer import (
@@ -84,6 +84,13 @@ class _StopOnSignal:
         self.previous = None
         self.installed = False
         self.reduce = None
+        self.immediate = True
+        """Before training starts (data, tokenizer, a wait for another prepare, the budget's
+        measurement) SIGTERM stops at once: nothing of the run is being written."""
+
+    def defer(self) -> None:
+        """From now on SIGTERM only asks for a checkpoint at the next step end."""
+        self.immediate = False
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -101,9 +108,14 @@ class _StopOnSignal:
         self.installed = False
 
     def _handle(self, signum, frame) -> None:
-        # Only a flag (and the old handler back): the callback logs and stops at the step end.
+        # During training only a flag (and the old handler back): the callback logs and
+        # stops at the step end. Before it, stop here (prepare's writes are staged).
         self.requested = True
         self._restore()
+        if self.immediate:
+            raise TrainingInterrupted(
+                "stopped by SIGTERM before training started; nothing new saved"
+            )
 
     def callback(self):
         from transformers import TrainerCallback
@@ -248,12 +260,10 @@ def _train(run: RunConfig, stop: _StopOnSignal, stack: contextlib.ExitStack) -> 
     run, finished = _claim_and_share(run, args, out, stack)
     if finished is not None:
         if args.process_index == 0:
-            print(
-                f"ndm-seq train: {out} is finished (step {finished['step']}) with this same "
-                f"config: nothing to do; the model is in {out / 'model'}. To train longer "
-                "raise training.max_steps; to start again set training.resume=never",
-                file=sys.stderr,
-                flush=True,
+            say(
+                f"{out} is finished (step {finished['step']}) with this same config: nothing "
+                f"to do; the model is in {out / 'model'}. To train longer raise "
+                "training.max_steps; to start again set training.resume=never"
             )
         return out / "model"
     tokenizer, tokenized, train_ds, eval_ds = _datasets(run, t, args, out)
@@ -268,12 +278,22 @@ def _train(run: RunConfig, stop: _StopOnSignal, stack: contextlib.ExitStack) -> 
         trainer.kl_schedule.warmup_steps = fit.kl_warmup_steps
         trainer.kl_schedule.total_steps = fit.max_steps
         clock.safety_net(t.max_minutes)  # the fitted steps are the budget
+        if fit.max_steps < t.max_steps and t.logging_steps > 1:
+            # A shortened run logs as often, relative to its length, as the configured one
+            # (25 of 3000 steps would leave 2 points of a 61-step run).
+            args.logging_steps = max(1, round(t.logging_steps * fit.max_steps / t.max_steps))
+            logger.info(
+                "logging every %d steps of the fitted %d", args.logging_steps, fit.max_steps
+            )
     if resume is not None:
         _check_resume_step(resume, args.max_steps)
     if stop.requested:
         raise TrainingInterrupted(
             f"stopped by SIGTERM before training started; nothing new saved in {out}"
         )
+    if trainer.is_world_process_zero():
+        _header(run, trainer, args, train_ds, eval_ds, fit, out)
+    stop.defer()  # from here SIGTERM saves a checkpoint at the next step end
     result = trainer.train(resume_from_checkpoint=resume)
     if stop.stopped_at is not None:
         checkpoint = out / "checkpoints" / f"{PREFIX_CHECKPOINT_DIR}-{stop.stopped_at}"
@@ -302,6 +322,26 @@ def _train(run: RunConfig, stop: _StopOnSignal, stack: contextlib.ExitStack) -> 
     return final
 
 
+def _header(run: RunConfig, trainer, args, train_ds, eval_ds, fit, out: Path) -> None:
+    """The lines a run starts with: what trains, on what, for how long, where."""
+    config = trainer.model.config
+    params = sum(p.numel() for p in trainer.model.parameters())
+    steps = f"{args.max_steps} steps"
+    if fit is not None and fit.max_steps < run.training.max_steps:
+        steps += (
+            f" (fitted to {run.training.max_minutes:g} min; {run.training.max_steps} configured)"
+        )
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    processes = f", {args.world_size} processes" if args.world_size > 1 else ""
+    validation = len(eval_ds) if eval_ds is not None else 0
+    say(
+        f"{config.variant}-{config.backbone}, "
+        f"{f'{params / 1e6:.2f}M' if params >= 1e6 else f'{params:,}'} parameters; "
+        f"{len(train_ds):,} train / {validation:,} validation pairs; {steps} of batch "
+        f"{run.training.batch_size}; {args.device.type} {precision}{processes}; run folder {out}"
+    )
+
+
 def _check_resume_step(resume: str, max_steps: int) -> None:
     """Refuse to resume from a checkpoint past the run's last step (the Trainer would
     train one step more than asked)."""
@@ -325,11 +365,7 @@ def _training_summary(run: RunConfig, trainer, args, result, resume, clock: Cloc
             reason = f"early stopping at step {steps} (validation loss stopped improving)"
         reason = reason or f"stopped at step {steps} of {planned}"
         if trainer.is_world_process_zero():
-            print(
-                f"ndm-seq train: stopped short of the planned {planned} steps: {reason}",
-                file=sys.stderr,
-                flush=True,
-            )
+            say(f"stopped short of the planned {planned} steps: {reason}", warn=True)
     return {
         "steps": steps,
         "planned_steps": planned,
@@ -586,7 +622,10 @@ def _resume_point(t, trainer, out: Path) -> str | None:
     history = out / "log_history.jsonl"
     if resume:
         _check_tokenizer(resume, trainer.processing_class, out)
-        logger.info("resuming from %s", resume)
+        if trainer.is_world_process_zero():
+            say(f"resuming from {resume}")
+        else:
+            logger.info("resuming from %s", resume)
         if trainer.is_world_process_zero():
             state = json.loads((Path(resume) / "trainer_state.json").read_text(encoding="utf-8"))
             _trim_log_history(history, int(state["global_step"]))

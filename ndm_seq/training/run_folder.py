@@ -35,6 +35,13 @@ from ndm_seq.training.config import (
 logger = logging.getLogger("ndm_seq.training")
 
 
+def say(line: str, warn: bool = False) -> None:
+    """One line for ``train.log`` and the console (``ndm-seq train: ...`` on stderr):
+    what a person watching the run must know (a resume, a fitted budget, a short stop)."""
+    (logger.warning if warn else logger.info)(line)
+    print(f"ndm-seq train: {line}", file=sys.stderr, flush=True)
+
+
 def _file_log(out: Path, stack: contextlib.ExitStack) -> None:
     """Log to ``out/train.log`` until ``stack`` closes."""
     handler = _setup_file_log(out / "train.log")
@@ -211,7 +218,7 @@ def _compare_with_stored(run: RunConfig, stored: RunConfig, out: Path, mode: str
         return run
     refused = {k: v for k, v in changes.items() if not _may_change(k)}
     if changes and not refused:
-        logger.info("resuming with changed settings: %s", _listing(changes))
+        say(f"resuming with changed settings: {_listing(changes)}")
     if not refused:
         return run
     if mode != "force":
