@@ -197,3 +197,124 @@ def test_every_command_of_the_readme_parses():
             assert not extra, line
         if args.command == "train":
             assert (root / args.config).is_file(), line
+
+
+# --------------------------------------------------------------------- one line, never a traceback
+
+
+def _run_console(args: list[str], timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [_console_script(), *args], capture_output=True, text=True, timeout=timeout, **kwargs
+    )
+
+
+@pytest.mark.parametrize("command", ["sample", "chat", "evaluate", "analyze"])
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("bogus", "argument --device: 'bogus' is not a torch device; use cpu, cuda, cuda:N or mps"),
+        ("cuda:x", "argument --device: 'cuda:x' is not a torch device"),
+        ("", "argument --device: '' is not a torch device"),
+    ],
+)
+def test_a_device_torch_cannot_parse_is_refused_when_parsed(command, device, message, capsys):
+    argv = {"sample": ["--context", "hi"], "evaluate": ["--data", "D"], "analyze": ["--data", "D"]}
+    with pytest.raises(SystemExit) as stop:
+        _parse([command, "M", *argv.get(command, []), "--device", device])
+    assert stop.value.code == 2
+    assert (
+        capsys.readouterr().err.splitlines()[-1].startswith(f"ndm-seq {command}: error: {message}")
+    )
+
+
+def test_a_device_this_machine_lacks_is_one_line_from_the_console_script(tiny_ndm_gru):
+    # No GPU is visible (a CPU-only torch, or CUDA_VISIBLE_DEVICES empty): the model never loads.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    out = _run_console(
+        ["sample", str(tiny_ndm_gru), "--context", "hi", "--device", "cuda"], env=env
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    last = out.stderr.splitlines()[-1]
+    assert re.fullmatch(
+        r"ndm-seq sample: error: argument --device: 'cuda': (this torch \(.*\) was built "
+        r"without CUDA|torch sees no CUDA GPU \(driver, CUDA_VISIBLE_DEVICES\)); use --device cpu",
+        last,
+    ), last
+    assert out.stdout == ""
+
+
+def test_sample_into_a_closed_pipe_exits_quietly(tiny_ndm_gru):
+    """`ndm-seq sample ... | head -1`: the reader goes away; sample stops as a Unix tool does
+    (status 141, the shell's code for SIGPIPE) with nothing on stderr."""
+    proc = subprocess.Popen(
+        [_console_script(), "sample", str(tiny_ndm_gru), "--context", "hi", "-n", "3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # before the first response is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141, err[-2000:]
+    assert err == ""
+
+
+def test_responses_print_on_an_ascii_stdout(tiny_ndm_gru):
+    # The untrained model answers with bytes of any kind (U+FFFD and the like).
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    args = ["sample", str(tiny_ndm_gru), "--context", "hi", "-n", "3", "--seed", "0"]
+    out = _run_console(args, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert len(lines) == 3 and all(line.isascii() for line in lines)
+    assert "\\u" in out.stdout or "\\x" in out.stdout  # the non-ASCII text, escaped
+    assert out.stderr == ""
+
+
+def test_chat_on_a_terminal_edits_lines_and_recalls_history(tiny_ndm_gru):
+    """On a terminal, chat reads turns through readline: the Up arrow recalls the previous
+    turn (in-memory history) instead of sending "^[[A" as a turn."""
+    pytest.importorskip("readline")
+    pty = pytest.importorskip("pty")
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the chat, on the pseudo-terminal
+        args = ["chat", str(tiny_ndm_gru), "-n", "1", "--max-new-tokens", "2", "--max-history", "8"]
+        try:
+            os.execv(_console_script(), [_console_script(), *args])
+        finally:
+            os._exit(127)
+    output = b""
+
+    def read_until(marker: bytes, timeout: float = 300) -> None:
+        nonlocal output
+        import time
+
+        end = time.monotonic() + timeout
+        while marker not in output and time.monotonic() < end:
+            ready, _, _ = select.select([fd], [], [], 1)
+            if ready:
+                try:
+                    output += os.read(fd, 4096)
+                except OSError:  # the child closed the terminal
+                    return
+
+    try:
+        read_until(b"you> ")
+        os.write(fd, b"hello there\r")
+        read_until(b"bot[1]*")
+        read_until(b"you> ")
+        os.write(fd, b"\x1b[A\r")  # Up arrow, Enter: the last turn again
+        read_until(b"bot[1]*", timeout=120)
+        os.write(fd, b"/history\r")
+        read_until(b"  3. ")
+        os.write(fd, b"/quit\r")
+        read_until(b"bye")
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    text = output.decode("utf-8", "replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text[-2000:]
+    history = re.findall(r"^  (\d)\. (.*?)\r?$", text, flags=re.M)
+    assert history[0] == ("1", "hello there") and history[2] == ("3", "hello there"), text
+    assert "\x1b[A" not in "".join(turn for _, turn in history)

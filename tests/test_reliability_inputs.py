@@ -6,6 +6,13 @@ encoder refuses more than ``max_position_embeddings`` tokens with a ValueError t
 says to truncate from the left (``NDMEncoder.encode``).
 """
 
+import gzip
+import json
+import os
+import re
+import shutil
+from types import SimpleNamespace
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -166,3 +173,196 @@ def test_greedy_generation_is_padding_invariant(tok, variant, backbone):
             torch.testing.assert_close(
                 a[i], b[0], rtol=1e-6, atol=1e-6, msg=f"{where}, step {step}"
             )
+
+
+# ------------------------------------------------------------------- hostile files and weights
+# (issue 26: one line instead of a traceback, and every good line of a file answered)
+
+
+def _sample_file(model_dir, path, capsys, *extra):
+    from ndm_seq.cli import main
+
+    args = ["sample", str(model_dir), "--contexts", str(path), "-n", "1", "--seed", "0"]
+    code = main([*args, "--max-new-tokens", "3", *extra])
+    out, err = capsys.readouterr()
+    return code, [json.loads(line) for line in out.splitlines()], err
+
+
+def test_contexts_file_answers_every_good_line_and_names_each_bad_one(
+    tiny_ndm_gru, tmp_path, capsys
+):
+    path = tmp_path / "contexts.jsonl"
+    lines = [
+        b'["hi", "how are you?"]',  # 1
+        b'["caf\xff"]',  # 2: not UTF-8
+        b'{"context": "not a list"}',  # 3
+        b"[" * 100_000 + b"]" * 100_000,  # 4: JSON nested 100k deep
+        b"not json",  # 5
+        b'{"context": ["tea"]}',  # 6
+        b'["' + b"x" * (2 << 20) + b'"]',  # 7: 4 MiB on one line
+        b"",  # 8: blank lines are not contexts
+        b'["last"]',  # 9
+    ]
+    path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")  # and a byte-order mark
+    code, rows, err = _sample_file(tiny_ndm_gru, path, capsys, "--batch-size", "4")
+    assert code == 1  # a line was skipped
+    assert [r["context"] for r in rows] == [["hi", "how are you?"], ["tea"], ["last"]]
+    assert all(len(r["samples"]) == 1 for r in rows)
+    reported = [line for line in err.splitlines() if line.startswith("ndm-seq sample: error:")]
+    assert [re.match(rf"ndm-seq sample: error: {re.escape(str(path))}:(\d+): ", line)[1]
+            for line in reported] == ["2", "3", "4", "5", "7"]  # fmt: skip
+    assert all(line.endswith("; line skipped") for line in reported)
+    assert "turn 1 is not valid UTF-8" in reported[0] and "nested too deeply" in reported[2]
+    assert "longer than 1,048,576 bytes" in reported[4]
+    assert "Traceback" not in err
+
+
+def test_contexts_from_a_device_of_endless_bytes_stops_with_one_line(tiny_ndm_gru, capsys):
+    if not os.path.exists("/dev/zero"):
+        pytest.skip("no /dev/zero")
+    code, rows, err = _sample_file(tiny_ndm_gru, "/dev/zero", capsys)
+    assert (code, rows) == (1, [])
+    assert err.splitlines()[-1] == (
+        "ndm-seq sample: error: /dev/zero:1: no line end in 16 MiB: not a JSON Lines file of "
+        "contexts; reading stopped"
+    )
+
+
+@pytest.mark.parametrize(
+    "kind, reason",
+    [
+        ("missing", ": No such file or directory"),
+        ("folder", " is a folder; give a JSON Lines file"),
+    ],
+)
+def test_a_contexts_path_that_is_no_file_is_a_usage_error(
+    tiny_ndm_gru, tmp_path, capsys, kind, reason
+):
+    path = tmp_path / "nope.jsonl" if kind == "missing" else tmp_path
+    code, rows, err = _sample_file(tiny_ndm_gru, path, capsys)
+    assert (code, rows) == (2, [])
+    assert err.splitlines() == [f"ndm-seq sample: error: --contexts {str(path)!r}{reason}"]
+
+
+def _overflowing_copy(model_dir, tmp_path, value=3e38):
+    """A copy of ``model_dir`` whose every weight is +-``value`` (finite float32)."""
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "overflowing"
+    shutil.copytree(model_dir, copy)
+    weights = load_file(copy / "model.safetensors")
+    weights = {k: (v.sign() * value).contiguous() for k, v in weights.items()}
+    save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
+    return copy
+
+
+@pytest.mark.parametrize("decoding", [[], ["--greedy"]], ids=["sampled", "greedy"])
+def test_weights_that_overflow_are_refused_in_one_line(tiny_ndm_gru, tmp_path, capsys, decoding):
+    """Finite weights of 3e38: every score is inf or nan. Sampling failed with torch's
+    "probability tensor contains inf, nan" traceback, and greedy decoding answered
+    with empty responses, exit 0."""
+    from ndm_seq.cli import main
+
+    model_dir = _overflowing_copy(tiny_ndm_gru, tmp_path)
+    assert main(["sample", str(model_dir), "--context", "hi", "-n", "2", *decoding]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        f"ndm-seq sample: error: {model_dir}: the model's scores are not finite (inf or nan), "
+        "so no response can be sampled: its weights overflow float32 arithmetic (largest "
+        "|weight| 3e+38, in encoder.embed.weight); refusing to use it"
+    ]
+
+
+def test_the_load_check_leaves_seeded_sampling_as_it_was(tiny_ndm_gru):
+    from ndm_seq.evaluation import load_model
+    from ndm_seq.evaluation.loading import check_finite_scores
+
+    model, _ = load_model(tiny_ndm_gru, "cpu")
+    torch.manual_seed(5)
+    before = torch.random.get_rng_state()
+    check_finite_scores(model, tiny_ndm_gru)
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_inf_probabilities_while_sampling_are_one_line(tiny_ndm_gru, tmp_path, capsys, monkeypatch):
+    """A model the load check lets through (e.g. a context that overflows where the
+    one-token probe did not): torch's error while sampling becomes the same one line."""
+    import ndm_seq.evaluation.loading as loading
+    from ndm_seq.cli import main
+
+    monkeypatch.setattr(loading, "check_finite_scores", lambda model, where: None)
+    model_dir = _overflowing_copy(tiny_ndm_gru, tmp_path)
+    assert main(["sample", str(model_dir), "--context", "hi", "-n", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith(
+        "ndm-seq sample: error: the model's scores are not finite (inf or nan)"
+    )
+    assert "Traceback" not in err
+
+
+def test_a_truncated_gzip_word_vector_file_is_refused_before_the_model_loads(
+    tiny_ndm_gru, tmp_path, capsys
+):
+    from ndm_seq.cli import main
+    from ndm_seq.metrics.glove import resolve_embeddings
+
+    text = "".join(f"{w} {i} 0.5 -1\n" for i, w in enumerate(WORDS)).encode() * 50
+    whole, cut = tmp_path / "vectors.txt.gz", tmp_path / "cut.txt.gz"
+    whole.write_bytes(gzip.compress(text))
+    cut.write_bytes(whole.read_bytes()[: len(whole.read_bytes()) // 2])
+    assert resolve_embeddings(whole) == whole
+    message = (
+        f"word-vector file {str(cut)!r} is not a whole gzip file (Compressed file ended before "
+        "the end-of-stream marker was reached); it was probably cut short: copy or download "
+        "it again (delete it first if it is in the cache)"
+    )
+    with pytest.raises(ValueError) as err:
+        resolve_embeddings(cut)
+    assert str(err.value) == message
+    out = tmp_path / "eval"
+    args = [
+        "evaluate",
+        str(tiny_ndm_gru),
+        "--data",
+        str(tmp_path / "no-data"),
+        "--output",
+        str(out),
+    ]
+    assert main([*args, "--embeddings", str(cut)]) == 1
+    assert capsys.readouterr().err.splitlines() == [f"ndm-seq evaluate: error: {message}"]
+    assert not out.exists()
+
+
+def test_resuming_a_checkpoint_with_a_pickle_payload_is_one_line(tmp_path, capsys, monkeypatch):
+    """torch's safe loader refuses the payload (nothing runs) with an UnpicklingError
+    traceback; train names the file in one line instead, exit 2."""
+    import ndm_seq.training as training
+    from ndm_seq.cli import main
+
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    torch.save({"state": torch.zeros(2)}, checkpoint / "optimizer.pt")
+    torch.save({"cpu": Payload()}, checkpoint / "rng_state.pth")
+    run = SimpleNamespace(output_dir=str(tmp_path / "run"))
+    monkeypatch.setattr(training, "load_run_config", lambda config, overrides: run)
+
+    def resume(run):  # what transformers' Trainer does with the RNG state of a checkpoint
+        return torch.load(checkpoint / "rng_state.pth", weights_only=True)
+
+    monkeypatch.setattr(training, "train", resume)
+    assert main(["train", "run.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"ndm-seq train: error: refusing to resume: {checkpoint / 'rng_state.pth'} holds a "
+        "pickled object that torch's safe loader does not allow (Trying to load unsupported "
+        "GLOBAL posix.system whose module posix is blocked.); nothing in it was run. Delete "
+        "that checkpoint to resume from an earlier one"
+    ]
+    assert not marker.exists()

@@ -12,6 +12,7 @@ from ndm_seq.cli.common import (
     _load_errors,
     _load_message,
     _model_error,
+    add_device_option,
 )
 
 
@@ -139,6 +140,6 @@ def add_analyze(sub: argparse._SubParsersAction) -> None:
         help="context tokens kept, the latest (default: the run config's "
         "data.max_context_tokens; 128 without one)",
     )
-    p.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda if available)")
+    add_device_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_analyze)

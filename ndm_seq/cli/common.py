@@ -8,6 +8,9 @@ beyond what importing `ndm_seq` does.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -58,6 +61,49 @@ def _add_deprecated_alias(
     )
 
 
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: an integer >= 1 (a count or a limit that 0 would switch off)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def device_argument(text: str) -> str:
+    """An ``argparse`` type: a torch device this machine has (``cpu``, ``cuda``, ``cuda:1``,
+    ``mps``, ...), checked before any model loads; returns ``text``.
+
+    torch is imported only when ``--device`` is given (``--help`` stays light).
+    """
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a torch device; use cpu, cuda, cuda:N or mps"
+        ) from None
+    backend = getattr(torch, device.type, None)  # torch.cpu, torch.cuda, torch.mps, ...
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        if device.type == "cuda" and torch.version.cuda is None and torch.version.hip is None:
+            why = f"this torch ({torch.__version__}) was built without CUDA"
+        elif device.type == "cuda":
+            why = "torch sees no CUDA GPU (driver, CUDA_VISIBLE_DEVICES)"
+        else:
+            why = f"torch {torch.__version__} has no usable {device.type} device here"
+        raise argparse.ArgumentTypeError(f"{text!r}: {why}; use --device cpu")
+    count = getattr(backend, "device_count", None)
+    if device.type != "cpu" and device.index is not None and count and device.index >= count():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: torch sees {count()} {device.type} device(s), numbered from 0"
+        )
+    return text
+
+
 def _model_error(cmd: str, err: Exception | str, code: int = 1) -> int:
     """Print ``ndm-seq CMD: error: ...`` as one line on stderr; return ``code``.
 
@@ -95,6 +141,33 @@ def _interrupted(cmd: str) -> int:
     return 130
 
 
+def _during_interrupt(err: BaseException) -> bool:
+    """Whether ``err`` was raised while a ``KeyboardInterrupt`` was handled (its context
+    chain holds one): Ctrl-C reaches a library's worker processes too, and the library
+    may then fail with an error of its own instead of the interrupt."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        seen.add(id(err))
+        err = err.__context__ or err.__cause__
+    return False
+
+
+def _reader_gone() -> int:
+    """stdout's reader went away (``ndm-seq sample ... | head -1``): stop quietly, as Unix
+    tools do, with the status of a process ended by SIGPIPE (141).
+
+    stdout is pointed at /dev/null so that Python's flush at exit does not fail again
+    (the recipe of Python's ``signal`` documentation).
+    """
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return 128 + int(getattr(signal, "SIGPIPE", 13))  # 13 where signal lacks it (Windows)
+
+
 def _training_exit(cmd: str, err: Exception) -> int:
     """Report a documented failure of training (``train``, or ``compare`` training a run)
     in one line; returns its exit code: 1 no space left on device, 143 stopped by SIGTERM
@@ -106,6 +179,35 @@ def _training_exit(cmd: str, err: Exception) -> int:
         return 1
     if isinstance(err, TrainingInterrupted):
         return TrainingInterrupted.exit_code
+    return 2
+
+
+def _refused_pickle(cmd: str, err: Exception, run_dir: str | os.PathLike) -> int:
+    """A checkpoint file that torch's safe loader (``weights_only``) refused to unpickle
+    while resuming: one line naming the file (found by loading the checkpoints' ``.pt``
+    and ``.pth`` files again, as safely), exit status 2. Nothing in the file ran."""
+    import torch
+
+    folder = Path(run_dir) / "checkpoints"
+    checkpoints = sorted(
+        folder.glob("checkpoint-*"),
+        key=lambda p: int(p.name.rsplit("-", 1)[-1]) if p.name.rsplit("-", 1)[-1].isdigit() else -1,
+        reverse=True,
+    )
+    culprit = f"a file of a checkpoint in {folder}"
+    for file in (f for c in checkpoints for f in sorted([*c.glob("*.pt"), *c.glob("*.pth")])):
+        try:
+            torch.load(file, map_location="cpu", weights_only=True)
+        except Exception:  # the same refusal, or another unreadable file: this is the one
+            culprit = str(file)
+            break
+    reason = " ".join(str(err).split("\n\n")[1:2]).strip() or type(err).__name__
+    print(
+        f"ndm-seq {cmd}: error: refusing to resume: {culprit} holds a pickled object that "
+        f"torch's safe loader does not allow ({reason}); nothing in it was run. Delete that "
+        "checkpoint to resume from an earlier one",
+        file=sys.stderr,
+    )
     return 2
 
 
@@ -186,4 +288,13 @@ def _add_decoding_options(
         or "context tokens kept, the latest (default 128; at most the transformer's "
         "max_position_embeddings)",
     )
-    g.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda if available)")
+    add_device_option(g)
+
+
+def add_device_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--device``, checked when parsed (:func:`device_argument`)."""
+    p.add_argument(
+        "--device",
+        type=device_argument,
+        help="torch device, e.g. cpu or cuda (default: cuda if available)",
+    )

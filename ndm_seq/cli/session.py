@@ -7,8 +7,11 @@ answers given contexts (or a JSON Lines file of them), `chat` talks on stdin/std
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
+import io
 import json
+import os
 import sys
 
 from ndm_seq.cli.common import (
@@ -19,6 +22,7 @@ from ndm_seq.cli.common import (
     _load_errors,
     _load_message,
     _model_error,
+    _reader_gone,
     _sampling_config,
 )
 from ndm_seq.decoding import SAMPLE_TOP_P
@@ -46,42 +50,114 @@ def _session(args: argparse.Namespace, sampling):
     )
 
 
-def _read_contexts(path: str):
-    """Contexts from a JSON Lines file (``-``: stdin), lazily: a list of turns or
-    ``{"context": [...]}`` a line.
+#: The longest line of a --contexts file; a longer one is skipped (a context is cut
+#: to --max-context-tokens anyway).
+MAX_LINE_BYTES = 1 << 20
+#: Bytes without a line end after which a --contexts file is not read on (e.g. /dev/zero).
+MAX_SKIPPED_BYTES = 16 * MAX_LINE_BYTES
 
-    Invalid UTF-8 is read as lone surrogates (``surrogateescape``) so that the error
-    names the file and line instead of the codec's byte offset.
+
+def _open_contexts(path: str):
+    """The --contexts file (``-``: stdin) as a binary stream and its name for messages.
+
+    Opened before the model loads, so a wrong path is a usage error (exit 2) at once.
+    """
+    if path == "-":
+        stdin = sys.stdin
+        stream = getattr(stdin, "buffer", None)
+        if stream is None:  # a text stream without bytes (tests): its lines, encoded back
+            stream = io.BytesIO(stdin.read().encode("utf-8", "surrogateescape"))
+        return contextlib.nullcontext(stream), "<stdin>"
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"--contexts {path!r} is a folder; give a JSON Lines file")
+    try:
+        return open(path, "rb"), path
+    except OSError as err:
+        raise OSError(f"--contexts {path!r}: {err.strerror or err}") from None
+
+
+def _numbered_lines(stream, where: str):
+    """``(number, line bytes)`` per line; ``None`` for a line over :data:`MAX_LINE_BYTES`
+    (its rest skipped).
+
+    Raises:
+        ValueError: no line end within :data:`MAX_SKIPPED_BYTES` (not a JSON Lines file).
+    """
+    number = 0
+    while line := stream.readline(MAX_LINE_BYTES + 1):
+        number += 1
+        if len(line) <= MAX_LINE_BYTES or line.endswith(b"\n"):
+            yield number, line
+            continue
+        skipped = len(line)
+        while not line.endswith(b"\n"):
+            if skipped > MAX_SKIPPED_BYTES:
+                raise ValueError(
+                    f"{where}:{number}: no line end in {MAX_SKIPPED_BYTES >> 20} MiB: not a "
+                    "JSON Lines file of contexts; reading stopped"
+                )
+            line = stream.readline(MAX_LINE_BYTES)
+            if not line:
+                break
+            skipped += len(line)
+        yield number, None
+
+
+def _context_of(raw: bytes | None, where: str) -> list[str]:
+    """The turns of one --contexts line (``raw`` None: over-long).
+
+    Raises:
+        ValueError: ``FILE:LINE: ...`` saying what is wrong with the line.
     """
     from ndm_seq.evaluation import check_text
 
-    if path == "-":
-        stdin = sys.stdin
-        if hasattr(stdin, "reconfigure"):
-            stdin.reconfigure(errors="surrogateescape")
-        f, path = contextlib.nullcontext(stdin), "<stdin>"
-    else:
-        f = open(path, encoding="utf-8", errors="surrogateescape")
-    with f as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as err:
-                raise ValueError(f"{path}:{number}: not JSON ({err})") from None
-            turns = row.get("context") if isinstance(row, dict) else row
-            if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
-                raise ValueError(
-                    f"{path}:{number}: expected a non-empty list of turns (strings) or an object "
-                    f"with one under 'context'; got {line.strip()[:80]!r}"
-                )
-            for k, turn in enumerate(turns, 1):
-                check_text(turn, f"{path}:{number}: turn {k}")
-            yield turns
+    if raw is None:
+        raise ValueError(f"{where}: longer than {MAX_LINE_BYTES:,} bytes")
+    # Invalid UTF-8 is read as lone surrogates (surrogateescape), so that check_text
+    # names the line and the turn instead of the codec's byte offset.
+    line = raw.decode("utf-8", "surrogateescape")
+    try:
+        row = json.loads(line)
+    except ValueError as err:
+        raise ValueError(f"{where}: not JSON ({err})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: not JSON (nested too deeply)") from None
+    turns = row.get("context") if isinstance(row, dict) else row
+    if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
+        raise ValueError(
+            f"{where}: expected a non-empty list of turns (strings) or an object "
+            f"with one under 'context'; got {line.strip()[:80]!r}"
+        )
+    for k, turn in enumerate(turns, 1):
+        check_text(turn, f"{where}: turn {k}")
+    return turns
 
 
-def _sample_file(args: argparse.Namespace, session) -> None:
+def _read_contexts(stream, name: str, skipped: list[int]):
+    """Contexts from a JSON Lines stream, lazily: a list of turns or ``{"context": [...]}``
+    a line (a UTF-8 byte-order mark before the first is allowed).
+
+    A bad line is reported on stderr (``ndm-seq sample: error: FILE:LINE: ...; line
+    skipped``), its number appended to ``skipped``, and reading goes on: every good line
+    is answered.
+    """
+    for number, raw in _numbered_lines(stream, name):
+        if number == 1 and raw is not None and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8) :]
+        if raw is not None and not raw.strip():
+            continue
+        try:
+            turns = _context_of(raw, f"{name}:{number}")
+        except ValueError as err:
+            sys.stdout.flush()
+            _model_error("sample", f"{err}; line skipped")
+            skipped.append(number)
+            continue
+        yield turns
+
+
+def _sample_file(args: argparse.Namespace, session, stream, name: str) -> int:
+    """Answer every good line of the --contexts stream; 1 when a line was skipped."""
     from ndm_seq.evaluation import stream_samples
 
     if args.greedy and args.beams == 1 and not session.model.config.is_latent:
@@ -89,7 +165,8 @@ def _sample_file(args: argparse.Namespace, session) -> None:
             "--greedy with --contexts needs a latent variant (seq2seq samples tokens, or "
             "gives its best beams with --beams)"
         )
-    contexts = (turns[-args.max_history :] for turns in _read_contexts(args.contexts))
+    skipped: list[int] = []
+    contexts = (turns[-args.max_history :] for turns in _read_contexts(stream, name, skipped))
     stream = stream_samples(
         session.model, session.tokenizer, contexts, session.sampling, batch_size=args.batch_size,
         seed=args.seed, include_greedy=False, max_context_tokens=args.max_context_tokens,
@@ -98,13 +175,25 @@ def _sample_file(args: argparse.Namespace, session) -> None:
         # ASCII escapes: an untrained model's samples can hold U+2028, U+0085 and the
         # like, which str.splitlines() (and some JSON Lines readers) take as line breaks.
         print(json.dumps({"context": context, "samples": samples}), flush=True)
+    return 1 if skipped else 0
 
 
 def _sample(args: argparse.Namespace) -> int:
+    return _printing("sample", _sample_run, args)
+
+
+def _printing(cmd: str, run, args: argparse.Namespace) -> int:
+    """Run a command whose output is text: Ctrl-C is exit 130; a reader that went away
+    (``| head -1``) ends it quietly, as Unix tools do; a stdout that cannot encode a
+    character (``PYTHONIOENCODING=ascii``) gets its backslash escape."""
+    if hasattr(sys.stdout, "reconfigure") and sys.stdout.errors == "strict":
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
-        return _sample_run(args)
+        return run(args)
     except KeyboardInterrupt:
-        return _interrupted("sample")
+        return _interrupted(cmd)
+    except BrokenPipeError:
+        return _reader_gone()
 
 
 def _sample_run(args: argparse.Namespace) -> int:
@@ -115,13 +204,15 @@ def _sample_run(args: argparse.Namespace) -> int:
             # Bytes of the command line that are not UTF-8 arrive as lone surrogates.
             check_text(turn, f"--context {k} ({turn!r})")
         sampling = _sampling(args)
-    except ValueError as err:
+        opened = _open_contexts(args.contexts) if args.contexts else None
+    except (OSError, ValueError) as err:
         return _model_error("sample", err, code=2)
+    session = None
     try:
-        session = _session(args, sampling)
-        if args.contexts:
-            _sample_file(args, session)
-            return 0
+        with opened[0] if opened else contextlib.nullcontext() as stream:
+            session = _session(args, sampling)
+            if stream is not None:
+                return _sample_file(args, session, stream, opened[1])
         turns = [t for t in args.context if t.strip()]
         if not turns:
             raise ValueError("give at least one non-empty --context turn")
@@ -130,6 +221,10 @@ def _sample_run(args: argparse.Namespace) -> int:
         responses = session.respond(turns[-1])
     except _load_errors() as err:
         return _model_error("sample", _load_message(err, args.model_dir))
+    except RuntimeError as err:
+        if session is None:
+            raise
+        return _sampling_failed("sample", err, session.model)
     if args.json:  # the line --contexts prints for each context
         print(json.dumps({"context": turns[-args.max_history :], "samples": responses}))
         return 0
@@ -138,6 +233,16 @@ def _sample_run(args: argparse.Namespace) -> int:
     for r in responses:
         print(one_line(r))
     return 0
+
+
+def _sampling_failed(cmd: str, err: RuntimeError, model) -> int:
+    """torch's inf/nan probability error while sampling, as one line (exit 1); any other
+    ``RuntimeError`` is re-raised."""
+    from ndm_seq.evaluation.loading import NONFINITE_SAMPLING, nonfinite_scores
+
+    if NONFINITE_SAMPLING not in str(err):
+        raise err
+    return _model_error(cmd, nonfinite_scores(model))
 
 
 def _add_session_options(p: argparse.ArgumentParser, num_samples: int, max_history: int) -> None:
@@ -197,7 +302,8 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="many contexts, a JSON Lines file (- reads stdin; a list of turns, or an object "
         "with 'context', a line), read and sampled BATCH_SIZE at a time; prints one JSON "
-        'line per context: {"context": [...], "samples": [...]}',
+        'line per context: {"context": [...], "samples": [...]}. A bad line is reported on '
+        "stderr as FILE:LINE and skipped (exit status 1), the others answered",
     )
     p.add_argument(
         "--json",
@@ -212,10 +318,7 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    try:
-        return _chat_run(args)
-    except KeyboardInterrupt:
-        return _interrupted("chat")
+    return _printing("chat", _chat_run, args)
 
 
 def _chat_run(args: argparse.Namespace) -> int:
@@ -237,7 +340,28 @@ def _chat_run(args: argparse.Namespace) -> int:
     if stdin.isatty():
         cfg = session.model.config
         print(f"chatting with {args.model_dir} ({cfg.variant}, {cfg.backbone})\n{CHAT_HELP}")
-    return chat_loop(session, stdin, sys.stdout, stderr=sys.stderr)
+    try:
+        return chat_loop(
+            session, stdin, sys.stdout, stderr=sys.stderr, read_line=_line_editor(stdin)
+        )
+    except RuntimeError as err:
+        return _sampling_failed("chat", err, session.model)
+
+
+def _line_editor(stdin):
+    """``input``, which edits lines and keeps an in-memory history (Up and Down arrows)
+    once the readline module is loaded, when chat runs on a terminal; None otherwise
+    (a pipe, or no readline module): lines are then read as they come.
+
+    No history file is read or written.
+    """
+    if not (stdin is sys.stdin and stdin.isatty() and sys.stdout.isatty()):
+        return None
+    try:
+        import readline  # noqa: F401  (loading it gives input() line editing and history)
+    except ImportError:  # e.g. Windows
+        return None
+    return input
 
 
 def add_chat(sub: argparse._SubParsersAction) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 from pathlib import Path
 
-from ndm_seq.cli.common import _interrupted, _training_exit
+from ndm_seq.cli.common import _interrupted, _refused_pickle, _training_exit
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -33,6 +34,8 @@ def _train(args: argparse.Namespace) -> int:
         return _training_exit("train", err)
     except KeyboardInterrupt:
         return _interrupted("train")
+    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) of a checkpoint
+        return _refused_pickle("train", err, run.output_dir)
     if _rank() == 0:  # under torchrun: one line, not one per process
         print(f"trained model: {final}")
         print(f"training curves: {Path(run.output_dir) / 'training_curves.png'}")

@@ -228,7 +228,9 @@ the first (marked *) joins the history.
   /quit     leave (also /exit or end of input)"""
 
 
-def chat_loop(session: ChatSession, stdin, stdout, prompt: str = "you> ", stderr=None) -> int:
+def chat_loop(
+    session: ChatSession, stdin, stdout, prompt: str = "you> ", stderr=None, read_line=None
+) -> int:
     """Run a chat on text streams until ``/quit`` or end of input.
 
     A turn that cannot be answered (text that is not valid UTF-8, which a stream read
@@ -243,18 +245,27 @@ def chat_loop(session: ChatSession, stdin, stdout, prompt: str = "you> ", stderr
         stdout: where prompts and responses go.
         prompt: printed before each turn when ``stdin`` is a terminal.
         stderr: where skipped turns are reported (default ``sys.stderr``).
+        read_line: reads a turn instead of ``stdin``, given the prompt, as :func:`input`
+            does (which edits lines and keeps history once the readline module is
+            loaded: ``ndm-seq chat`` on a terminal); ``EOFError`` ends the input.
 
     Returns:
         0.
     """
     stderr = sys.stderr if stderr is None else stderr
-    interactive = hasattr(stdin, "isatty") and stdin.isatty()
+    interactive = read_line is not None or (hasattr(stdin, "isatty") and stdin.isatty())
     number = 0
     while True:
-        if interactive:
-            stdout.write(prompt)
-            stdout.flush()
-        line = stdin.readline()
+        if read_line is not None:
+            try:
+                line = read_line(prompt) + "\n"  # an empty turn is not the end of input
+            except EOFError:
+                line = ""
+        else:
+            if interactive:
+                stdout.write(prompt)
+                stdout.flush()
+            line = stdin.readline()
         if not line:
             if interactive:
                 stdout.write("\n")  # end of input (Ctrl-D) leaves the prompt's line

@@ -44,7 +44,8 @@ def load_model(
         FileNotFoundError: the directory or any of the four files is missing
             (all missing files are named).
         TypeError: the directory holds another model or tokenizer class.
-        ValueError: the tokenizer has more ids than the model's vocabulary.
+        ValueError: the tokenizer has more ids than the model's vocabulary; the model's
+            scores overflow (:func:`check_finite_scores`).
     """
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig
 
@@ -96,7 +97,57 @@ def load_model(
         )
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device).eval(), tokenizer
+    model = model.to(device).eval()
+    check_finite_scores(model, path)
+    return model, tokenizer
+
+
+def check_finite_scores(model, where: object) -> None:
+    """Refuse a model whose output scores are not finite on a one-token context.
+
+    Finite weights can still overflow: with weights of 3e38 every product is inf and
+    every score nan, and sampling would fail deep in ``generate`` (torch's "probability
+    tensor contains either inf, nan ...") while greedy decoding would silently answer
+    with empty responses. Two forward passes (the posterior mean of a one-token
+    response, and a prior draw under a forked RNG, so that seeded sampling is
+    unchanged) are checked.
+
+    Raises:
+        ValueError: naming ``where``, the model's dtype and its largest weight.
+    """
+    cfg, device = model.config, _device(model)
+    ids = torch.tensor([[cfg.eos_token_id]], device=device)  # (1, 1)
+    mask = torch.ones_like(ids)
+    start = torch.full_like(ids, cfg.decoder_start_token_id)
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        posterior = model(input_ids=ids, attention_mask=mask, labels=ids).logits  # (1, 1, V)
+        prior = model(input_ids=ids, attention_mask=mask, decoder_input_ids=start).logits
+    if torch.isfinite(posterior).all() and torch.isfinite(prior).all():
+        return
+    raise ValueError(f"{where}: {nonfinite_scores(model)}")
+
+
+def nonfinite_scores(model) -> str:
+    """Why a model gave inf or nan scores: the message of :func:`check_finite_scores`."""
+    name, largest = max(
+        (
+            (n, float(p.detach().abs().max()))
+            for n, p in model.named_parameters()
+            if p.is_floating_point() and p.numel()
+        ),
+        key=lambda item: item[1],
+        default=("-", float("nan")),
+    )
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return (
+        f"the model's scores are not finite (inf or nan), so no response can be sampled: "
+        f"its weights overflow {dtype} arithmetic (largest |weight| {largest:.3g}, in "
+        f"{name}); refusing to use it"
+    )
+
+
+#: The start of torch's error when sampling meets an inf or nan probability.
+NONFINITE_SAMPLING = "probability tensor contains"
 
 
 def _device(model) -> torch.device:

@@ -12,6 +12,7 @@ never read as vectors.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import shutil
@@ -19,9 +20,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 
-__all__ = ["GLOVE_6B_50D", "GLOVE_6B_URL", "embeddings_cache", "resolve_embeddings"]
+__all__ = ["GLOVE_6B_50D", "GLOVE_6B_URL", "check_gzip", "embeddings_cache", "resolve_embeddings"]
 
 #: Stanford's GloVe release trained on Wikipedia 2014 + Gigaword 5 (50, 100, 200, 300-d).
 GLOVE_6B_URL = "https://nlp.stanford.edu/data/glove.6B.zip"
@@ -56,19 +58,20 @@ def resolve_embeddings(
     Raises:
         FileNotFoundError: a path that does not exist, or a zip without the member.
         OSError: the download failed (one line naming the URL and the reason).
+        ValueError: a ``.gz`` file that is not a whole gzip stream (:func:`check_gzip`).
     """
     text = os.fspath(source)
     if not _is_url(text):
         path = Path(text)
         if not path.is_file():
             raise FileNotFoundError(f"word-vector file {text!r} does not exist")
-        return path
+        return check_gzip(path)
     url, _, member = text.partition("#")
     cache = Path(cache_dir) if cache_dir is not None else embeddings_cache()
     name = Path(urllib.parse.urlsplit(url).path).name or "vectors.txt"
     folder = cache / hashlib.sha256(url.encode()).hexdigest()[:12]
     if not name.endswith(".zip"):
-        return _download(url, folder / name)
+        return check_gzip(_download(url, folder / name))
     member = member or (GLOVE_6B_50D if url == GLOVE_6B_URL else "")
     if not member:
         raise FileNotFoundError(f"{url} is a zip: name the vector file in it as {url}#FILE.txt")
@@ -84,6 +87,33 @@ def resolve_embeddings(
             shutil.copyfileobj(src, dst)
     part.replace(target)
     return target
+
+
+def check_gzip(path: Path) -> Path:
+    """``path``, after checking that a ``.gz`` one holds a whole gzip stream.
+
+    A file cut short (an interrupted copy, a download the server ended early) would
+    otherwise fail deep in the scoring, after all the sampling, with ``EOFError:
+    Compressed file ended before the end-of-stream marker was reached``. The file is
+    decompressed once, in 16 MiB chunks (gzip checks its CRC and length at the end):
+    about a second for glove.6B.50d.txt.gz.
+
+    Raises:
+        ValueError: naming the file and what is wrong with it.
+    """
+    if path.suffix != ".gz":
+        return path
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+    except (EOFError, OSError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        raise ValueError(
+            f"word-vector file {str(path)!r} is not a whole gzip file ({err}); it was "
+            "probably cut short: copy or download it again (delete it first if it is in "
+            "the cache)"
+        ) from None
+    return path
 
 
 def _download(url: str, target: Path) -> Path:
