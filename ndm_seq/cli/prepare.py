@@ -8,12 +8,24 @@ behaviour), as `--help` lists them; `_prepare` maps the arguments onto
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
+import os
+import re
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-from ndm_seq.cli.common import _add_deprecated_alias, _DefaultsHelp
+from ndm_seq.cli.common import (
+    _add_deprecated_alias,
+    _DefaultsHelp,
+    _during_interrupt,
+    _interrupted,
+    _model_error,
+    positive_int,
+)
 from ndm_seq.data.log import CorpusError
 
 
@@ -74,7 +86,59 @@ def _print_report(report: dict, output: Path) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    """Exit codes: 0 done, 2 bad options or output folder (nothing written), 1 a corpus error."""
+    """Exit codes: 0 done, 2 bad options, tokenizer or output folder (nothing written), 1 a
+    corpus error or a failed write (the disk full: the previous output is kept), 130 Ctrl-C."""
+    try:
+        with _ctrl_c_in_this_process_only():
+            return _prepare_run(args)
+    except KeyboardInterrupt:
+        # prepare() has already removed what this run wrote (staging, a folder it created).
+        return _interrupted("prepare")
+    except Exception as err:
+        if _during_interrupt(err):  # e.g. datasets' worker pool, whose manager got Ctrl-C too
+            return _interrupted("prepare")
+        if isinstance(err, OSError):
+            return _model_error("prepare", _write_error(err, args))
+        raise
+
+
+@contextlib.contextmanager
+def _ctrl_c_in_this_process_only():
+    """Ctrl-C interrupts this process, not the worker processes it forks meanwhile.
+
+    A terminal sends SIGINT to the whole process group: datasets' tokenisation workers
+    (``--num-proc``) would each print a traceback of their own, and its pool manager
+    would die under it. Forked workers inherit this handler, which ignores the signal
+    outside this process; the pool stops them when the interrupt unwinds it.
+    """
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield  # SIGINT ignored (a background job) or handled by a caller: leave it so
+        return
+    main = os.getpid()
+
+    def interrupt(signum, frame):
+        if os.getpid() == main:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _write_error(err: OSError, args: argparse.Namespace) -> str:
+    """The one line of an ``OSError`` while preparing (the disk full, a folder not writable)."""
+    where = args.output or f"data/{args.corpus}/prepared"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"no space left on the device of {where} ({err.strerror or err}); nothing of an "
+            "earlier output or of other files there was replaced: free space and run again"
+        )
+    return f"writing {where} failed: {err}; nothing of an earlier output was replaced"
+
+
+def _prepare_run(args: argparse.Namespace) -> int:
     from ndm_seq.data.download import fetch
     from ndm_seq.data.prepare import PrepareConfig, prepare
     from ndm_seq.folders import FolderError
@@ -112,7 +176,10 @@ def _prepare(args: argparse.Namespace) -> int:
             )
             return 2
         output = Path(args.output) if args.output else Path("data") / corpus / "prepared"
-        tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else None
+        try:
+            tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else None
+        except ValueError as e:  # before anything is read or written
+            return _model_error("prepare", e, code=2)
         cfg = PrepareConfig(
             corpus=corpus,
             source=source,
@@ -171,12 +238,48 @@ def _pair_options(args: argparse.Namespace):
 
 
 def _load_tokenizer(name: str):
-    """``--tokenizer``: a folder or name for AutoTokenizer (transformers imported only then)."""
+    """``--tokenizer``: a folder or name for AutoTokenizer (transformers imported only then).
+
+    Raises:
+        ValueError: one line: a file or a missing folder given, or what AutoTokenizer
+            could not load (a name offline, a folder without a tokenizer).
+    """
+    path = Path(name).expanduser()
+    if path.is_file():
+        raise ValueError(
+            f"--tokenizer {name!r} is a file; give the tokenizer's folder (the one "
+            "save_pretrained wrote, holding tokenizer_config.json) or a Hub name"
+        )
+    if not path.exists() and not _hub_name(name):
+        raise ValueError(f"--tokenizer {name!r}: no such folder")
+    if path.is_dir() and not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        found = sorted(p.name for p in path.iterdir())[:8]
+        raise ValueError(
+            f"--tokenizer {name!r} holds no tokenizer (none of {', '.join(_TOKENIZER_FILES)}; "
+            f"found: {found}): give the folder tokenizer.save_pretrained wrote"
+        )
+    from huggingface_hub.errors import HFValidationError
     from transformers import AutoTokenizer
 
     import ndm_seq  # noqa: F401 - registers the project's tokenizer with AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name)
+    try:
+        return AutoTokenizer.from_pretrained(str(path) if path.exists() else name)
+    except (OSError, ValueError, KeyError, HFValidationError) as err:
+        what = "folder" if path.is_dir() else "name (a folder or a Hub model id)"
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise ValueError(
+            f"--tokenizer {name!r}: cannot load a tokenizer from this {what}: {reason}"
+        ) from None
+
+
+#: A folder holding one of these is a saved tokenizer (``save_pretrained``).
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+
+
+def _hub_name(name: str) -> bool:
+    """Whether ``name`` has the shape of a Hub model id (``gpt2``, ``org/model``), not of a path."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", name) is not None
 
 
 def add_prepare(sub: argparse._SubParsersAction) -> None:
@@ -276,7 +379,7 @@ def _add_pair_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--block-lines",
-        type=int,
+        type=positive_int,
         default=1000,
         help="OpenSubtitles text: consecutive lines per split unit (the text has no film boundaries)",
     )
@@ -319,12 +422,20 @@ def _add_tokenisation_options(p: argparse.ArgumentParser) -> None:
         help="tokenizer folder or name for AutoTokenizer; writes OUTPUT/tokenized/ "
         "(input_ids, attention_mask, labels)",
     )
-    g.add_argument("--num-proc", type=int, help="tokenisation workers (default min(4, CPUs))")
+    g.add_argument(
+        "--num-proc", type=positive_int, help="tokenisation workers (default min(4, CPUs))"
+    )
     context = g.add_argument(
-        "--max-context-tokens", type=int, default=128, help="context tokens kept (the latest)"
+        "--max-context-tokens",
+        type=positive_int,
+        default=128,
+        help="context tokens kept (the latest)",
     )
     response = g.add_argument(
-        "--max-response-tokens", type=int, default=64, help="response tokens kept (eos included)"
+        "--max-response-tokens",
+        type=positive_int,
+        default=64,
+        help="response tokens kept (eos included)",
     )
     # The names of the run config (data.max_context_tokens) and of evaluate's options.
     _add_deprecated_alias(g, "--max-source-tokens", context)
