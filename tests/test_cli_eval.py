@@ -89,7 +89,9 @@ def test_evaluate_cli_with_beams(model_dirs, data_dir, tmp_path, capsys):
 
 
 def test_evaluate_cli_errors(model_dirs, data_dir, tmp_path, capsys):
-    assert main(["evaluate", str(tmp_path / "none"), "--data", str(data_dir)]) == 1
+    assert (
+        main(["evaluate", str(tmp_path / "none"), "--data", str(data_dir)]) == 2
+    )  # an input mistake, said before any import
     assert "does not exist" in capsys.readouterr().err
     code = main(["evaluate", str(model_dirs["cvae"]), "--data", str(data_dir), "--split", "dev"])
     assert code == 1

@@ -14,6 +14,7 @@ which keeps `import ndm_seq` from loading them (see there).
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ndm_seq import __version__
 from ndm_seq.cli.analyze import add_analyze
@@ -47,6 +48,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _missing_input(args: argparse.Namespace) -> str | None:
+    """The first input path of the command line that does not exist, said as the command
+    itself would say it after loading torch and transformers; None when all exist."""
+    from pathlib import Path
+
+    checks: list[tuple[str | None, str]] = []
+    if args.command == "train":
+        checks.append((args.config, "config file {} does not exist"))
+    elif args.command == "compare":
+        for item in args.configs:
+            if "=" not in item:  # KEY=VALUE overrides are not files
+                checks.append((item, "config file {} does not exist"))
+    elif args.command in ("evaluate", "analyze"):
+        checks.append((args.data, "error: data directory {!r} does not exist"))
+        checks.append((args.model_dir, "error: model directory {!r} does not exist"))
+    elif args.command in ("sample", "chat"):
+        checks.append((args.model_dir, "error: model directory {!r} does not exist"))
+    elif args.command == "prepare" and getattr(args, "source", None):
+        checks.append((args.source, "error: {}: no such file or folder"))
+    for path, message in checks:
+        if path is not None and path != "-" and not Path(path).exists():
+            return message.format(str(path))
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run `ndm-seq` with `argv` (default: the command line); returns the exit status."""
     from ndm_seq.progress import library_progress_bars
@@ -58,9 +84,16 @@ def main(argv: list[str] | None = None) -> int:
         args.configs.extend(extra)
     elif extra:
         parser.parse_args(argv)  # argparse's own "unrecognized arguments" error (exit 2)
+    missing = _missing_input(args)
+    if missing is not None:  # a mistake said at once, before seconds of imports
+        print(f"ndm-seq {args.command}: {missing}", file=sys.stderr)
+        return 2
     # Started as the console script, `import ndm_seq` left the Auto classes to here
     # (ndm_seq_cli.py), so that --help and --version need neither torch nor transformers.
-    import ndm_seq.models  # noqa: F401  (registers model_type "ndm" with the Auto classes)
+    # They cost 2.3-2.5 s (transformers' PreTrainedModel and GenerationMixin; ndm-seq's
+    # own modules add 0.05 s): `prepare` needs them only to load a tokenizer.
+    if args.command != "prepare" or getattr(args, "tokenizer", None):
+        import ndm_seq.models  # noqa: F401  (registers model_type "ndm" with the Auto classes)
 
     # The libraries' bars (datasets' map, transformers' "Loading weights"): off with
     # --no-progress, and in sample and chat, whose output is the responses.
