@@ -170,8 +170,12 @@ def test_sample_and_chat_options_map_onto_the_sampling_config(recorded, command,
         (["chat", "M", "--max-new-tokens", "0"], "argument --max-new-tokens: "),
     ],
 )
-def test_a_bad_decoding_option_is_a_usage_error_before_loading(args, message, capsys):
-    assert main(args) == 2  # the model folder M does not exist: not reached
+def test_a_bad_decoding_option_is_a_usage_error_before_loading(args, message, tmp_path, capsys):
+    # M and D exist (a missing path is refused first) but hold no model: not reached.
+    (tmp_path / "M").mkdir()
+    (tmp_path / "D").mkdir()
+    args = [str(tmp_path / a) if a in ("M", "D") else a for a in args]
+    assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"ndm-seq {args[0]}: error: {message}")
 
