@@ -138,7 +138,7 @@ def test_usage_errors(tmp_path, capsys):
                 str(tmp_path / "o"),
             ]
         )
-        == 1
+        == 2  # an input mistake, said before any import (tests/test_cli_inputs.py)
     )
     assert "x.jsonl: no such file" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -129,7 +129,8 @@ def analyze(
 ) -> dict:
     """Run :func:`swap_experiment` on a model folder and a prepared split; write the reports.
 
-    Writes into ``output_dir`` (default ``MODEL_DIR/analysis-SPLIT``; a new or empty folder,
+    Writes into ``output_dir`` (default ``RUN/analysis-SPLIT`` beside a run's ``model/``, else
+    ``MODEL_DIR/analysis-SPLIT``; a new or empty folder,
     marked as ``ndm-seq analyze``'s, or one it wrote before; any other is refused before
     the model runs): ``analysis.json`` (settings, the effect matrix, every count, examples),
     ``analysis.md`` (the tables) and ``slot_attributes.png`` (the matrix as a heatmap).
@@ -178,7 +179,13 @@ def analyze(
         model, limits.max_context_tokens, limits.max_response_tokens, "max_response_tokens"
     )
     _, max_new = _length_limits(model, ctx, max_new_tokens, "max_new_tokens")
-    out = Path(output_dir) if output_dir is not None else Path(model_dir) / f"analysis-{split}"
+    from ndm_seq.evaluation.limits import default_output
+
+    out = (
+        Path(output_dir)
+        if output_dir is not None
+        else default_output(model_dir, f"analysis-{split}")
+    )
     folders.claim(out, "analyze")
     with folders.exclusive(out, "analyze"):
         contexts, responses = _select(ds, None, seed)

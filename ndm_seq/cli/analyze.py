@@ -28,7 +28,13 @@ def _analyze(args: argparse.Namespace) -> int:
         check_options(args.attributes, args.pairs, args.subspaces, args.max_new_tokens, args.batch_size)  # fmt: skip
     except (ValueError, ImportError) as err:
         return _model_error("analyze", err, code=2)
-    output = Path(args.output) if args.output else Path(args.model_dir) / f"analysis-{args.split}"
+    from ndm_seq.evaluation.limits import default_output
+
+    output = (
+        Path(args.output)
+        if args.output
+        else default_output(args.model_dir, f"analysis-{args.split}")
+    )
     try:
         report = analyze(
             args.model_dir, args.data, args.split, output, attributes=args.attributes,
@@ -86,7 +92,7 @@ def add_analyze(sub: argparse._SubParsersAction) -> None:
         "--output",
         metavar="DIR",
         help="output folder: new, empty or written by an earlier analyze; any other is "
-        "refused, untouched (default: MODEL_DIR/analysis-SPLIT)",
+        "refused, untouched (default: RUN/analysis-SPLIT beside a run's model/, else MODEL_DIR/analysis-SPLIT)",
     )
     p.add_argument(
         "--attributes",
