@@ -153,3 +153,65 @@ def test_sample_contexts_file_bad_line_names_file_and_line(model_dir, tmp_path, 
     assert f"{path}:2: expected a non-empty list of turns" in err
     first = json.loads(out.splitlines()[0])  # line 1 was answered before line 2 was read
     assert first["context"] == ["hi", "how are you?"] and len(first["samples"]) == 2
+
+
+# --------------------------------------------------------------------------- untrusted folders
+
+
+def _copy_with_config(model_dir: Path, target: Path, **changes) -> Path:
+    import shutil
+
+    shutil.copytree(model_dir, target)
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, **changes}))
+    return target
+
+
+@pytest.mark.parametrize(
+    ("field", "limit"), [("encoder_layers", 256), ("num_slots", 4096), ("vocab_size", 2**20)]
+)
+def test_a_huge_size_in_config_json_is_refused_before_a_model_is_built(
+    model_dir, tmp_path, capsys, field, limit
+):
+    # encoder_layers 1000000 (or num_slots) once ran more than 90 s and took 1.7 GB before the weights
+    # were found not to fit.
+    import time
+
+    from ndm_seq.cli import main
+
+    folder = _copy_with_config(model_dir, tmp_path / "hostile", **{field: 10_000_000})
+    start = time.monotonic()
+    assert main(["sample", str(folder), "--context", "hi"]) == 1
+    assert time.monotonic() - start < 20
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ndm-seq sample: error: ")
+    assert f"NDMConfig.{field} must be <= {limit}" in err and "got 10000000" in err
+    # the bound itself is accepted (checked on the config alone: no model that large)
+    from ndm_seq.models import NDMConfig
+
+    config = NDMConfig.from_pretrained(model_dir)
+    NDMConfig(**{**config.to_dict(), field: limit})
+
+
+def test_weights_stored_as_integers_are_refused_at_load(model_dir, tmp_path, capsys):
+    # int32 weights where float ones belong once loaded (cast by transformers) and sampled.
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ndm_seq.cli import main
+
+    folder = Path(shutil.copytree(model_dir, tmp_path / "int32"))
+    tensors = load_file(folder / "model.safetensors")
+    name = sorted(tensors)[0]
+    tensors[name] = (tensors[name] * 100).to(torch.int32)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    assert main(["sample", str(folder), "--context", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ndm-seq sample: error: ")
+    assert f"floating-point tensors stored as another dtype: {name} (I32)" in err
+    # any floating-point precision still loads
+    tensors[name] = tensors[name].to(torch.bfloat16)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    assert main(["sample", str(folder), "--context", "hi", "-n", "1"]) == 0

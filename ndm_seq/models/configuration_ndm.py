@@ -15,6 +15,29 @@ FORMAT_VERSION = 2
 ``ndm_seq.models.weights.KEY_MAPPINGS`` maps older layouts on loading."""
 
 VARIANTS = ("seq2seq", "cvae", "vmed", "ndm")
+
+MAX_SIZES: dict[str, int] = {
+    "vocab_size": 2**20,
+    "d_model": 16_384,
+    "encoder_layers": 256,
+    "decoder_layers": 256,
+    "num_heads": 1024,
+    "ffn_dim": 131_072,
+    "max_position_embeddings": 131_072,
+    "latent_dim": 16_384,
+    "num_slots": 4096,
+    "num_programs": 4096,
+    "num_reads": 256,
+    "vmed_heads": 1024,
+    "vmed_memory_dim": 16_384,
+    "vmed_memory_words": 65_536,
+}
+"""The largest value of each size field :class:`NDMConfig` accepts. Generous: several
+times the largest models in use (a 256k vocabulary, 16k hidden size, about 120
+layers), far beyond what a dialogue model of this family needs. They exist so that an
+untrusted ``config.json`` (``encoder_layers: 1000000``) is refused in one line when it
+loads, before a model of that size is built (minutes and gigabytes before the weights
+could be compared with it)."""
 BACKBONES = ("gru", "transformer")
 
 _PRESETS: dict[str, dict] = {
@@ -61,9 +84,9 @@ class NDMConfig(PreTrainedConfig):
 
     Every variant runs on every backbone; fields that a variant does not use
     are ignored by it (e.g. ``num_slots`` outside ``ndm``). A wrong type or an
-    impossible value (unknown variant, ``num_slots <= 0``, ``ridge < 0``, ...)
-    raises ``huggingface_hub.errors.StrictDataclassError`` naming the field,
-    when built and when loaded from ``config.json``.
+    impossible value (unknown variant, ``num_slots <= 0``, ``ridge < 0``, a size
+    above :data:`MAX_SIZES`, ...) raises ``huggingface_hub.errors.StrictDataclassError``
+    naming the field, when built and when loaded from ``config.json``.
 
     Args:
         variant: ``"seq2seq"`` (no latent), ``"cvae"`` (one Gaussian latent per
@@ -201,6 +224,13 @@ class NDMConfig(PreTrainedConfig):
                 raise ValueError(f"NDMConfig.{label} must be an int; got {value!r}")
             if value <= 0:
                 raise ValueError(f"NDMConfig.{label} must be > 0; got {value}")
+        for name, limit in MAX_SIZES.items():
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+                raise ValueError(
+                    f"NDMConfig.{name} must be <= {limit} (ndm_seq.models.configuration_ndm."
+                    f"MAX_SIZES); got {value}"
+                )
         if self.backbone == "transformer" and self.d_model % self.num_heads:
             raise ValueError(
                 f"NDMConfig.d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"

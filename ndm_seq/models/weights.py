@@ -78,6 +78,11 @@ def weight_files(path: Path) -> list[Path]:
     )
 
 
+def _floating(dtype: str) -> bool:
+    """A safetensors dtype name (``F32``, ``BF16``, ``F8_E4M3``, ``I32``, ...) is floating point."""
+    return dtype.startswith("F") or dtype == "BF16"
+
+
 def _some(names: list[str]) -> str:
     more = len(names) - _SHOWN
     return ", ".join(names[:_SHOWN]) + (f" (+{more} more)" if more > 0 else "")
@@ -88,31 +93,39 @@ def check_weights(
 ) -> None:
     """Refuse weight files that do not fit the model ``config`` describes, or hold NaN/inf.
 
-    Names and shapes come from each file's header (``safe_open``); the expected ones
-    from the model built on the ``meta`` device (no memory, no initialisation). A
-    tied weight (``all_tied_weights_keys``) may be absent: transformers ties it. Each
-    floating-point tensor is then read once to check that it is finite.
+    Names, shapes and dtypes come from each file's header (``safe_open``); the expected
+    ones from the model built on the ``meta`` device (no memory, no initialisation). A
+    tied weight (``all_tied_weights_keys``) may be absent: transformers ties it. A
+    floating-point tensor stored as integers, booleans or complex numbers is refused
+    (transformers would cast ``int32`` values to float and the model would load and
+    sample); any floating-point precision is accepted. Each floating-point tensor is
+    then read once to check that it is finite.
 
     Raises:
         ValueError: one line naming the file and, by kind, the first offending tensors
-            (missing, unexpected, shape expected vs found, non-finite); also a file that
-            is not valid safetensors.
+            (missing, unexpected, shape expected vs found, not floating point,
+            non-finite); also a file that is not valid safetensors.
     """
     from ndm_seq.models.modeling_ndm import NDMForConversation
 
     with torch.device("meta"):
         model = NDMForConversation(config)
-    expected = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    state = model.state_dict()
+    expected = {k: tuple(t.shape) for k, t in state.items()}
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     found: dict[str, tuple[int, ...]] = {}
     nonfinite: list[str] = []
+    not_float: list[str] = []
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as f:
                 for stored in f.keys():
                     key = rename_key(stored, mapping)
                     found[key] = tuple(f.get_slice(stored).get_shape())
-                    if key in expected and found[key] == expected[key]:
+                    dtype = f.get_slice(stored).get_dtype()  # "F32", "BF16", "I32", ...
+                    if key in state and state[key].is_floating_point() and not _floating(dtype):
+                        not_float.append(f"{key} ({dtype})")
+                    elif key in expected and found[key] == expected[key]:
                         tensor = f.get_tensor(stored)
                         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                             nonfinite.append(key)
@@ -131,6 +144,7 @@ def check_weights(
             ("missing tensors:", missing),
             ("unexpected tensors:", unexpected),
             ("wrong shapes:", shapes),
+            ("floating-point tensors stored as another dtype:", not_float),
             ("NaN or inf values in:", nonfinite),
         )
         if names
