@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import re
+import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,30 @@ def _metadata(run, corpus: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _longest_backtick_run(text: str) -> int:
+    return max((len(m) for m in re.findall(r"`+", text)), default=0)
+
+
+def _code(value: Any) -> str:
+    """``value`` as a Markdown code span that nothing in it can end: newlines and other
+    unprintable characters escaped (``\\n``), a delimiter longer than any run of
+    backticks inside. Markdown renders no HTML in a code span."""
+    text = "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(value)
+    )
+    ticks = "`" * (_longest_backtick_run(text) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{ticks}{pad}{text}{pad}{ticks}"
+
+
+def _fenced(text: str, info: str = "") -> str:
+    """``text`` in a fenced code block whose fence no line of it can close."""
+    fence = "`" * max(3, _longest_backtick_run(text) + 1)
+    return f"{fence}{info}\n{text}{'' if text.endswith(chr(10)) else chr(10)}{fence}\n"
+
+
 def _how_to_load(path: str, decoding: Mapping[str, Any]) -> str:
+    quoted = shlex.quote(path)
     return f"""## How to load and sample
 
 ```python
@@ -165,7 +189,7 @@ print(tokenizer.batch_decode(outputs, skip_special_tokens=True))
 {decoding["top_p"]:g}, top-k off), one response that stops at `</s>` or after \
 {decoding["max_new_tokens"]} new tokens; `generate` arguments override them (e.g.
 `num_return_sequences=5`, `do_sample=False`). From the command line:
-`ndm-seq sample {path} --context "hi!"`, `ndm-seq chat {path}`.
+{_code(f'ndm-seq sample {quoted} --context "hi!"')}, {_code(f"ndm-seq chat {quoted}")}.
 
 Without `import ndm_seq` (but with ndm-seq installed), pass `trust_remote_code=True` to
 both `from_pretrained` calls: `ndm_seq_remote.py` in this folder imports the installed
@@ -188,7 +212,7 @@ def train_card(run, log_history: Sequence[Mapping[str, Any]], steps: int) -> str
     first = f" (its first {d.max_train_pairs} pairs)" if d.max_train_pairs else ""
     table = validation_table(log_history) or "The run did not validate (`training.eval_steps`).\n"
     config = yaml.safe_dump(run.to_dict(), sort_keys=False)
-    source = f", `data.source: {d.source}`" if d.source else ""
+    source = f", {_code(f'data.source: {d.source}')}" if d.source else ""
     path = str(Path(run.output_dir) / "model")
     return (
         f"---\n{front}---\n{CARD_MARKER}\n\n"
@@ -198,7 +222,7 @@ def train_card(run, log_history: Sequence[Mapping[str, Any]], steps: int) -> str
         "dialogue context (the last turns, joined by `<sep>`) with a sampled response.\n\n"
         "## Data\n\n"
         f"- corpus: {corpus['name']} (`data.corpus: {d.corpus}`{source})\n"
-        f"- training pairs: the train split of `{d.prepared_dir}`{first}; contexts of at most "
+        f"- training pairs: the train split of {_code(d.prepared_dir)}{first}; contexts of at most "
         f"{d.max_context_tokens} tokens (the latest kept), responses of at most "
         f"{d.max_response_tokens}\n\n"
         "## Validation\n\n"
@@ -210,8 +234,7 @@ def train_card(run, log_history: Sequence[Mapping[str, Any]], steps: int) -> str
         "- ndm-seq, the code that defines and loads the model: MIT\n\n"
         "The weights were learned from the data, so its terms apply to them too; the "
         "`license` of the metadata above is the data's.\n\n"
-        "## Training config\n\nThe run's `config.yaml`:\n\n"
-        f"```yaml\n{config}```\n"
+        "## Training config\n\nThe run's `config.yaml`:\n\n" + _fenced(config, "yaml")
     )
 
 

@@ -344,3 +344,36 @@ def test_a_tokenizer_saved_alone_takes_its_remote_module_along(trained, tmp_path
     assert (alone / "ndm_seq_remote.py").is_file()
     name, ids = json.loads(_python(_TOKENIZER_ONLY, str(alone), tmp_path=tmp_path))
     assert name == "NDMTokenizer" and ids == tok("i like tea.")["input_ids"]
+
+
+def test_the_card_shows_config_paths_as_text_never_as_markdown(tmp_path):
+    # A backtick, HTML, a newline and a fence in the config's paths stay text in the card;
+    # the sample command is shell-quoted.
+    import shlex
+
+    from markdown_it import MarkdownIt
+
+    source = "x`<img src=x onerror=alert(1)>`.jsonl"
+    prepared = "p\n```\n# Owned"
+    out = "runs/a b;rm -rf ~"
+    run = run_config_from_dict(
+        {"output_dir": out, "data": {"corpus": "jsonl", "source": source, "prepared_dir": prepared}}
+    )
+    card = train_card(run, [], 3)
+    tokens = MarkdownIt("commonmark").parse(card)
+    every = [*tokens, *(c for t in tokens for c in t.children or ())]
+    html = [t.content.strip() for t in every if t.type in ("html_inline", "html_block")]
+    assert html == [CARD_MARKER]  # the card's own marker comment, nothing of the config
+    headings = [tokens[i + 1].content for i, t in enumerate(tokens) if t.type == "heading_open"]
+    assert headings == [
+        "ndm-gru: a dialogue model trained with ndm-seq", "Data", "Validation",
+        "How to load and sample", "Licence", "Training config",
+    ]  # fmt: skip
+    spans = [c.content for t in tokens for c in t.children or () if c.type == "code_inline"]
+    assert f"data.source: {source}" in spans and "p\\n```\\n# Owned" in spans
+    command = next(s for s in spans if s.startswith("ndm-seq sample "))
+    assert shlex.split(command)[:3] == ["ndm-seq", "sample", f"{out}/model"]
+    fences = [t for t in tokens if t.type == "fence" and t.info == "yaml"]
+    assert (
+        len(fences) == 1 and yaml.safe_load(fences[0].content)["data"]["prepared_dir"] == prepared
+    )
