@@ -179,7 +179,7 @@ def _training_exit(cmd: str, err: Exception) -> int:
         return 1
     if isinstance(err, TrainingInterrupted):
         return TrainingInterrupted.exit_code
-    return 2
+    return getattr(err, "exit_code", 2)
 
 
 def _refused_pickle(cmd: str, err: Exception, run_dir: str | os.PathLike) -> int:
