@@ -43,6 +43,9 @@ def test_two_process_run_matches_one_process(tmp_path):
         capture_output=True, text=True, env=env, timeout=900,
     )  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
+    # One launch, one report: only rank 0 prints the header and the trained model.
+    assert two.stdout.count("trained model: ") == 1
+    assert two.stderr.count(" parameters; ") == 1
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == list(range(1, 13))
     # Same batches, same initial weights, gradients averaged across the two halves:

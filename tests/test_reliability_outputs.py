@@ -229,6 +229,25 @@ def test_compare_never_reuses_a_model_of_another_config(
     assert str(trained[0][1][section][name]) == value
 
 
+@pytest.mark.parametrize("flag", [[], ["--no-progress"]])
+def test_compare_no_progress_reaches_training(data_dir, tmp_path, monkeypatch, capsys, flag):
+    import ndm_seq.compare
+
+    seen = []
+
+    def recording_train(run):
+        seen.append(run.training.progress)
+        raise ndm_seq.training.DiskFullError("stop here")
+
+    monkeypatch.setattr(ndm_seq.compare, "train", recording_train)
+    raw = tiny_run_config(tmp_path, prepared=data_dir)
+    raw["training_overrides"] = {"progress": True}
+    config = write_config(tmp_path, raw)
+    args = ["compare", str(config), "--output", str(tmp_path / "cmp"), *flag]
+    assert main([*args, f"output_dir={tmp_path / 'runs' / 'run'}"]) == 1
+    assert seen == [not flag]  # no bar anywhere with --no-progress, training's included
+
+
 @pytest.mark.slow
 def test_make_demo_layout_runs_twice_on_its_own_folder(tmp_path, capsys):
     """`make demo`'s layout: the run folders inside the compare folder; the second run reuses."""
