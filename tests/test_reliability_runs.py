@@ -504,15 +504,20 @@ def test_an_interrupted_publish_is_settled_without_losing_a_file(tmp_path, refer
     record = publish.model_record(run_dir)
     replaced = Path(shutil.copytree(run_dir / "model", run_dir / publish.REPLACED))
     (replaced / "NOTES.md").write_text("mine")
-    publish._record(run_dir, model={**record, "replacing": record["files"]})
+    publish._record(run_dir, model={**record, "replacing": record})
     publish.recover(run_dir)
     assert (run_dir / "model" / "NOTES.md").read_text() == "mine"
     assert not replaced.exists()
-    assert "replacing" not in publish.model_record(run_dir)
-    # Killed after the first rename: no model/ at all; the old one comes back whole.
+    assert publish.model_record(run_dir) == record
+    # Killed after the first rename: no model/ at all; the old one comes back whole, and
+    # with it the old record (a republish then finds every file as train wrote it).
+    newer = {**record, "step": 99, "files": {"model.safetensors": "0" * 64}}
+    publish._record(run_dir, model={**newer, "replacing": record})
     os.replace(run_dir / "model", run_dir / publish.REPLACED)
     publish.recover(run_dir)
     assert (run_dir / "model" / "NOTES.md").read_text() == "mine"
+    assert publish.model_record(run_dir) == record
+    publish.check_model_folder(run_dir)  # nothing reported changed
 
 
 # ----------------------------------------------------------------------------- resume checks

@@ -48,7 +48,8 @@ def _checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_CHECKPOINT_RE.match(p.name).group(1)))
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(1 << 20):
@@ -70,7 +71,7 @@ def _write_manifest(path: Path) -> None:
     for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != CHECKPOINT_MANIFEST):
         _fsync(file)
         rel = file.relative_to(path).as_posix()
-        files[rel] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+        files[rel] = {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
     manifest = path / CHECKPOINT_MANIFEST
     manifest.write_text(json.dumps({"files": files}, indent=1), encoding="utf-8")
     _fsync(manifest)
@@ -250,7 +251,7 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
             return f"{name} is missing"
         if file.stat().st_size != size:
             return f"{name} has {file.stat().st_size} bytes, {size} when written (cut short or overwritten)"
-        if _sha256(file) != digest:
+        if file_sha256(file) != digest:
             return f"{name} does not match the sha256 recorded when it was written (corrupted)"
     return None
 

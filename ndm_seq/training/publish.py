@@ -23,7 +23,6 @@ republish (a resumed run, ``training.resume=never``) must not replace it whole:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from pathlib import Path
 
 from ndm_seq import folders
 from ndm_seq.model_card import CARD, is_ndm_card
+from ndm_seq.training.checkpoints import file_sha256
 
 logger = logging.getLogger("ndm_seq.training")
 
@@ -39,14 +39,6 @@ STAGED = ".model.incomplete"
 """``RUN/<this>``: the new model folder while it is written."""
 REPLACED = ".model.replaced"
 """``RUN/<this>``: the old model folder while the new one takes its place."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _marker(run_dir: Path) -> dict:
@@ -95,7 +87,7 @@ def _check_replaceable(old: Path, record: dict | None, new_names: set[str]) -> l
             if record is not None and entry.name != CARD:
                 if entry.is_symlink() or not entry.is_file():
                     conflicts.append(f"{entry.name} (no longer the file train wrote)")
-                elif _sha256(entry) != record["files"][entry.name]:
+                elif file_sha256(entry) != record["files"][entry.name]:
                     conflicts.append(f"{entry.name} (changed since train wrote it)")
         elif entry.name in new_names and entry.name != CARD:
             conflicts.append(f"{entry.name} (the new model writes a file of this name)")
@@ -126,25 +118,29 @@ def recover(run_dir: Path) -> None:
         shutil.rmtree(staged)  # only ever holds what train wrote
     if not replaced.exists():
         return
+    record = model_record(run_dir) or {}
+    before = record.get("replacing")  # the record of the folder being replaced
     if not final.exists():
         os.replace(replaced, final)  # the old model comes back, with the user's entries
+        _record(run_dir, model=before if isinstance(before, dict) and before else None)
         logger.warning("%s: an interrupted publish; the earlier model is back in place", final)
         return
-    record = model_record(run_dir) or {}
-    previous = record.get("replacing")
+    previous = before.get("files") if isinstance(before, dict) else None
+    if not isinstance(previous, dict):
+        # Left by a publish before the record: the names the new model has are train's.
+        previous = {p.name: None for p in final.iterdir()}
+    left = []
     for entry in sorted(replaced.iterdir()):
-        ours = entry.name in previous if isinstance(previous, dict) else False
-        if not ours and not (final / entry.name).exists():
+        if entry.name in previous:
+            continue  # the old model's own file
+        if (final / entry.name).exists():
+            left.append(entry.name)
+        else:
             os.replace(entry, final / entry.name)
-    left = [
-        e.name
-        for e in replaced.iterdir()
-        if not isinstance(previous, dict) or e.name not in previous
-    ]
     if left:
         raise folders.FolderError(
-            f"{replaced} (an interrupted publish) holds {', '.join(sorted(left))}, which "
-            f"{final} already has; move them where you want them and run again"
+            f"{replaced} (an interrupted publish) holds {', '.join(left)}, which {final} "
+            "already has; move them where you want them and run again"
         )
     shutil.rmtree(replaced)
     _record(run_dir, model={k: v for k, v in record.items() if k != "replacing"})
@@ -160,7 +156,7 @@ def publish(run_dir: Path, staged: Path, training: dict) -> Path:
         FolderError: the old folder holds an entry that cannot be kept (nothing moved).
     """
     final = run_dir / "model"
-    files = {p.name: _sha256(p) for p in sorted(staged.iterdir()) if p.is_file()}
+    files = {p.name: file_sha256(p) for p in sorted(staged.iterdir()) if p.is_file()}
     record = model_record(run_dir)
     foreign = _check_replaceable(final, record, set(files)) if final.exists() else []
     if CARD in foreign:
@@ -169,8 +165,7 @@ def publish(run_dir: Path, staged: Path, training: dict) -> Path:
     if foreign:
         logger.info("keeping in %s what train did not write: %s", final, ", ".join(foreign))
     if final.exists():
-        old_files = (record or {}).get("files") or {}
-        _record(run_dir, model={**new, "replacing": old_files})
+        _record(run_dir, model={**new, "replacing": record or {}})
         os.replace(final, run_dir / REPLACED)
     os.replace(staged, final)
     replaced = run_dir / REPLACED

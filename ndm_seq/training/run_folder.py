@@ -325,7 +325,8 @@ def _setup_run_folder(
     folders.claim(out, "train", adopt=is_legacy_run_folder)
     stack.enter_context(folders.exclusive(out, "train"))
     _file_log(out, stack)  # the resume check's messages go to train.log too
-    stored = stored_config(out) if run.training.resume != "never" else None
+    # A given checkpoint (training.resume=PATH) or "never" asks for training: no no-op.
+    stored = stored_config(out) if run.training.resume in ("auto", "force") else None
     if stored is not None and not training_changes(stored, run):
         finished = finished_model(out)
         if finished is not None:
