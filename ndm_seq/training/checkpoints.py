@@ -48,6 +48,11 @@ def _checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_CHECKPOINT_RE.match(p.name).group(1)))
 
 
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The global step of a ``checkpoint-N`` folder, from its name."""
+    return int(_CHECKPOINT_RE.match(Path(path).name).group(1))
+
+
 def file_sha256(path: Path) -> str:
     """The SHA-256 of a file's bytes (hex), read in 1 MiB chunks."""
     digest = hashlib.sha256()

@@ -23,6 +23,7 @@ from ndm_seq.training.checkpoints import (
     _checkpoints,
     _latest_checkpoint,
     checkpoint_problem,
+    checkpoint_step,
     recover_pending,
 )
 from ndm_seq.training.config import ConfigError, RunConfig, build_model_config, run_config_from_dict
@@ -345,7 +346,7 @@ def _header(run: RunConfig, trainer, args, train_ds, eval_ds, fit, out: Path) ->
 def _check_resume_step(resume: str, max_steps: int) -> None:
     """Refuse to resume from a checkpoint past the run's last step (the Trainer would
     train one step more than asked)."""
-    step = int(Path(resume).name.rsplit("-", 1)[1])
+    step = checkpoint_step(resume)
     if step > max_steps:
         raise ConfigError(
             f"training.max_steps is {max_steps}, below step {step} of the checkpoint it would "
@@ -370,7 +371,7 @@ def _training_summary(run: RunConfig, trainer, args, result, resume, clock: Cloc
         "steps": steps,
         "planned_steps": planned,
         "minutes": round(result.metrics.get("train_runtime", 0.0) / 60, 2),
-        "resumed_from": None if resume is None else int(Path(resume).name.rsplit("-", 1)[1]),
+        "resumed_from": None if resume is None else checkpoint_step(resume),
         "stopped_short": steps < planned,
         "stop_reason": reason,
     }
@@ -591,12 +592,13 @@ def _check_tokenizer(resume: str, tokenizer, out: Path) -> None:
     with (a replaced ``tokenizer/`` of the same size would train on other ids)."""
     from ndm_seq.data.fingerprints import tokenizer_fingerprint
 
-    record = checkpoint_record(resume)
-    if record is None or record.get("tokenizer") in (None, tokenizer_fingerprint(tokenizer)):
+    recorded = (checkpoint_record(resume) or {}).get("tokenizer")
+    current = tokenizer_fingerprint(tokenizer)
+    if recorded in (None, current):
         return
     raise ConfigError(
         f"{out / 'tokenizer'} is not the tokenizer {resume} was trained with (fingerprint "
-        f"{tokenizer_fingerprint(tokenizer)[:12]}, recorded {str(record['tokenizer'])[:12]}); "
+        f"{current[:12]}, recorded {str(recorded)[:12]}); "
         "put the run's tokenizer back, or set training.resume=never to start again"
     )
 
@@ -622,11 +624,10 @@ def _resume_point(t, trainer, out: Path) -> str | None:
     history = out / "log_history.jsonl"
     if resume:
         _check_tokenizer(resume, trainer.processing_class, out)
-        if trainer.is_world_process_zero():
-            say(f"resuming from {resume}")
-        else:
+        if not trainer.is_world_process_zero():
             logger.info("resuming from %s", resume)
-        if trainer.is_world_process_zero():
+        else:
+            say(f"resuming from {resume}")
             state = json.loads((Path(resume) / "trainer_state.json").read_text(encoding="utf-8"))
             _trim_log_history(history, int(state["global_step"]))
     elif trainer.is_world_process_zero():

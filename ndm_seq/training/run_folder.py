@@ -289,12 +289,12 @@ def finished_model(out: Path) -> dict | None:
     ``training``), when no checkpoint newer than it exists; None otherwise (no model,
     or training went on after it was published)."""
     from ndm_seq.training import publish
-    from ndm_seq.training.checkpoints import _latest_checkpoint
+    from ndm_seq.training.checkpoints import _latest_checkpoint, checkpoint_step
 
     if not (out / "model").is_dir():
         return None
     latest = _latest_checkpoint(out / "checkpoints")
-    latest_step = None if latest is None else int(Path(latest).name.rsplit("-", 1)[1])
+    latest_step = None if latest is None else checkpoint_step(latest)
     record = publish.model_record(out)
     if record is not None:
         step = record.get("step")
