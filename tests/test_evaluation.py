@@ -355,6 +355,8 @@ def test_comparison_table_and_chart(tmp_path):
         "cvae": {k: 0.5 for k in MAIN_COLUMNS} | {"active_units": 7, "ppl": 123.456},
         "ndm": {k: 0.25 for k in MAIN_COLUMNS} | {"active_units": 3, "self_bleu": None},
     }
+    for metrics in runs.values():
+        metrics["top_response_share"] = 0.01  # no collapse note under the table
     table = comparison_table(runs)
     lines = table.splitlines()
     labels = [c if c != "corpus_bleu" else "corpus_bleu (0-100)" for c in MAIN_COLUMNS]
@@ -409,6 +411,21 @@ def test_comparison_table_shows_steps_wall_time_and_who_stopped_short():
     assert comparison_table(runs, columns=["training"]).splitlines()[0] == (
         "| model | steps | train min |"
     )
+
+
+def test_comparison_table_names_a_model_that_answers_everything_alike():
+    # The demo once printed NDM answering "!!!!" to every context beside a working CVAE,
+    # without a word: the table now says so under itself.
+    runs = {
+        "ndm-gru": {"bleu_1": 0.09, "top_response_share": 1.0},
+        "cvae-gru": {"bleu_1": 0.01, "top_response_share": 0.0113},
+    }
+    lines = comparison_table(runs, columns=["bleu_1", "top_response_share"]).splitlines()
+    assert lines[4:] == [
+        "",
+        "- ndm-gru collapsed: one response is 100% of all it gave (top_response_share); "
+        "its BLEU is that response's",
+    ]
 
 
 def test_read_metrics_round_trip(model_dirs, data_dir, tmp_path):

@@ -224,7 +224,9 @@ def comparison_table(
     (:func:`training_facts`), the table starts with the columns ``steps`` (optimizer
     steps trained: ``574``, or ``19 of 574 (stopped short)``) and ``train min``
     (training wall time, minutes), and a line under it names every run that stopped
-    short of its planned steps and why (:func:`stopped_short_notes`). Runs without it
+    short of its planned steps and why (:func:`stopped_short_notes`). A line also names
+    every run that collapsed (:func:`collapse_notes`: one response for half or more of
+    all), whose BLEU is one answer's and not a result. Runs without it
     show "–" there; with no run carrying it, the table is the metrics only.
 
     Runs scored under different protocols (``settings.protocol`` of their
@@ -263,7 +265,7 @@ def comparison_table(
         cells = [_steps_text(facts[run]), _minutes_text(facts[run])] if trained else []
         cells += [_format(c, metrics.get(c)) for c in cols]
         lines.append(f"| {run} | " + " | ".join(cells) + " |")
-    notes = stopped_short_notes(named_metrics)
+    notes = stopped_short_notes(named_metrics) + collapse_notes(named_metrics)
     if notes:
         lines += ["", *(f"- {note}" for note in notes)]
     return "\n".join(lines) + "\n"
