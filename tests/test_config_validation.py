@@ -40,12 +40,29 @@ BAD = [
     ("model.num_slots=-1", ["model:", "num_slots", "got -1"]),
     ("model.num_slots=x", ["model:", "num_slots", "expected int", "'x'"]),
     ("model.variant=vae", ["model:", "variant", "got vae"]),
-    ("model.nm_slots=8", ["unknown key(s) model.nm_slots", "valid model keys:", "num_slots"]),
+    ("model.nm_slots=8", ["unknown key(s) model.nm_slots; did you mean model.num_slots?"]),
+    ("model.zzz=8", ["unknown key(s) model.zzz; valid model keys: attention_dropout,"]),
     ("data.options.seed=x", ["data.options.seed='x'", "expected an integer"]),
-    ("data.options.sed=1", ["unknown key(s) data.options.sed", "valid data.options keys:"]),
+    ("data.options.sed=1", ["unknown key(s) data.options.sed; did you mean data.options.seed"]),
+    ("data.max_context_token=9", ["data.max_context_token; did you mean data.max_context_tokens"]),
+    (
+        "tokenizer.vocab_sise=9",
+        ["unknown key(s) tokenizer.vocab_sise; did you mean tokenizer.vocab_size?"],
+    ),
+    ("evaluation.sample=3", ["unknown key(s) evaluation.sample; did you mean evaluation.samples?"]),
+    ("outptu_dir=x", ["unknown key(s) outptu_dir; did you mean output_dir?"]),
     ("data.options.max_context_turns=0", ["data.options:", "max_context_turns must be >= 1"]),
     ("data.corpus=reddit", ["data.corpus='reddit'", "expected one of"]),
-    ("tokenizer.vocab_size=0", ["tokenizer.vocab_size=0", "expected an integer > 0"]),
+    ("tokenizer.vocab_size=0", ["tokenizer.vocab_size=0", "expected an integer in [262, "]),
+    # SentencePiece's 5 special and 256 byte-fallback pieces need 262; 5 was a traceback
+    # after the data was prepared and the run folder written.
+    ("tokenizer.vocab_size=5", ["tokenizer.vocab_size=5", "in [262, 1048576]", "261 special"]),
+    ("tokenizer.vocab_size=2000000", ["tokenizer.vocab_size=2000000", "in [262, 1048576]"]),
+    # 100000 against a 32-token limit was accepted and one step took 300 s.
+    (
+        "training.pad_to_multiple_of=100000",
+        ["training.pad_to_multiple_of=100000: expected at most 64", "data.max_context_tokens (64)"],
+    ),
     ("seed=-1", ["seed=-1", "expected an integer >= 0"]),
     ("training.max_stepz=3", ["unknown key(s) training.max_stepz", "max_steps"]),
     ("training.max_steps=[1", ["training.max_steps=[1", "not valid YAML", "line 1"]),
@@ -126,3 +143,34 @@ def test_resume_docstring_lists_every_key_that_may_change():
     for key in RESUME_MAY_CHANGE:
         assert f"``{key}``" in resume_doc or key == "evaluation.*", key
     assert "every ``evaluation.*`` key" in resume_doc
+
+
+def test_the_bounds_themselves_load(tmp_path):
+    run = load_run_config(
+        _config(tmp_path),
+        [
+            "tokenizer.vocab_size=262",
+            "training.pad_to_multiple_of=64",
+            "data.max_context_tokens=64",
+        ],
+    )
+    assert run.tokenizer.vocab_size == 262 and run.training.pad_to_multiple_of == 64
+    # the longer limit is the bound, whichever it is
+    run = load_run_config(
+        _config(tmp_path),
+        [
+            "data.max_context_tokens=16",
+            "data.max_response_tokens=48",
+            "training.pad_to_multiple_of=48",
+        ],
+    )
+    assert run.training.pad_to_multiple_of == 48
+    with pytest.raises(ConfigError, match="expected at most 48"):
+        load_run_config(
+            _config(tmp_path),
+            [
+                "data.max_context_tokens=16",
+                "data.max_response_tokens=48",
+                "training.pad_to_multiple_of=49",
+            ],
+        )

@@ -7,6 +7,7 @@ import json
 import random
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -38,11 +39,21 @@ def _raw(folder: Path, prepared: Path, **training) -> dict:
 # ----------------------------------------------------------------------------- config
 
 
+def _installed(name: str) -> bool:
+    from transformers.integrations import get_available_reporting_integrations
+
+    return name in get_available_reporting_integrations()
+
+
+# A reporting integration whose package is installed (tensorboard is an extra).
+REPORT = "tensorboard" if _installed("tensorboard") else "none"
+
+
 def test_trainer_arguments_pass_through_and_are_written_flat(tmp_path):
     raw = {
         "output_dir": str(tmp_path / "run"),
         "training": {
-            "report_to": "tensorboard",
+            "report_to": REPORT,
             "gradient_accumulation_steps": 4,
             "adam_beta2": "9.5e-1",  # YAML 1.1 reads it as a string: the float it spells
             "optim": "adamw_torch",
@@ -52,7 +63,7 @@ def test_trainer_arguments_pass_through_and_are_written_flat(tmp_path):
     run = run_config_from_dict(raw)
     assert run.training.max_steps == 7  # ndm-seq's own key stays its own
     assert run.training.trainer_arguments == {
-        "report_to": "tensorboard",
+        "report_to": REPORT,
         "gradient_accumulation_steps": 4,
         "adam_beta2": 0.95,
         "optim": "adamw_torch",
@@ -100,6 +111,37 @@ BAD = [
     (["training.early_stopping_patience=0"], ["training.early_stopping_patience=0", "> 0"]),
     # Refused by TrainingArguments itself, when the run starts: before anything is written.
     (["training.torch_empty_cache_steps=-1"], ["TrainingArguments refused", "bigger than 0"]),
+    # Ranges TrainingArguments does not check: -2 trained 0 optimizer steps and published
+    # a model; adam_beta1=5 failed in the optimizer after the run folder was written.
+    (
+        ["training.gradient_accumulation_steps=0"],
+        ["training.gradient_accumulation_steps=0: expected an integer >= 1"],
+    ),
+    (
+        ["training.gradient_accumulation_steps=-2"],
+        ["training.gradient_accumulation_steps=-2: expected an integer >= 1"],
+    ),
+    (["training.adam_beta1=5"], ["training.adam_beta1=5: expected a number in [0, 1)"]),
+    (["training.adam_beta2=1"], ["training.adam_beta2=1: expected a number in [0, 1)"]),
+    (["training.adam_epsilon=-1e-8"], ["training.adam_epsilon=", "expected a number >= 0"]),
+    # What ndm-seq cannot honour.
+    (
+        ["training.label_smoothing_factor=0.1"],
+        ["training.label_smoothing_factor=0.1 is not supported", "the loss is the model's own"],
+    ),
+    (
+        ["training.gradient_checkpointing=true"],
+        ["training.gradient_checkpointing=True is not supported", "gradient checkpointing"],
+    ),
+    (
+        ["training.push_to_hub=true"],
+        ["training.push_to_hub=True is not supported", "hf upload REPO_ID OUTPUT_DIR/model"],
+    ),
+    (["training.hub_token=hf_x"], ["training.hub_token='hf_x' is not supported", "config.yaml"]),
+    (
+        ["training.report_to=wandbb"],
+        ["training.report_to='wandbb': 'wandbb' is no transformers integration", "'wandb'?"],
+    ),
 ]
 
 
@@ -120,6 +162,45 @@ def test_bad_trainer_argument_is_one_line_exit_2_nothing_written(
     assert code == 2 and len(err) == 1 and err[0].startswith("ndm-seq train: "), err
     for part in expected:
         assert part in err[0], err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
+
+
+def test_what_may_stay_at_its_default_loads(tmp_path):
+    raw = {
+        "output_dir": str(tmp_path / "run"),
+        "training": {
+            "label_smoothing_factor": 0.0,
+            "push_to_hub": False,
+            "gradient_checkpointing": False,
+            "gradient_accumulation_steps": 1,
+            "adam_beta1": 0.0,
+            "report_to": ["none"],
+        },
+    }
+    assert run_config_from_dict(raw).training.trainer_arguments["adam_beta1"] == 0.0
+
+
+@pytest.mark.skipif(_installed("wandb"), reason="wandb is installed here")
+def test_report_to_an_integration_not_installed_is_one_line_before_anything(tmp_path):
+    # Once an 18 s run that wrote the run folder, then a 35-line traceback.
+    raw = {
+        "output_dir": str(tmp_path / "run"),
+        "data": {"corpus": "chitchat", "prepared_dir": str(tmp_path / "prepared")},
+        "model": {"preset": "tiny"},
+        "training": {"max_steps": 5, "progress": False},
+    }
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    result = subprocess.run(
+        [sys.executable, "-m", "ndm_seq.cli", "train", str(config), "training.report_to=wandb"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(
+        f"ndm-seq train: {config}: training.report_to='wandb': wandb is not installed "
+        "(pip install wandb), or report elsewhere (installed: "
+    )
+    assert result.stderr.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
 
 

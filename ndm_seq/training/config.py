@@ -243,6 +243,16 @@ def _fraction(v) -> bool:
     return 0 <= v <= 1
 
 
+def _vocab_bounds() -> tuple[int, int]:
+    """The smallest and largest ``tokenizer.vocab_size``: SentencePiece's 5 special and
+    256 byte-fallback pieces plus one, and the model's limit."""
+    from ndm_seq.models.configuration_ndm import MAX_SIZES
+    from ndm_seq.tokenization_ndm import SPECIAL_TOKENS
+    from ndm_seq.tokenization_spm import _BYTE_PIECES
+
+    return len(SPECIAL_TOKENS) + _BYTE_PIECES + 1, MAX_SIZES["vocab_size"]
+
+
 def _scheduler_names() -> tuple[str, ...]:
     from transformers import SchedulerType
 
@@ -257,7 +267,15 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "data.max_response_tokens": (_positive, "> 0"),
     "data.max_train_pairs": (_positive, "> 0 (or null for all)"),
     "data.max_eval_pairs": (_positive, "> 0 (or null for all)"),
-    "tokenizer.vocab_size": (_positive, "> 0"),
+    "tokenizer.vocab_size": (
+        lambda v: _vocab_bounds()[0] <= v <= _vocab_bounds()[1],
+        lambda: (
+            "in [{}, {}] (at least the tokenizer's {} special and byte-fallback pieces "
+            "plus one; a corpus needs one more piece per distinct character)".format(
+                *_vocab_bounds(), _vocab_bounds()[0] - 1
+            )
+        ),
+    ),
     "tokenizer.max_texts": (_positive, "> 0"),
     "training.max_steps": (_positive, "> 0"),
     "training.max_minutes": (_positive, "> 0 (or null for no budget)"),
@@ -310,6 +328,23 @@ def section_fields(name: str) -> dict[str, Any]:
     return hints
 
 
+def unknown_keys(where: str, section: str, unknown: list[str], known) -> ConfigError:
+    """The one line for keys no section ``section`` has (``""``: the top level): the
+    closest known names where some are close (difflib), else every valid key."""
+    import difflib
+
+    prefix = f"{section}." if section else ""
+    names = ", ".join(f"{prefix}{k}" for k in unknown)
+    close = sorted(
+        {c for k in unknown for c in difflib.get_close_matches(k, list(known), n=3, cutoff=0.6)}
+    )
+    if close:
+        hint = "did you mean " + " or ".join(f"{prefix}{c}" for c in close) + "?"
+    else:
+        hint = f"valid {section or 'top-level'} keys: {', '.join(sorted(known))}"
+    return ConfigError(f"{where}: unknown key(s) {names}; {hint}")
+
+
 def _check_key(key: str, value, annotation, where: str):
     """One value: its type (from ``annotation``), then its range and allowed choices."""
     try:
@@ -320,6 +355,7 @@ def _check_key(key: str, value, annotation, where: str):
         return value
     if key in _RANGES:
         test, expected = _RANGES[key]
+        expected = expected() if callable(expected) else expected
         if not test(value):
             kind = _describe(type(value)) if isinstance(value, (int, float)) else "a value"
             kind = "a number" if "float" in str(annotation) else kind
@@ -343,10 +379,7 @@ def _check_section(name: str, values, where: str) -> dict:
     if unknown and name == "training":
         return _check_training(values, known, where)
     if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
-            f"valid {name} keys: {', '.join(sorted(known))}"
-        )
+        raise unknown_keys(where, name, unknown, known)
     return {k: _check_key(f"{name}.{k}", v, known[k], where) for k, v in values.items()}
 
 
@@ -378,16 +411,28 @@ def _check_pair_options(options: dict, vmed: bool, where: str) -> None:
     known = typing.get_type_hints(PairOptions)
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(f'data.options.{k}' for k in unknown)}; "
-            f"valid data.options keys: {', '.join(sorted(known))}"
-        )
+        raise unknown_keys(where, "data.options", unknown, known)
     for k, v in options.items():
         _check_key(f"data.options.{k}", v, known[k], where)
     try:
         PairOptions.vmed(**options) if vmed else PairOptions(**options)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{where}: data.options: {_one_line(e)}") from None
+
+
+def _check_buckets(run: RunConfig, where: str) -> None:
+    """``training.pad_to_multiple_of`` at most the longer token limit: a larger multiple
+    pads every batch beyond any sequence it holds (100000 against a 32-token limit took
+    300 s a step)."""
+    multiple = run.training.pad_to_multiple_of
+    longest = max(run.data.max_context_tokens, run.data.max_response_tokens)
+    if multiple is not None and multiple > longest:
+        raise ConfigError(
+            f"{where}: training.pad_to_multiple_of={multiple}: expected at most {longest}, "
+            f"the longer of data.max_context_tokens ({run.data.max_context_tokens}) and "
+            f"data.max_response_tokens ({run.data.max_response_tokens}): a larger multiple "
+            "only pads every batch further"
+        )
 
 
 def model_keys() -> list[str]:
@@ -410,10 +455,7 @@ def _check_model(section, where: str) -> None:
     known = model_keys()
     unknown = sorted(set(section) - set(known))
     if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(f'model.{k}' for k in unknown)}; "
-            f"valid model keys: {', '.join(sorted(known))}"
-        )
+        raise unknown_keys(where, "model", unknown, known)
     try:
         build_model_config(section)
     except (ValueError, TypeError, StrictDataclassError) as e:
@@ -438,10 +480,7 @@ def run_config_from_dict(raw: dict, where: str = "config") -> RunConfig:
     top = section_fields("")
     unknown = sorted(set(raw) - set(top))
     if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; valid top-level keys: "
-            f"{', '.join(sorted(top))}"
-        )
+        raise unknown_keys(where, "", unknown, top)
     kwargs: dict[str, Any] = {}
     for name, value in raw.items():
         if name in _SECTIONS:
@@ -455,6 +494,7 @@ def run_config_from_dict(raw: dict, where: str = "config") -> RunConfig:
         raise ConfigError(f"{where}: output_dir={kwargs['output_dir']!r}: expected a folder path")
     run = RunConfig(**kwargs)
     _check_pair_options(run.data.options, run.data.vmed_preprocessing, where)
+    _check_buckets(run, where)
     from ndm_seq.training.trainer_args import check_best_model
 
     check_best_model(run.training, where)

@@ -5,10 +5,14 @@ fields) is a ``transformers.TrainingArguments`` field passed on as given
 (``report_to``, ``gradient_accumulation_steps``, ``load_best_model_at_end``,
 ``metric_for_best_model``, ``optim``, ...). It is checked when the config loads like
 every other key: a name that is no field of ``TrainingArguments`` is refused with the
-closest names, a value of the wrong type is refused naming the type expected. The
-arguments ndm-seq sets itself (:data:`OWNED`) are refused with the key that sets them:
-passing them through would break what ndm-seq relies on (the run folder layout, the
-global batch split across processes, exact resume).
+closest names, a value of the wrong type is refused naming the type expected, a number
+out of its range (:data:`RANGES`) naming the range. The arguments ndm-seq sets itself
+(:data:`OWNED`) are refused with the key that sets them: passing them through would
+break what ndm-seq relies on (the run folder layout, the global batch split across
+processes, exact resume). What ndm-seq cannot honour is refused too, each with its
+reason (:data:`NOT_HONOURED`, :func:`check_report_to`): these would otherwise fail
+after the run folder is written (``report_to: wandb`` without wandb), or train
+something else than asked (label smoothing replacing the model's loss).
 """
 
 from __future__ import annotations
@@ -52,6 +56,50 @@ OWNED: dict[str, str] = {
     "logging_nan_inf_filter": "ndm-seq (its non-finite guard filters the logged loss)",
 }
 """``TrainingArguments`` fields ndm-seq sets itself, and what sets them instead."""
+
+_PUBLISH = (
+    "a run does not push to the Hub (its checkpoints hold the optimizer state and the run "
+    "record); publish the trained model folder instead: hf upload REPO_ID OUTPUT_DIR/model"
+)
+
+NOT_HONOURED: dict[str, tuple[Any, str]] = {
+    "label_smoothing_factor": (
+        0,
+        "the loss is the model's own (the NLL and the KL and other terms of its variant); "
+        "the Trainer's label smoothing would replace it by a smoothed cross-entropy",
+    ),
+    "push_to_hub": (False, _PUBLISH),
+    "hub_model_id": (None, _PUBLISH),
+    "hub_strategy": (None, _PUBLISH),
+    "hub_token": (None, _PUBLISH + " (and a token in a run config is written to config.yaml)"),
+    "hub_private_repo": (None, _PUBLISH),
+    "hub_always_push": (None, _PUBLISH),
+    "hub_revision": (None, _PUBLISH),
+}
+"""Passed-through fields ndm-seq cannot honour: ``key -> (the one value allowed, why)``
+(``None``: the key may not be given at all)."""
+
+
+def _at_least(low):
+    return (lambda v: v >= low), f">= {low}"
+
+
+RANGES: dict[str, tuple[Any, str]] = {
+    "gradient_accumulation_steps": _at_least(1),
+    "eval_accumulation_steps": _at_least(1),
+    "adam_beta1": ((lambda v: 0 <= v < 1), "in [0, 1)"),
+    "adam_beta2": ((lambda v: 0 <= v < 1), "in [0, 1)"),
+    "adam_epsilon": _at_least(0),
+    "neftune_noise_alpha": ((lambda v: v > 0), "> 0 (or null for off)"),
+    "eval_delay": _at_least(0),
+    "dataloader_prefetch_factor": _at_least(1),
+    "ddp_bucket_cap_mb": _at_least(1),
+    "ddp_timeout": _at_least(1),
+}
+"""Ranges of the numeric passed-through fields (``None`` passes where the field allows
+it). ``TrainingArguments`` checks none of these itself: ``gradient_accumulation_steps:
+-2`` trained 0 optimizer steps, ``adam_beta1: 5`` failed in the optimizer after the run
+folder was written."""
 
 RESUME_MAY_CHANGE_PASSED = ("training.report_to", "training.run_name")
 """Passed-through keys that may change on resume (where logs go, not what is trained)."""
@@ -167,8 +215,67 @@ def check_passed(values: dict, own: list[str], where: str) -> dict:
             raise ConfigError(
                 f"{where}: training.{key}={value!r}: expected one of {', '.join(choices)}"
             )
+        _check_honoured(key, value, annotation, where)
         out[key] = value
     return out
+
+
+def _check_honoured(key: str, value, annotation, where: str) -> None:
+    """A passed-through value's range, and whether ndm-seq can honour it (ConfigError if not)."""
+    if key in RANGES and value is not None:
+        test, expected = RANGES[key]
+        if not test(value):
+            kind = "a number" if "float" in str(annotation) else "an integer"
+            raise ConfigError(f"{where}: training.{key}={value!r}: expected {kind} {expected}")
+    if key in NOT_HONOURED:
+        allowed, why = NOT_HONOURED[key]
+        if allowed is None or value != allowed:
+            raise ConfigError(f"{where}: training.{key}={value!r} is not supported: {why}")
+    if key in ("gradient_checkpointing", "gradient_checkpointing_kwargs") and value:
+        from ndm_seq.models import NDMForConversation
+
+        if not NDMForConversation.supports_gradient_checkpointing:
+            raise ConfigError(
+                f"{where}: training.{key}={value!r} is not supported: NDMForConversation "
+                "does not implement gradient checkpointing (its models are small enough "
+                "to train without it)"
+            )
+    if key == "report_to":
+        check_report_to(value, where)
+
+
+def check_report_to(value, where: str) -> None:
+    """``report_to``: each name a transformers integration whose package is installed
+    (or ``none`` / ``all``), so that a missing ``wandb`` is one line at load, not a
+    traceback once the run folder is written.
+
+    Raises:
+        ConfigError: an unknown integration (with the closest names) or one not installed.
+    """
+    from transformers.integrations import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    names = [value] if isinstance(value, str) else list(value or [])
+    known = sorted(INTEGRATION_TO_CALLBACK)
+    installed = get_available_reporting_integrations()
+    for name in names:
+        if name in ("none", "all"):
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(
+                f"{where}: training.report_to={value!r}: {name!r} is no transformers "
+                f"integration; {hint}expected none, all or one of {', '.join(known)}"
+            )
+        if name not in installed:
+            have = ", ".join(installed) or "none"
+            raise ConfigError(
+                f"{where}: training.report_to={value!r}: {name} is not installed (pip install "
+                f"{name}), or report elsewhere (installed: {have}; none: no reporting)"
+            )
 
 
 def check_best_model(training, where: str) -> None:
