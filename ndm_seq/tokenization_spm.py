@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 
 import sentencepiece as spm
@@ -307,6 +308,12 @@ def train_model(
             raise bad_item from None
         if n_lines == 0:
             raise ValueError("NDMTokenizer.train got no non-empty text") from e
+        short = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(e))
+        if short:  # every character of the texts needs a piece (character_coverage 1)
+            raise ValueError(
+                f"vocab_size={vocab_size} is too small for these texts: their characters "
+                f"and the special and byte-fallback pieces need at least {short[2]}"
+            ) from None
         raise
     if n_lines == 0:
         raise ValueError("NDMTokenizer.train got no non-empty text")

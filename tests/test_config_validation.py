@@ -174,3 +174,17 @@ def test_the_bounds_themselves_load(tmp_path):
                 "training.pad_to_multiple_of=49",
             ],
         )
+
+
+def test_a_vocabulary_too_small_for_the_corpus_characters_is_one_line():
+    # Above the static bound, a corpus still needs one piece per distinct character:
+    # tokenizer.vocab_size=300 on chitchat (93 characters) was a SentencePiece traceback.
+    from ndm_seq import NDMTokenizer
+
+    texts = ["".join(chr(0x4E00 + i) for i in range(k, k + 10)) for k in range(0, 100, 10)]
+    with pytest.raises(ValueError) as info:
+        NDMTokenizer.train(texts, vocab_size=300, num_threads=1)
+    assert str(info.value) == (
+        "vocab_size=300 is too small for these texts: their characters and the special and "
+        "byte-fallback pieces need at least 362"
+    )
