@@ -213,6 +213,18 @@ def _check_train_args(model_type, normalization, lowercase, vocab_size, byte_fal
         )
 
 
+def _too_small(err: RuntimeError, vocab_size: int) -> ValueError | None:
+    """SentencePiece's error for a vocabulary smaller than the texts' characters need (each
+    needs a piece at ``character_coverage`` 1), in one line; None for any other error."""
+    short = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(err))
+    if short is None:
+        return None
+    return ValueError(
+        f"vocab_size={vocab_size} is too small for these texts: their characters and the "
+        f"special and byte-fallback pieces need at least {short[2]}"
+    )
+
+
 def train_model(
     texts,
     vocab_size: int,
@@ -308,12 +320,8 @@ def train_model(
             raise bad_item from None
         if n_lines == 0:
             raise ValueError("NDMTokenizer.train got no non-empty text") from e
-        short = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(e))
-        if short:  # every character of the texts needs a piece (character_coverage 1)
-            raise ValueError(
-                f"vocab_size={vocab_size} is too small for these texts: their characters "
-                f"and the special and byte-fallback pieces need at least {short[2]}"
-            ) from None
+        if too_small := _too_small(e, vocab_size):
+            raise too_small from None
         raise
     if n_lines == 0:
         raise ValueError("NDMTokenizer.train got no non-empty text")

@@ -74,6 +74,11 @@ _DESCRIPTION = (
 )
 
 
+_PAIRS_HELP = (
+    "distinct pairs (a, b) per attribute, drawn without replacement (at most what the split holds)"
+)
+
+
 def add_analyze(sub: argparse._SubParsersAction) -> None:
     """Register `ndm-seq analyze`."""
     p = sub.add_parser(
@@ -101,13 +106,7 @@ def add_analyze(sub: argparse._SubParsersAction) -> None:
         help="attributes to measure, comma-separated, among question, length, sentiment, "
         "first_person, laughter (default: all; sentiment only when vaderSentiment is installed)",
     )
-    p.add_argument(
-        "--pairs",
-        type=int,
-        default=200,
-        help="distinct pairs (a, b) per attribute, drawn without replacement (at most what "
-        "the split holds)",
-    )
+    p.add_argument("--pairs", type=int, default=200, help=_PAIRS_HELP)
     p.add_argument(
         "--swap",
         choices=("slots", "subspaces"),

@@ -15,7 +15,13 @@ from typing import Any
 
 import yaml
 
-from ndm_seq.training.config_types import _describe, _typed
+from ndm_seq.training.config_types import (
+    ConfigError,
+    _describe,
+    _typed,
+    unknown_keys,
+    vocab_size_bounds,
+)
 
 
 @dataclass(kw_only=True)
@@ -227,10 +233,6 @@ _SECTIONS = {
 }
 
 
-class ConfigError(ValueError):
-    """A run config that cannot be used: one line naming the key, the value and what was expected."""
-
-
 def _positive(v) -> bool:
     return v > 0
 
@@ -241,16 +243,6 @@ def _non_negative(v) -> bool:
 
 def _fraction(v) -> bool:
     return 0 <= v <= 1
-
-
-def _vocab_bounds() -> tuple[int, int]:
-    """The smallest and largest ``tokenizer.vocab_size``: SentencePiece's 5 special and
-    256 byte-fallback pieces plus one, and the model's limit."""
-    from ndm_seq.models.configuration_ndm import MAX_SIZES
-    from ndm_seq.tokenization_ndm import SPECIAL_TOKENS
-    from ndm_seq.tokenization_spm import _BYTE_PIECES
-
-    return len(SPECIAL_TOKENS) + _BYTE_PIECES + 1, MAX_SIZES["vocab_size"]
 
 
 def _scheduler_names() -> tuple[str, ...]:
@@ -268,11 +260,11 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "data.max_train_pairs": (_positive, "> 0 (or null for all)"),
     "data.max_eval_pairs": (_positive, "> 0 (or null for all)"),
     "tokenizer.vocab_size": (
-        lambda v: _vocab_bounds()[0] <= v <= _vocab_bounds()[1],
+        lambda v: vocab_size_bounds()[0] <= v <= vocab_size_bounds()[1],
         lambda: (
             "in [{}, {}] (at least the tokenizer's {} special and byte-fallback pieces "
             "plus one; a corpus needs one more piece per distinct character)".format(
-                *_vocab_bounds(), _vocab_bounds()[0] - 1
+                *vocab_size_bounds(), vocab_size_bounds()[0] - 1
             )
         ),
     ),
@@ -326,23 +318,6 @@ def section_fields(name: str) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     hints.pop("trainer_arguments", None) if name == "training" else None
     return hints
-
-
-def unknown_keys(where: str, section: str, unknown: list[str], known) -> ConfigError:
-    """The one line for keys no section ``section`` has (``""``: the top level): the
-    closest known names where some are close (difflib), else every valid key."""
-    import difflib
-
-    prefix = f"{section}." if section else ""
-    names = ", ".join(f"{prefix}{k}" for k in unknown)
-    close = sorted(
-        {c for k in unknown for c in difflib.get_close_matches(k, list(known), n=3, cutoff=0.6)}
-    )
-    if close:
-        hint = "did you mean " + " or ".join(f"{prefix}{c}" for c in close) + "?"
-    else:
-        hint = f"valid {section or 'top-level'} keys: {', '.join(sorted(known))}"
-    return ConfigError(f"{where}: unknown key(s) {names}; {hint}")
 
 
 def _check_key(key: str, value, annotation, where: str):
