@@ -321,6 +321,7 @@ def test_a_truncated_gzip_word_vector_file_is_refused_before_the_model_loads(
         resolve_embeddings(cut)
     assert str(err.value) == message
     out = tmp_path / "eval"
+    (tmp_path / "no-data").mkdir()  # exists (a missing one is refused first), holds no data
     args = [
         "evaluate",
         str(tiny_ndm_gru),
@@ -357,7 +358,9 @@ def test_resuming_a_checkpoint_with_a_pickle_payload_is_one_line(tmp_path, capsy
         return torch.load(checkpoint / "rng_state.pth", weights_only=True)
 
     monkeypatch.setattr(training, "train", resume)
-    assert main(["train", "run.yaml"]) == 2
+    config = tmp_path / "run.yaml"  # exists (a missing one is refused first); not read
+    config.write_text("{}\n")
+    assert main(["train", str(config)]) == 2
     err = capsys.readouterr().err
     assert err.splitlines() == [
         f"ndm-seq train: error: refusing to resume: {checkpoint / 'rng_state.pth'} holds a "

@@ -586,7 +586,12 @@ def test_a_run_that_trained_no_step_publishes_no_model(tmp_path, prepared, monke
     assert not (tmp_path / "run" / "model").exists()
 
 
-_INT = _TERM.replace("signal.SIGTERM", "signal.SIGINT")
+# As a terminal's Ctrl-C: Python's own SIGINT handler, even when the test runs in a
+# background job (which starts with SIGINT ignored).
+_INT = _TERM.replace("signal.SIGTERM", "signal.SIGINT").replace(
+    "term_at = int(sys.argv[2])",
+    "term_at = int(sys.argv[2])\nsignal.signal(signal.SIGINT, signal.default_int_handler)",
+)
 
 
 def test_ctrl_c_in_train_is_one_line_and_exit_130(tmp_path, prepared):
@@ -662,3 +667,12 @@ def test_the_console_says_what_the_run_does(tmp_path, prepared, half, capsys):
         f"ndm-seq train: ndm-gru, {params:,} parameters; 200 train / 0 validation pairs; 8 "
         f"steps of batch 8; cpu fp32; run folder {run_dir}"
     ]
+
+
+def test_a_vocabulary_too_small_for_the_corpus_is_one_line(tmp_path, prepared, capsys):
+    # 262 passes the config check (the special and byte pieces); the corpus's characters
+    # need more: known only once the tokenizer trains, said in one line, exit 2.
+    code, err = _train_cli(capsys, _config_file(tmp_path, prepared, tokenizer={"vocab_size": 262}))
+    assert code == 2 and _only_error(err), err
+    assert err.splitlines()[-1].startswith("ndm-seq train: tokenizer.vocab_size: vocab_size=262")
+    assert not (tmp_path / "run" / "model").exists()

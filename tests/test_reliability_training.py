@@ -86,7 +86,9 @@ def prepared(tmp_path_factory):
 def _train_with_snapshots(monkeypatch, run) -> _Snapshots:
     snaps = _Snapshots()
     base = run_module._callbacks
-    monkeypatch.setattr(run_module, "_callbacks", lambda r, s: [*base(r, s), snaps])
+    monkeypatch.setattr(
+        run_module, "_callbacks", lambda r, s, clock=None: [*base(r, s, clock), snaps]
+    )
     return snaps
 
 

@@ -74,6 +74,10 @@ _DESCRIPTION = (
 )
 
 
+_OUTPUT_HELP = (
+    "output folder: new, empty or written by an earlier analyze; any other is refused, "
+    "untouched (default: RUN/analysis-SPLIT beside a run's model/, else MODEL_DIR/analysis-SPLIT)"
+)
 _PAIRS_HELP = (
     "distinct pairs (a, b) per attribute, drawn without replacement (at most what the split holds)"
 )
@@ -93,12 +97,7 @@ def add_analyze(sub: argparse._SubParsersAction) -> None:
         "--data", required=True, metavar="DIR", help="prepared dataset folder (ndm-seq prepare)"
     )
     p.add_argument("--split", default="test", help="split whose responses are paired")
-    p.add_argument(
-        "--output",
-        metavar="DIR",
-        help="output folder: new, empty or written by an earlier analyze; any other is "
-        "refused, untouched (default: RUN/analysis-SPLIT beside a run's model/, else MODEL_DIR/analysis-SPLIT)",
-    )
+    p.add_argument("--output", metavar="DIR", help=_OUTPUT_HELP)
     p.add_argument(
         "--attributes",
         type=_attribute_list,

@@ -70,12 +70,13 @@ from ndm_seq.training.config import build_model_config as build_model_config
 from ndm_seq.training.config import model_keys as model_keys
 from ndm_seq.training.config import run_config_from_dict as run_config_from_dict
 from ndm_seq.training.config import section_fields as section_fields
-from ndm_seq.training.run import NothingTrained, TrainingInterrupted, train
 from ndm_seq.training.run import prepare_data as prepare_data
+from ndm_seq.training.run import train
 from ndm_seq.training.run import train_tokenizer as train_tokenizer
 from ndm_seq.training.run_folder import check_resume_config as check_resume_config
 from ndm_seq.training.run_folder import config_changes as config_changes
 from ndm_seq.training.schedule import KLSchedule, kl_weight_at
+from ndm_seq.training.stopping import NothingTrained, TrainingInterrupted
 from ndm_seq.training.trainer import LOSS_TERMS as LOSS_TERMS
 from ndm_seq.training.trainer import NonFiniteTrainingError
 

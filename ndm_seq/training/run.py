@@ -1,6 +1,7 @@
 """``train()``: a run config -> prepared data, tokenizer, ``Trainer`` run, final model.
 
-Also the SIGTERM handling (:class:`TrainingInterrupted`) and the full-disk error.
+Also the full-disk error; how a run stops (SIGTERM, nothing trained, short of its
+steps) is in :mod:`ndm_seq.training.stopping`.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ import errno
 import json
 import logging
 import shutil
-import signal
-import threading
 from pathlib import Path
 
 import torch
@@ -23,7 +22,6 @@ from ndm_seq.training.checkpoints import (
     _checkpoints,
     _latest_checkpoint,
     checkpoint_problem,
-    checkpoint_step,
     recover_pending,
 )
 from ndm_seq.training.config import ConfigError, RunConfig, build_model_config, run_config_from_dict
@@ -39,6 +37,13 @@ from ndm_seq.training.run_folder import (
     say,
 )
 from ndm_seq.training.schedule import KLSchedule
+from ndm_seq.training.stopping import (
+    NothingTrained,
+    StopOnSignal,
+    TrainingInterrupted,
+    check_resume_step,
+    training_summary,
+)
 from ndm_seq.training.trainer import (
     Clock,
     _callbacks,
@@ -49,95 +54,6 @@ from ndm_seq.training.trainer import (
 )
 
 logger = logging.getLogger("ndm_seq.training")
-
-
-class TrainingInterrupted(RuntimeError):
-    """The run stopped on SIGTERM after saving a checkpoint; the same command resumes it."""
-
-    exit_code = 143
-    """``ndm-seq train``'s exit status then: 128 + SIGTERM, as a shell reports a process
-    ended by that signal (not finished; distinct from 0 so ``train && evaluate`` stops)."""
-
-    def __init__(self, message: str, checkpoint: str | None = None):
-        super().__init__(message)
-        self.checkpoint = checkpoint
-
-
-class NothingTrained(RuntimeError):
-    """The run trained no optimizer step: no model is published (``ndm-seq train`` exits 1)."""
-
-    exit_code = 1
-
-
-class _StopOnSignal:
-    """SIGTERM (a scheduler's notice before preemption) -> save a checkpoint and stop.
-
-    The handler only sets a flag; at the next step end the callback asks the Trainer to
-    save and stop (``control.should_save``, ``should_training_stop``), so the checkpoint
-    is written by the ordinary atomic path. Across processes the flag is reduced, so all
-    ranks stop at the same step. A second SIGTERM gets the previous handler (the default
-    kills at once).
-    """
-
-    def __init__(self):
-        self.requested = False
-        self.stopped_at: int | None = None
-        self.previous = None
-        self.installed = False
-        self.reduce = None
-        self.immediate = True
-        """Before training starts (data, tokenizer, a wait for another prepare, the budget's
-        measurement) SIGTERM stops at once: nothing of the run is being written."""
-
-    def defer(self) -> None:
-        """From now on SIGTERM only asks for a checkpoint at the next step end."""
-        self.immediate = False
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
-        self.installed = True
-
-    def uninstall(self) -> None:
-        if self.installed:
-            self._restore()
-
-    def _restore(self) -> None:
-        # None: the previous handler was not set from Python; the default is the best guess.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if self.previous is None else self.previous)
-        self.installed = False
-
-    def _handle(self, signum, frame) -> None:
-        # During training only a flag (and the old handler back): the callback logs and
-        # stops at the step end. Before it, stop here (prepare's writes are staged).
-        self.requested = True
-        self._restore()
-        if self.immediate:
-            raise TrainingInterrupted(
-                "stopped by SIGTERM before training started; nothing new saved"
-            )
-
-    def callback(self):
-        from transformers import TrainerCallback
-
-        stop = self
-
-        class StopOnSignal(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                flag = stop.requested
-                if stop.reduce is not None:
-                    flag = stop.reduce(flag)
-                if flag and state.global_step < state.max_steps:
-                    logger.warning(
-                        "SIGTERM received: saving a checkpoint at step %d, then stopping",
-                        state.global_step,
-                    )
-                    stop.stopped_at = state.global_step
-                    control.should_save = True
-                    control.should_training_stop = True
-
-        return StopOnSignal()
 
 
 # ----------------------------------------------------------------------------- data
@@ -201,15 +117,18 @@ def train_tokenizer(run: RunConfig, folder: Path):
                 n += 1
                 yield text
 
-    tok = NDMTokenizer.train(
-        texts(),
-        vocab_size=run.tokenizer.vocab_size,
-        lowercase=run.tokenizer.lowercase,
-        seed=run.seed,
-        # The context length the model is trained on: `tok(ctx, truncation=True)` then
-        # cuts a long context from the left exactly as prepare did for training.
-        model_max_length=run.data.max_context_tokens,
-    )
+    try:
+        tok = NDMTokenizer.train(
+            texts(),
+            vocab_size=run.tokenizer.vocab_size,
+            lowercase=run.tokenizer.lowercase,
+            seed=run.seed,
+            # The context length the model is trained on: `tok(ctx, truncation=True)` then
+            # cuts a long context from the left exactly as prepare did for training.
+            model_max_length=run.data.max_context_tokens,
+        )
+    except ValueError as e:  # a vocabulary too small for the corpus's characters
+        raise ConfigError(f"tokenizer.vocab_size: {e}") from None
     tok.save_pretrained(folder)
     return tok
 
@@ -234,7 +153,7 @@ def train(run: RunConfig) -> Path:
     """
     from ndm_seq.progress import library_progress_bars
 
-    stop = _StopOnSignal()
+    stop = StopOnSignal()
     stop.install()
     try:
         with contextlib.ExitStack() as stack:
@@ -252,7 +171,7 @@ def train(run: RunConfig) -> Path:
         stop.uninstall()
 
 
-def _train(run: RunConfig, stop: _StopOnSignal, stack: contextlib.ExitStack) -> Path:
+def _train(run: RunConfig, stop: StopOnSignal, stack: contextlib.ExitStack) -> Path:
     t = run.training
     out = Path(run.output_dir)
     if t.torch_threads:
@@ -287,7 +206,7 @@ def _train(run: RunConfig, stop: _StopOnSignal, stack: contextlib.ExitStack) -> 
                 "logging every %d steps of the fitted %d", args.logging_steps, fit.max_steps
             )
     if resume is not None:
-        _check_resume_step(resume, args.max_steps)
+        check_resume_step(resume, args.max_steps)
     if stop.requested:
         raise TrainingInterrupted(
             f"stopped by SIGTERM before training started; nothing new saved in {out}"
@@ -311,7 +230,7 @@ def _train(run: RunConfig, stop: _StopOnSignal, stack: contextlib.ExitStack) -> 
             f"{args.max_steps}, gradient_accumulation_steps {args.gradient_accumulation_steps}); "
             "no model published"
         )
-    summary = _training_summary(run, trainer, args, result, resume, clock)
+    summary = training_summary(run, trainer, args, result, resume, clock)
     final = _publish_model(trainer, tokenizer, out, run, summary)
     if trainer.is_world_process_zero():
         from ndm_seq.plots import plot_training_curves
@@ -341,40 +260,6 @@ def _header(run: RunConfig, trainer, args, train_ds, eval_ds, fit, out: Path) ->
         f"{len(train_ds):,} train / {validation:,} validation pairs; {steps} of batch "
         f"{run.training.batch_size}; {args.device.type} {precision}{processes}; run folder {out}"
     )
-
-
-def _check_resume_step(resume: str, max_steps: int) -> None:
-    """Refuse to resume from a checkpoint past the run's last step (the Trainer would
-    train one step more than asked)."""
-    step = checkpoint_step(resume)
-    if step > max_steps:
-        raise ConfigError(
-            f"training.max_steps is {max_steps}, below step {step} of the checkpoint it would "
-            f"resume from ({resume}); raise training.max_steps to at least {step}, or set "
-            "training.resume=never to start again"
-        )
-
-
-def _training_summary(run: RunConfig, trainer, args, result, resume, clock: Clock) -> dict:
-    """What this launch trained, for the run folder's record and comparison tables; a run
-    that stopped before its planned steps says so on the console."""
-    steps, planned = trainer.state.global_step, args.max_steps
-    reason = None
-    if steps < planned:
-        reason = clock.reason
-        if reason is None and run.training.early_stopping_patience is not None:
-            reason = f"early stopping at step {steps} (validation loss stopped improving)"
-        reason = reason or f"stopped at step {steps} of {planned}"
-        if trainer.is_world_process_zero():
-            say(f"stopped short of the planned {planned} steps: {reason}", warn=True)
-    return {
-        "steps": steps,
-        "planned_steps": planned,
-        "minutes": round(result.metrics.get("train_runtime", 0.0) / 60, 2),
-        "resumed_from": None if resume is None else checkpoint_step(resume),
-        "stopped_short": steps < planned,
-        "stop_reason": reason,
-    }
 
 
 def _training_arguments(run: RunConfig, out: Path):
