@@ -88,8 +88,10 @@ class TrainingSection:
     ``warmup_steps`` and ``kl_warmup_steps`` are scaled by the same ratio, so the LR and
     KL schedules complete within the budget. ``config.yaml`` keeps the configured values;
     the fitted ones are in the run folder's ``budget.json``, which a resume reads
-    (:mod:`ndm_seq.training.budget`). Training also stops (and saves) once this many
-    minutes of the training loop have passed in this session."""
+    (:mod:`ndm_seq.training.budget`). The fitted steps are the budget: the clock stops a
+    fitted run (and saves) only at twice this many minutes of the training loop, a safety
+    net for a machine that slowed down (a run resumed without ``budget.json`` stops at
+    this many), and a run it stops says so."""
     batch_size: int = 64
     """Global batch (split across processes); an optimizer step takes
     ``gradient_accumulation_steps`` such batches."""
