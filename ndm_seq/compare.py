@@ -105,7 +105,7 @@ def _check_reusable(name: str, run: RunConfig) -> None:
     Equal means train's rule for a finished run: every key but those of
     :data:`~ndm_seq.training.run_folder.NO_EFFECT` is the same.
     """
-    from ndm_seq.training.run_folder import stored_config, training_changes
+    from ndm_seq.training.run_folder import describe_changes, stored_config, training_changes
 
     run_dir = Path(run.output_dir)
     if not (run_dir / "config.yaml").exists() and not (run_dir / "model").exists():
@@ -119,9 +119,9 @@ def _check_reusable(name: str, run: RunConfig) -> None:
         )
     changes = training_changes(stored, run)
     if changes:
-        listing = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
         raise ConfigError(
-            f"{name}: {run_dir} holds a run trained with a different config ({listing}); "
+            f"{name}: {run_dir} holds a run trained with a different config "
+            f"({describe_changes(changes)}); "
             "pass --retrain to train it again from scratch with this config, or choose "
             "another output_dir (e.g. 'output_dir=runs/mine/{name}')"
         )

@@ -48,14 +48,18 @@ class FolderBusy(FolderError):
     """Another process holds the folder's lock."""
 
 
+def read_marker(path: str | os.PathLike) -> dict:
+    """The marker ``path`` holds, as a dict; empty when there is none or it is unreadable."""
+    try:
+        data = json.loads((Path(path) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def owner(path: str | os.PathLike) -> str | None:
     """The command (``"ndm-seq prepare"``, ...) whose marker ``path`` holds; None if none."""
-    marker = Path(path) / MARKER
-    try:
-        data = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    written_by = data.get("written_by") if isinstance(data, dict) else None
+    written_by = read_marker(path).get("written_by")
     if isinstance(written_by, str) and written_by.startswith("ndm-seq "):
         return written_by
     return None

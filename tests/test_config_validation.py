@@ -8,22 +8,12 @@ import subprocess
 import sys
 
 import pytest
-import yaml
+from training_runs import tiny_run_yaml
 
 from ndm_seq import cli
 from ndm_seq.training import RESUME_MAY_CHANGE, ConfigError, TrainingSection, load_run_config
 
-
-def _config(tmp_path, text: str | None = None):
-    raw = {
-        "output_dir": str(tmp_path / "run"),
-        "data": {"corpus": "chitchat", "prepared_dir": str(tmp_path / "prepared")},
-        "model": {"preset": "tiny"},
-        "training": {"max_steps": 5, "progress": False},
-    }
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(raw) if text is None else text)
-    return path
+_config = tiny_run_yaml
 
 
 BAD = [

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from training_runs import jsonl_run_config, synthetic_corpus, train_in_subprocess
+from training_runs import jsonl_run_config, synthetic_corpus, tiny_run_yaml, train_in_subprocess
 
 from ndm_seq import cli
 from ndm_seq.training import RESUME_MAY_CHANGE, run_config_from_dict, train
@@ -183,14 +183,7 @@ def test_what_may_stay_at_its_default_loads(tmp_path):
 @pytest.mark.skipif(_installed("wandb"), reason="wandb is installed here")
 def test_report_to_an_integration_not_installed_is_one_line_before_anything(tmp_path):
     # Once an 18 s run that wrote the run folder, then a 35-line traceback.
-    raw = {
-        "output_dir": str(tmp_path / "run"),
-        "data": {"corpus": "chitchat", "prepared_dir": str(tmp_path / "prepared")},
-        "model": {"preset": "tiny"},
-        "training": {"max_steps": 5, "progress": False},
-    }
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(raw))
+    config = tiny_run_yaml(tmp_path)
     result = subprocess.run(
         [sys.executable, "-m", "ndm_seq.cli", "train", str(config), "training.report_to=wandb"],
         capture_output=True, text=True, timeout=300,

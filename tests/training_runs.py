@@ -235,3 +235,17 @@ def finished_run(config: Path, model_dir: Path, overrides: list[str] = ()) -> Pa
         },
     )
     return out
+
+
+def tiny_run_yaml(tmp_path: Path, text: str | None = None) -> Path:
+    """``tmp_path/run.yaml``: a 5-step tiny chitchat run config (nothing prepared), or
+    ``text`` as given; for tests of what a config load checks."""
+    raw = {
+        "output_dir": str(tmp_path / "run"),
+        "data": {"corpus": "chitchat", "prepared_dir": str(tmp_path / "prepared")},
+        "model": {"preset": "tiny"},
+        "training": {"max_steps": 5, "progress": False},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw) if text is None else text)
+    return path

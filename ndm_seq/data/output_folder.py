@@ -152,15 +152,8 @@ def remove_stale_staging(output: Path) -> None:
     for entry in output.iterdir():
         if not entry.name.startswith(_STAGING_PREFIX) or not entry.is_dir():
             continue
-        try:
-            info = json.loads((entry / folders.MARKER).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if (
-            isinstance(info, dict)
-            and info.get("written_by") == "ndm-seq prepare"
-            and info.get("staging")
-        ):
+        info = folders.read_marker(entry)
+        if info.get("written_by") == "ndm-seq prepare" and info.get("staging"):
             shutil.rmtree(entry, ignore_errors=True)
 
 

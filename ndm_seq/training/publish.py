@@ -23,7 +23,6 @@ republish (a resumed run, ``training.resume=never``) must not replace it whole:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -41,19 +40,11 @@ REPLACED = ".model.replaced"
 """``RUN/<this>``: the old model folder while the new one takes its place."""
 
 
-def _marker(run_dir: Path) -> dict:
-    try:
-        data = json.loads((run_dir / folders.MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def model_record(run_dir: str | os.PathLike) -> dict | None:
     """What train last published in ``run_dir/model``: ``{"step": N, "files": {name:
     sha256}, "training": {...}}`` from the run folder's marker (see :func:`publish`);
     None when nothing was recorded."""
-    record = _marker(Path(run_dir)).get("model")
+    record = folders.read_marker(run_dir).get("model")
     if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
         return None
     return record
@@ -61,7 +52,7 @@ def model_record(run_dir: str | os.PathLike) -> dict | None:
 
 def _record(run_dir: Path, **fields) -> None:
     """Rewrite the run folder's marker with ``fields`` set (None removes a key)."""
-    data = _marker(run_dir)
+    data = folders.read_marker(run_dir)
     command = str(data.pop("written_by", "ndm-seq train")).removeprefix("ndm-seq ")
     data.update(fields)
     folders.write_marker(run_dir, command, **{k: v for k, v in data.items() if v is not None})

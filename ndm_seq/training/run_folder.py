@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -117,11 +118,13 @@ def _resolved(run: RunConfig) -> dict[str, Any]:
     return dict(flat(d))
 
 
+def _listed(key: str, patterns: Sequence[str]) -> bool:
+    """Whether the dotted ``key`` is one of ``patterns`` (``"evaluation.*"``: a section)."""
+    return any(key == p or (p.endswith(".*") and key.startswith(p[:-1])) for p in patterns)
+
+
 def _may_change(key: str) -> bool:
-    return any(
-        key == allowed or (allowed.endswith(".*") and key.startswith(allowed[:-1]))
-        for allowed in RESUME_MAY_CHANGE
-    )
+    return _listed(key, RESUME_MAY_CHANGE)
 
 
 def config_changes(stored: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
@@ -135,7 +138,8 @@ def config_changes(stored: RunConfig, new: RunConfig) -> dict[str, tuple[Any, An
     }
 
 
-def _listing(changes: dict[str, tuple[Any, Any]]) -> str:
+def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    """``"key: old -> new; ..."`` of :func:`config_changes`."""
     return "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
 
 
@@ -218,12 +222,12 @@ def _compare_with_stored(run: RunConfig, stored: RunConfig, out: Path, mode: str
         return run
     refused = {k: v for k, v in changes.items() if not _may_change(k)}
     if changes and not refused:
-        say(f"resuming with changed settings: {_listing(changes)}")
+        say(f"resuming with changed settings: {describe_changes(changes)}")
     if not refused:
         return run
     if mode != "force":
         raise ConfigError(
-            f"{out} holds a run with a different config: {_listing(refused)}. Only "
+            f"{out} holds a run with a different config: {describe_changes(refused)}. Only "
             f"{', '.join(RESUME_MAY_CHANGE)} may change on resume; set training.resume=force "
             "to continue with the stored model, tokenizer and data config, "
             "training.resume=never to start again in this folder, or choose another output_dir"
@@ -232,13 +236,10 @@ def _compare_with_stored(run: RunConfig, stored: RunConfig, out: Path, mode: str
     taken = {k: v for k, v in refused.items() if k not in kept}
     message = "training.resume=force: "
     if kept:
-        message += (
-            f"keeping the stored model, tokenizer and data config (ignoring {_listing(kept)})"
-        )
+        message += f"keeping the stored model, tokenizer and data config (ignoring {describe_changes(kept)})"
     if taken:
-        message += ("; " if kept else "") + f"using the changed {_listing(taken)}"
-    logger.warning(message)
-    print(f"ndm-seq train: {message}", file=sys.stderr, flush=True)
+        message += ("; " if kept else "") + f"using the changed {describe_changes(taken)}"
+    say(message, warn=True)
     return RunConfig(
         output_dir=run.output_dir,
         seed=run.seed,
@@ -277,11 +278,7 @@ def stored_config(out: Path) -> RunConfig | None:
 def training_changes(stored: RunConfig, run: RunConfig) -> dict[str, tuple[Any, Any]]:
     """:func:`config_changes` without the keys of :data:`NO_EFFECT`: what would make
     ``run`` train a different model than ``stored`` did."""
-    return {
-        k: v
-        for k, v in config_changes(stored, run).items()
-        if not any(k == a or (a.endswith(".*") and k.startswith(a[:-1])) for a in NO_EFFECT)
-    }
+    return {k: v for k, v in config_changes(stored, run).items() if not _listed(k, NO_EFFECT)}
 
 
 def finished_model(out: Path) -> dict | None:
